@@ -1,0 +1,20 @@
+"""What the build report compiles: one entry per (kernel, configuration) the dispatcher can choose.
+
+Each kernel module exposes ``build_specs() -> list[KernelSpec]``; ``python -m kernels.build_report``
+compiles every spec for sm_80 and sm_90 without a GPU and reports registers, spills and shared memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str                      # human label, e.g. "layernorm_fwd"
+    fn: Any                        # the @triton.jit function
+    signature: dict[str, str]      # arg name -> triton type ("*fp32", "i32", "constexpr", ...)
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    label: str = ""                # the configuration, e.g. "N=4096 BLOCK=4096 bf16"
