@@ -1,0 +1,98 @@
+"""Shared plumbing for benchmark scripts: environment record, timing, table, JSON and PNG output.
+
+Every benchmark prints a table, writes ``benchmarks/results/<name>.json`` (with the environment it ran
+in) and, where it has curves, a PNG beside it. Speed is reported as ratios against a baseline measured
+in the same run; absolute numbers are only meaningful with the environment next to them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    """Device, library versions and git commit: recorded in every result file."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton is optional off Linux
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "device_type": "cuda" if cuda else "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def timeit(fn: Callable[[], object], warmup: int = 3, reps: int = 10, device: str = "cpu") -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
+    """Print rows of dicts as an aligned text table."""
+    if not rows:
+        print("(no rows)")
+        return
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+
+
+def write_results(name: str, rows: Sequence[dict], extra: dict | None = None,
+                  out_dir: Path | None = None) -> Path:
+    """Write ``{"benchmark", "environment", "rows", ...extra}`` to ``<out_dir>/<name>.json``."""
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    payload = {"benchmark": name, "environment": environment(), "rows": list(rows), **(extra or {})}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path
