@@ -18,3 +18,6 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""                # the configuration, e.g. "N=4096 BLOCK=4096 bf16"
+    # extra triton.compile options (e.g. {"maxnreg": 128, "num_ctas": 1}); num_warps/num_stages above win
+    # unless repeated here
+    options: dict[str, Any] = field(default_factory=dict)
