@@ -1,0 +1,671 @@
+"""Fused causal flash attention (FlashAttention-2) in Triton: forward, backward, GQA, any length.
+
+Contract
+--------
+``flash_attention(q, k, v, causal=True, softmax_scale=None)`` with q (B, H, T, D) and k, v
+(B, H_kv, T, D), ``H % H_kv == 0``, returns softmax(q k^T * scale [+ causal mask]) v of shape
+(B, H, T, D): a drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+enable_gqa=True)``. Any B, H, T >= 1; head dims up to 128 (32, 64, 96, 128 are the tuned ones);
+fp16 / bf16 (fp32 works too, with IEEE-exact dots; it is what the interpreter tier tests); any
+strides (no ``.contiguous()`` copy is made of q, k, v or of the incoming gradient). It is a
+registered torch custom op (``minillm::flash_attn_fwd`` / ``minillm::flash_attn_bwd``) with a fake
+(meta) implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` sees one opaque
+node and no graph break. ``attention_ref`` is the plain-torch reference the tests compare against.
+
+The algorithm (Dao 2023, "FlashAttention-2", Algorithms 1 and 2)
+---------------------------------------------------------------
+Forward. One program owns a query tile Q_i (BLOCK_M rows of one (batch, head)) and streams the key /
+value tiles K_j, V_j (BLOCK_N rows) past it, keeping in registers only the running row maximum m,
+the running denominator l and the un-normalised output acc (all fp32):
+
+    S = Q_i K_j^T * scale * log2(e)          (log2 domain: exp2 is one MUFU op, exp is two)
+    m' = max(m, rowmax(S));  P = exp2(S - m');  alpha = exp2(m - m')
+    l = alpha * l + rowsum(P);  acc = alpha * acc + P V_j;  m = m'
+
+and finally O_i = acc / l and LSE_i = m + log2(l) (kept in the log2 domain, fp32, (B, H, T)), which
+is all the backward needs to rebuild P. No T x T tensor exists anywhere, forward or backward.
+
+Backward. delta_i = rowsum(dO_i * O_i) is computed first by a small kernel (it equals
+rowsum(P * dP), the term of the softmax Jacobian). Then, with P = exp2(S - LSE):
+
+    dV_j = sum_i P^T dO_i      dP = dO_i V_j^T      dS = P * (dP - delta_i)
+    dK_j = scale * sum_i dS^T Q_i                   dQ_i = scale * sum_j dS K_j
+
+Two kernels, both without atomics and therefore deterministic (the order of every floating point
+sum is fixed by the loop structure, not by scheduling):
+  * ``_attn_bwd_dkdv``: one program per key tile of one *kv* head; it loops over the GROUP query heads
+    that share this kv head and, inside, over the query tiles that can see the key tile. dK and dV
+    stay in fp32 registers for the whole sweep and are written once. This is how GQA/MQA reduces
+    over the group without repeating K/V in memory and without atomics.
+  * ``_attn_bwd_dq``: one program per query tile, streaming key tiles like the forward.
+The dS / P tiles are recomputed in both (FA2 trades that 2x of exp work for no atomics and no
+O(T^2) memory); ``backward ~ 2.5x forward`` in FLOPs as counted by the benchmarks.
+
+Masking and any sequence length
+-------------------------------
+Every kernel splits its inner loop in two calls of one ``@triton.jit`` helper with a constexpr
+``MASKED`` flag: the tiles that lie entirely below the diagonal and entirely inside T run with no
+mask arithmetic at all (the bulk of the work for long T), and only the few tiles on the diagonal and
+the ragged last tile pay for ``where``. Tiles strictly above the diagonal are never visited (the loop
+bounds stop at the diagonal), which halves causal work. T need not be a multiple of any block:
+loads past T read zeros, scores past T are -inf, stores past T are masked. Query rows past T compute
+harmless finite garbage that is never stored (they always see key 0, so no row is all -inf and no
+NaN is produced in the forward). The causal query tiles are launched in reverse order (longest
+first), which shortens the tail of the last wave.
+
+Head dims that are not a power of two (96) use a D block of 128 with the extra columns masked on
+load (zeros contribute nothing to Q K^T or to P V) and on store. Batch and head offsets are formed
+in int64 so B * H * T * D may exceed 2^31 elements.
+
+Tiling, pipelining and occupancy (the reasoning behind the autotune lists; unmeasured until run on
+an H100 / A100, the build tier below only proves they compile without spills)
+-----------------------------------------------------------------------------
+* Forward, sm_90: BLOCK_M = 128 with 8 warps (two warpgroups, 64 rows each: wgmma's natural M is
+  64 per warpgroup), BLOCK_N = 64 or 128, 2-3 stages of K/V prefetch (TMA-free cp.async pipelining
+  that the Triton pipeliner builds from the plain loop). At d=128, acc (128x128 fp32) is 64
+  registers/thread over 256 threads and S/P (128x128) another 64, which leaves room under the 255
+  cap; with 4 warps the same tile would need 2x the registers and spills, so it is pruned. Shared
+  memory: Q tile + stages x (K + V) tiles, e.g. 32 KB + 3 x 32 KB = 128 KB for (128, 64, d128,
+  3 stages) of sm_90's 227 KB, i.e. one CTA per SM, 8 warps; the softmax of one warpgroup
+  overlaps the wgmma of the other.
+* Forward, sm_80: mma.sync, BLOCK_M = 128 / 4 warps or 64 / 4 warps, BLOCK_N = 32-64, 2-3 stages
+  (164 KB shared memory per SM); smaller BLOCK_N for d128 keeps acc + S in registers.
+* Backward dK/dV: the key tile is the M side of all three dots (K Q^T, P^T dO, dS^T Q), so
+  BLOCK_N (keys) >= 64 for wgmma, with a narrow query tile BLOCK_M = 32-64 that is streamed; dK and
+  dV accumulators (2 x BLOCK_N x D fp32) are the register hogs, hence 8 warps at BLOCK_N = 128.
+* Backward dQ: the mirror image (BLOCK_M = 64-128 query rows resident, BLOCK_N = 32-64 streamed).
+* Pruning rule (``_prune``): drop a config if its estimated shared memory (Q/K/V tiles over the
+  stages) exceeds the SM's, if its fp32 accumulator tiles need more than ~160 registers/thread (a
+  spill risk), if its tiles are larger than T rounded up (short sequences would only compute
+  padding), or, on sm_90, if it cannot use wgmma (num_warps not a multiple of 4 or M < 64 for
+  fp16/bf16). At least one config always survives.
+* Under the interpreter (tests) and when ``MINILLM_ATTN_FIXED=1``, one fixed small configuration
+  (32x16 tiles) is used so several full and partial tiles are exercised at small T.
+
+What this improves on compared with the Triton tutorial (written independently; no code copied):
+any T (tutorial asserts divisibility), GQA/MQA without repeat and with a deterministic group
+reduction, arbitrary strides (no contiguity requirement), head dim 96, non-causal in the backward,
+fp32 support, a torch custom op usable under torch.compile, and a per-architecture pruned autotune
+list that the build report checks for spills.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._spec import KernelSpec
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking rows (sequence) and/or columns (padded head dim) only when asked."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE (no TF32) when the inputs are fp32."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+               offs_m, offs_d, d_ok, n_lo, n_hi, T, qk_scale,
+               BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # acc: [BLOCK_M, BLOCK_D] fp32; l_i, m_i: [BLOCK_M] fp32; q: [BLOCK_M, BLOCK_D] input dtype.
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                       n_ok, d_ok, MASKED, PAD_D)                         # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                       n_ok, d_ok, MASKED, PAD_D)                         # [BLOCK_N, BLOCK_D]
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale                          # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        # Online softmax. m_new is finite: every row has seen key 0 in the first tile processed.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)                                       # exp2(-inf) = 0 at start
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qt, stride_qd,
+              stride_kb, stride_kh, stride_kt, stride_kd,
+              stride_vb, stride_vh, stride_vt, stride_vd,
+              stride_ob, stride_oh, stride_ot, stride_od,
+              H, T, GROUP, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # grid = (cdiv(T, BLOCK_M), B * H). LSE is contiguous (B, H, T) fp32.
+    PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # longest rows first: shortens the last wave's tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP  # the kv head serving this query head (GQA: GROUP query heads per kv head)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   m_ok, d_ok, True, PAD_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if CAUSAL:
+        # keys < start_m are visible to every row of the tile: no mask needed there.
+        n_full = (start_m // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        n_full = (T // BLOCK_N) * BLOCK_N
+        n_end = T
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                               stride_vt, stride_vd, offs_m, offs_d, d_ok, 0, n_full, T, qk_scale,
+                               BLOCK_N, PAD_D, False, CAUSAL, IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                               stride_vt, stride_vd, offs_m, offs_d, d_ok, n_full, n_end, T, qk_scale,
+                               BLOCK_N, PAD_D, True, CAUSAL, IEEE)
+    acc = acc / l_i[:, None]
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DELTA,
+                         stride_ob, stride_oh, stride_ot, stride_od,
+                         stride_dob, stride_doh, stride_dot, stride_dod,
+                         H, T,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta[b, h, t] = sum_d dO * O in fp32; grid = (cdiv(T, BLOCK_M), B * H); DELTA contiguous.
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < HEAD_DIM
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                   + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                stride_qt, stride_qd, stride_dot, stride_dod,
+                offs_n, offs_d, d_ok, m_lo, m_hi, T, qk_scale,
+                BLOCK_M: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
+                IEEE: tl.constexpr):
+    # dk, dv: [BLOCK_N, BLOCK_D] fp32; k, v: [BLOCK_N, BLOCK_D]. Streams query tiles [m_lo, m_hi).
+    # Query rows >= T load q = dO = 0 and lse = delta = 0, so they add exactly 0 to dK and dV.
+    # Key rows >= T (k = v = 0) produce garbage only in their own rows of dk/dv, never stored.
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < T
+        q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                       m_ok, d_ok, True, PAD_D)                           # [BLOCK_M, BLOCK_D]
+        do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                        m_ok, d_ok, True, PAD_D)                          # [BLOCK_M, BLOCK_D]
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)           # [BLOCK_M] log2 units
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)       # [BLOCK_M]
+        s_t = _mm(k, tl.trans(q), IEEE) * qk_scale                        # [BLOCK_N, BLOCK_M] = S^T
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:  # causal: query i sees key j iff i >= j
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv += _mm(p_t.to(do.dtype), do, IEEE)
+        dp_t = _mm(v, tl.trans(do), IEEE)                                 # [BLOCK_N, BLOCK_M] = dP^T
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _mm(ds_t.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+                   stride_qb, stride_qh, stride_qt, stride_qd,
+                   stride_kb, stride_kh, stride_kt, stride_kd,
+                   stride_vb, stride_vh, stride_vt, stride_vd,
+                   stride_dob, stride_doh, stride_dot, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                   H, H_KV, T, GROUP, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # grid = (cdiv(T, BLOCK_N), B * H_KV): one program per (key tile, kv head); it owns its rows of
+    # dK and dV outright (no atomics), summing over the GROUP query heads in a fixed order.
+    PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < T
+    d_ok = offs_d < HEAD_DIM
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                   + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, n_ok, d_ok, True, PAD_D)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                   + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, n_ok, d_ok, True, PAD_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        m_lo = (start_n // BLOCK_M) * BLOCK_M            # first query tile that sees this key tile
+        m_mid = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M  # past it, every query sees every key
+    else:
+        m_lo = 0
+        m_mid = 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = LSE + bh.to(tl.int64) * T
+        delta_base = DELTA + bh.to(tl.int64) * T
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d, d_ok,
+                             m_lo, m_mid, T, qk_scale, BLOCK_M, PAD_D, CAUSAL, IEEE)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d, d_ok,
+                             m_mid, T, T, qk_scale, BLOCK_M, PAD_D, False, IEEE)
+    dk = dk * sm_scale
+    out_ok = n_ok[:, None] & d_ok[None, :]
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=out_ok)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+              offs_m, offs_d, d_ok, n_lo, n_hi, T, qk_scale,
+              BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # dq: [BLOCK_M, BLOCK_D] fp32. Streams key tiles [n_lo, n_hi).
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                       n_ok, d_ok, MASKED, PAD_D)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                       n_ok, d_ok, MASKED, PAD_D)
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale                          # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = _mm(do, tl.trans(v), IEEE)                                   # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
+                 stride_qb, stride_qh, stride_qt, stride_qd,
+                 stride_kb, stride_kh, stride_kt, stride_kd,
+                 stride_vb, stride_vh, stride_vt, stride_vd,
+                 stride_dob, stride_doh, stride_dot, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                 H, T, GROUP, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # grid = (cdiv(T, BLOCK_M), B * H): one program per query tile; owns its rows of dQ.
+    PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                   + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, m_ok, d_ok, True, PAD_D)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, m_ok, d_ok, True, PAD_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        n_full = (start_m // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        n_full = (T // BLOCK_N) * BLOCK_N
+        n_end = T
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, offs_d, d_ok, 0, n_full, T, qk_scale, BLOCK_N, PAD_D, False, CAUSAL, IEEE)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, offs_d, d_ok, n_full, n_end, T, qk_scale, BLOCK_N, PAD_D, True, CAUSAL, IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations: autotune lists per architecture, the pruning rule, the fixed test configuration
+# --------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is always the query tile, BLOCK_N the key tile.
+CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        90: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
+        80: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    },
+    "dkdv": {  # key tile (BLOCK_N) is resident and is the M side of every dot
+        90: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+        80: [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3)],
+    },
+    "dq": {  # query tile resident, key tiles streamed
+        90: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        80: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+    },
+    "pre": {90: [(128, 0, 4, 1)], 80: [(128, 0, 4, 1)]},
+}
+# One small configuration for the interpreter tier (and MINILLM_ATTN_FIXED=1): BLOCK_M != BLOCK_N on
+# purpose, so the tile-boundary arithmetic is exercised in its general form.
+FIXED: dict[str, tuple[int, int, int, int]] = {
+    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "pre": (32, 0, 4, 1),
+}
+SMEM_BYTES = {80: 166912, 90: 232448}  # per-block opt-in maximum (A100: 163 KB, H100: 227 KB)
+MAX_ACC_REGS = 160                       # fp32 accumulator registers per thread before spilling risk
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _cost(kind: str, cfg: tuple[int, int, int, int], head_dim: int, elem: int) -> tuple[int, int]:
+    """(estimated shared-memory bytes, fp32 accumulator registers per thread) of one configuration."""
+    bm, bn, warps, stages = cfg
+    bd = _block_d(head_dim)
+    threads = 32 * warps
+    if kind == "fwd":    # Q resident, K and V streamed; acc and S/P in registers
+        return elem * (bm * bd + stages * 2 * bn * bd), (bm * bd + bm * bn) // threads
+    if kind == "dkdv":   # K, V resident; Q and dO streamed; dK, dV and S^T/dP^T in registers
+        return elem * (2 * bn * bd + stages * 2 * bm * bd), (2 * bn * bd + 2 * bn * bm) // threads
+    if kind == "dq":     # Q, dO resident; K and V streamed; dQ and S/dP in registers
+        return elem * (2 * bm * bd + stages * 2 * bn * bd), (bm * bd + 2 * bm * bn) // threads
+    return elem * 2 * bm * bd, 2 * bm * bd // threads
+
+
+def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
+          configs: list[tuple[int, int, int, int]] | None = None) -> list[tuple[int, int, int, int]]:
+    """The pruning rule (module docstring): shared memory, registers, tile vs T, wgmma eligibility."""
+    configs = list(CONFIGS[kind][arch] if configs is None else configs)
+    keep = []
+    for cfg in configs:
+        bm, bn, warps, _ = cfg
+        smem, regs = _cost(kind, cfg, head_dim, elem)
+        if smem > SMEM_BYTES[arch] or regs > MAX_ACC_REGS:
+            continue
+        if T is not None and kind != "pre":
+            t_cap = max(16, triton.next_power_of_2(T))
+            if bm > t_cap or bn > t_cap:
+                continue
+        if arch >= 90 and elem == 2 and kind in ("fwd", "dq", "dkdv"):
+            m_side = bn if kind == "dkdv" else bm
+            if warps % 4 or m_side < 64:
+                continue
+        keep.append(cfg)
+    if keep:
+        return keep
+    # never empty: fall back to the configuration with the least shared memory
+    return [min(configs, key=lambda c: _cost(kind, c, head_dim, elem))]
+
+
+def _use_fixed() -> bool:
+    return _interpreting() or os.environ.get("MINILLM_ATTN_FIXED") == "1" or not torch.cuda.is_available()
+
+
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess}
+_TUNED: dict[tuple[str, int], object] = {}
+
+
+def _tuned(kind: str, arch: int):
+    """The triton.autotune wrapper of one kernel for one architecture (built once, cached)."""
+    key = (kind, arch)
+    if key not in _TUNED:
+        def to_config(c):
+            kw = {"BLOCK_M": c[0]} if kind == "pre" else {"BLOCK_M": c[0], "BLOCK_N": c[1]}
+            return triton.Config(kw, num_warps=c[2], num_stages=c[3])
+
+        def early_prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            elem = args["O" if kind == "pre" else "Q"].element_size()
+            allowed = prune(kind, arch, args["HEAD_DIM"], elem, args["T"])
+            out = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0),
+                                          c.num_warps, c.num_stages) in allowed]
+            return out or configs[:1]
+
+        _TUNED[key] = triton.autotune(
+            configs=[to_config(c) for c in CONFIGS[kind][arch]],
+            key=["T", "HEAD_DIM", "CAUSAL"] if kind != "pre" else ["T", "HEAD_DIM"],
+            prune_configs_by={"early_config_prune": early_prune},
+        )(_KERNELS[kind])
+    return _TUNED[key]
+
+
+def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *args, **meta) -> None:
+    """Run one kernel: the fixed configuration under tests / on CPU, else the autotuned one."""
+    if _use_fixed():
+        bm, bn, warps, stages = FIXED[kind]
+        tiles = {"BLOCK_M": bm} if kind == "pre" else {"BLOCK_M": bm, "BLOCK_N": bn}
+        tile_rows = bn if kind == "dkdv" else bm
+        grid = (triton.cdiv(grid_rows, tile_rows), grid_cols)
+        _KERNELS[kind][grid](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 90 if major >= 9 else 80
+
+    def grid(m):
+        return (triton.cdiv(grid_rows, m["BLOCK_N"] if kind == "dkdv" else m["BLOCK_M"]), grid_cols)
+
+    _tuned(kind, arch)[grid](*args, **meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host-side forward and backward
+# --------------------------------------------------------------------------------------------------
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+         softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    # O is laid out (B, T, H, D) and returned as a (B, H, T, D) view, so the model's
+    # y.transpose(1, 2).contiguous().view(B, T, C) is a no-op copy.
+    o = q.new_empty(B, T, H, D).transpose(1, 2)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    if T == 0 or B * H == 0:
+        return o, lse
+    _launch("fwd", T, B * H, q.device, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
+            *o.stride(), H, T, H // k.shape[1], softmax_scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32)
+    return o, lse
+
+
+def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+         lse: torch.Tensor, causal: bool, softmax_scale: float):
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if T == 0 or B * H == 0:
+        return dq, dk, dv
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    ieee = q.dtype == torch.float32
+    _launch("pre", T, B * H, q.device, o, do, delta, *o.stride(), *do.stride(), H, T,
+            HEAD_DIM=D, BLOCK_D=_block_d(D))
+    # dK/dV and dQ write disjoint outputs and only read the rest: they could run concurrently.
+    _launch("dkdv", T, B * H_kv, q.device, q, k, v, do, dk, dv, lse, delta,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            H, H_kv, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee)
+    _launch("dq", T, B * H, q.device, q, k, v, do, dq, lse, delta,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# torch custom ops (torch.compile sees one node each) and autograd
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("minillm::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O (B, H, T, D), LSE (B, H, T) fp32 in log2 units)."""
+    return _fwd(q, k, v, causal, softmax_scale)
+
+
+@flash_attn_fwd_op.register_fake
+def _(q, k, v, causal, softmax_scale):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("minillm::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      o: torch.Tensor, lse: torch.Tensor, causal: bool,
+                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV); dK and dV are already summed over each kv head's group of query heads."""
+    return _bwd(do, q, k, v, o, lse, causal, softmax_scale)
+
+
+@flash_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+
+
+def _backward(ctx, do, dlse):
+    # dlse is ignored: LSE is an auxiliary output, not part of flash_attention's result.
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = flash_attn_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale)
+    return dq, dk, dv, None, None
+
+
+flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API and reference
+# --------------------------------------------------------------------------------------------------
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_attention: q, k, v must be 4-D (B, H, T, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"flash_attention: k and v must be (B, H_kv, T, D) = ({B}, H_kv, {T}, {D}); "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)} (use SDPA for T_q != T_k)")
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"flash_attention: n_head={H} must be a multiple of n_kv_head={k.shape[1]}")
+    if D > 128 or D < 1:
+        raise ValueError(f"flash_attention: head dim {D} unsupported; use 1..128 (32/64/96/128 tuned)")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attention: dtypes must match and be fp16/bf16/fp32; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v on different devices: {q.device}, {k.device}, "
+                         f"{v.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError("flash_attention: CPU tensors need TRITON_INTERPRET=1 set before triton is "
+                         "imported (tests do this); otherwise use the torch path")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale [causal]) v for q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D).
+
+    softmax_scale defaults to 1/sqrt(D). Differentiable in q, k, v; a torch custom op (compile-safe).
+    """
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    o, _ = flash_attn_fwd_op(q, k, v, bool(causal), scale)
+    return o
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                  softmax_scale: float | None = None) -> torch.Tensor:
+    """Plain torch attention in the inputs' dtype (pass float64 for the reference): materialises T x T."""
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    group = H // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, H, T, D): GQA by repetition, fine for a reference
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
+    if causal:
+        above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(above, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
