@@ -1,0 +1,138 @@
+"""Glue between Hydra and the library, shared by the two entry points (train.py, sample.py).
+
+This is the only module of minillm that knows Hydra exists; the library below takes dataclasses.
+It turns every configuration or input mistake into one line on stderr and a nonzero exit:
+
+* ``precheck`` composes the config once before Hydra runs, because Hydra reports an unknown key or a
+  wrong type as a multi-line block; here it becomes ``error: model.n_layr: unknown key ...``.
+* ``to_dataclass`` converts the composed config into the schema dataclass, whose ``__post_init__``
+  validates values (n_embd divisible by n_head, lr >= 0, ...).
+* ``user_errors`` catches the library's input errors (missing corpus, bad checkpoint, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from minillm.checkpoint import CheckpointError
+from minillm.config import ConfigError, SampleJobConfig, TrainJobConfig
+from minillm.data import DataError
+from minillm.tokenizer import TokenizerError
+from minillm.tokens import TokenFileError
+from minillm.trainer import RunError
+
+T = TypeVar("T")
+EXIT_USER_ERROR = 2
+USER_ERRORS = (ConfigError, DataError, TokenizerError, TokenFileError, CheckpointError, RunError)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(name="sample_schema", node=SampleJobConfig)
+
+
+def fail(message: str) -> None:
+    """Print one line and exit nonzero: the way every user error leaves the program."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def format_error(e: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition or validation error."""
+    for x in _chain(e):
+        if isinstance(x, ConfigError):
+            return str(x)
+    for x in _chain(e):
+        if isinstance(x, OmegaConfBaseException) and getattr(x, "full_key", None):
+            msg = str(getattr(x, "msg", "") or x).strip().splitlines()[0]
+            if isinstance(x, ConfigKeyError):
+                return (f"{x.full_key}: unknown key ({msg}); check the spelling "
+                        "(`--cfg job` prints every key)")
+            return f"{x.full_key}: {msg}"
+    text = str(e).strip()
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if missing:
+        group = missing.group(1).split("/")[0]
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        return f"{group}={missing.group(1).split('/')[-1]}: no such option" + (
+            f" (available: {', '.join(options)})" if options else "")
+    return " ".join(text.split())
+
+
+def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
+    """Compose the config as Hydra will and fail in one line if it is wrong.
+
+    Skipped when Hydra's own flags are present (--help, --cfg, -m, ...): Hydra handles those.
+    """
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+
+    schema = {"train": TrainJobConfig, "sample": SampleJobConfig}[config_name]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=config_name, overrides=argv)
+        if not isinstance(OmegaConf.to_object(cfg), schema):
+            fail(f"{config_name}.yaml does not compose to {schema.__name__}")
+    except ConfigError as e:
+        fail(str(e))
+    except Exception as e:  # Hydra and OmegaConf raise many types for bad overrides
+        fail(format_error(e))
+
+
+def to_dataclass(cfg: DictConfig, cls: type[T]) -> T:
+    """The validated schema object for a composed config (one-line exit if a value is impossible)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except (ConfigError, OmegaConfBaseException) as e:
+        fail(format_error(e))
+    if not isinstance(obj, cls):
+        fail(f"config did not compose to {cls.__name__}")
+    return obj
+
+
+def job_dir(out_dir: str) -> str:
+    """The run folder: ``out_dir``, or ``out_dir/<job number>`` for each job of a -m sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().runtime.output_dir
+    return out_dir
+
+
+def setup_logging(rank: int = 0) -> None:
+    """minillm's messages on stderr, plain; ranks other than 0 only report warnings."""
+    logger = logging.getLogger("minillm")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's input errors into one line and a nonzero exit; bugs keep their traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        fail(str(e))

@@ -1,0 +1,246 @@
+"""Config schemas: the single source of truth for every key a run accepts.
+
+The dataclasses here are registered in Hydra's ConfigStore by the entry points (train.py, sample.py);
+the YAML files in configs/ only choose values. Each dataclass validates itself in ``__post_init__``,
+so a config built from YAML (``OmegaConf.to_object``) and one built in Python are checked alike.
+A bad value raises :class:`ConfigError`, whose message is one line naming the key and the value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the key, the value and what to do."""
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and options of the GPT (see minillm/model.py). Saved with every checkpoint."""
+    name: str = "tiny"
+    vocab_size: Optional[int] = None   # None: taken from the tokenizer at startup
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None    # None: = n_head (multi-head); 1: multi-query; else GQA
+    n_embd: int = 128
+    block_size: int = 256
+    norm: str = "rmsnorm"              # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    pos: str = "rope"                  # learned | rope
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"                # gelu | swiglu
+    mlp_hidden: Optional[int] = None   # None: 4*n_embd for gelu, 8/3*n_embd (rounded to 64) for swiglu
+    tie_embeddings: bool = True
+    bias: bool = False
+    qk_norm: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = "model."
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            _check(getattr(self, key) >= 1, p + key, getattr(self, key), "must be >= 1")
+        if self.vocab_size is not None:
+            _check(self.vocab_size >= 2, p + "vocab_size", self.vocab_size, "must be >= 2")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _check(self.n_kv_head >= 1, p + "n_kv_head", self.n_kv_head, "must be >= 1")
+        _check(self.n_embd % self.n_head == 0, p + "n_embd", self.n_embd,
+               f"must be divisible by model.n_head={self.n_head}")
+        _check(self.n_head % self.n_kv_head == 0, p + "n_head", self.n_head,
+               f"must be divisible by model.n_kv_head={self.n_kv_head}")
+        _choice(p + "norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice(p + "pos", self.pos, ("learned", "rope"))
+        _choice(p + "mlp", self.mlp, ("gelu", "swiglu"))
+        if self.pos == "rope":
+            _check(self.head_dim % 2 == 0, p + "n_embd", self.n_embd,
+                   f"rope needs an even head dim, got n_embd/n_head={self.head_dim}")
+            _check(self.rope_theta > 0, p + "rope_theta", self.rope_theta, "must be > 0")
+        _check(self.norm_eps > 0, p + "norm_eps", self.norm_eps, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, p + "dropout", self.dropout, "must be in [0, 1)")
+        if self.mlp_hidden is not None:
+            _check(self.mlp_hidden >= 1, p + "mlp_hidden", self.mlp_hidden, "must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class DataConfig:
+    """Where the corpus comes from. ``path`` (any UTF-8 text file) wins over the named dataset."""
+    name: str = "shakespeare"
+    path: Optional[str] = None
+    url: Optional[str] = None          # download source of a named dataset
+    sha256: Optional[str] = None       # its checksum; a mismatch is an error
+    filename: Optional[str] = None     # its file name in the cache folder
+    val_fraction: float = 0.1          # the last fraction of the corpus bytes is validation
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+
+
+@dataclass
+class TokenizerConfig:
+    """sentencepiece training settings (see minillm/tokenizer.py)."""
+    model_type: str = "bpe"            # bpe | unigram | char
+    vocab_size: int = 1024
+    character_coverage: float = 1.0    # 1.0 for small alphabets, ~0.9995 for CJK
+    byte_fallback: bool = True         # unknown characters become UTF-8 bytes: lossless
+    split_digits: bool = True
+    max_sentence_length: int = 1 << 16 # bytes; longer lines are cut into pieces for training
+    input_sentence_size: int = 2_000_000  # lines sampled for training; bounds memory on big corpora
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        _choice("tokenizer.model_type", self.model_type, ("bpe", "unigram", "char"))
+        # 3 special tokens (<unk>, <s>, </s>) + 256 byte-fallback tokens need room.
+        floor = 3 + (256 if self.byte_fallback else 0) + 1
+        _check(self.vocab_size >= floor, "tokenizer.vocab_size", self.vocab_size,
+               f"must be >= {floor} (specials{' + 256 byte-fallback tokens' if self.byte_fallback else ''} + 1)")
+        _check(self.vocab_size <= 1 << 31, "tokenizer.vocab_size", self.vocab_size, "is too large")
+        _check(0.0 < self.character_coverage <= 1.0, "tokenizer.character_coverage",
+               self.character_coverage, "must be in (0, 1]")
+        _check(self.max_sentence_length >= 1024, "tokenizer.max_sentence_length",
+               self.max_sentence_length, "must be >= 1024")
+        _check(self.input_sentence_size >= 1, "tokenizer.input_sentence_size",
+               self.input_sentence_size, "must be >= 1")
+        _check(self.num_threads >= 1, "tokenizer.num_threads", self.num_threads, "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup then cosine decay to ``min_lr_ratio * lr``."""
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1          # matrices only; norms, biases and embeddings-as-vectors get 0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    schedule: str = "cosine"           # cosine | linear | constant (after warmup)
+    grad_clip: float = 1.0             # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw",))
+        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check(self.lr >= 0, "optim.lr", self.lr, "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0.0 <= self.beta1 < 1.0, "optim.beta1", self.beta1, "must be in [0, 1)")
+        _check(0.0 <= self.beta2 < 1.0, "optim.beta2", self.beta2, "must be in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big a batch, how often to evaluate and checkpoint."""
+    max_steps: int = 600
+    batch_size: int = 32               # sequences per micro-batch per process
+    grad_accum_steps: int = 1
+    eval_interval: int = 100           # also evaluates after the last step; 0: only at the end
+    eval_tokens: Optional[int] = None  # validation tokens per evaluation; None: the whole split
+    log_interval: int = 10
+    ckpt_interval: Optional[int] = None  # None: at every evaluation and at the end
+    keep_last: int = 2                 # checkpoints kept in the run folder
+    resume: str = "auto"               # auto | never | PATH (a checkpoint file or run folder)
+    compile: bool = False
+    dtype: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+
+    def __post_init__(self) -> None:
+        p = "train."
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_interval", "keep_last"):
+            _check(getattr(self, key) >= 1, p + key, getattr(self, key), "must be >= 1")
+        _check(self.eval_interval >= 0, p + "eval_interval", self.eval_interval, "must be >= 0")
+        if self.eval_tokens is not None:
+            _check(self.eval_tokens >= 1, p + "eval_tokens", self.eval_tokens, "must be >= 1 (or null for all)")
+        if self.ckpt_interval is not None:
+            _check(self.ckpt_interval >= 1, p + "ckpt_interval", self.ckpt_interval, "must be >= 1")
+        _check(self.resume != "", p + "resume", self.resume, "must be auto, never or a checkpoint path")
+        _choice(p + "dtype", self.dtype, ("auto", "float32", "bfloat16"))
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"             # disabled | offline | online
+    project: str = "minillm"
+    name: Optional[str] = None         # None: the run folder's name
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("logger.wandb.mode", self.mode, ("disabled", "offline", "online"))
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True              # tqdm progress bar on the console
+
+
+_DEVICES = ("auto", "cpu", "cuda")
+_KERNELS = ("auto", "torch", "triton")
+
+
+@dataclass
+class TrainJobConfig:
+    """Everything ``python train.py`` accepts (configs/train.yaml)."""
+    out_dir: str = "out/run"
+    device: str = "auto"               # auto | cpu | cuda
+    seed: int = 1337
+    kernels: str = "auto"              # auto (Triton on CUDA when it imports) | torch | triton
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.out_dir.strip() != "", "out_dir", self.out_dir, "must name a folder")
+        _choice("device", self.device, _DEVICES)
+        _choice("kernels", self.kernels, _KERNELS)
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+
+
+@dataclass
+class SampleJobConfig:
+    """Everything ``python sample.py`` accepts (configs/sample.yaml)."""
+    ckpt: Optional[str] = None         # run folder or checkpoint file; None: newest run under out/
+    out_root: str = "out"              # where to look for the newest run
+    prompt: Optional[str] = None       # None: start a fresh document
+    max_new_tokens: int = 256
+    temperature: float = 0.8           # 0 = greedy
+    top_k: int = 200                   # 0 disables
+    top_p: float = 1.0                 # nucleus sampling; 1.0 disables
+    seed: int = 1337
+    num_samples: int = 1
+    kv_cache: bool = True
+    stream: bool = True                # print text as it is generated (first sample)
+    device: str = "auto"
+    kernels: str = "auto"
+    dtype: str = "float32"             # float32 | bfloat16
+
+    def __post_init__(self) -> None:
+        _check(self.prompt is None or self.prompt != "", "prompt", self.prompt,
+               "is empty; give some text, or leave prompt unset to start a fresh document")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables)")
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _choice("device", self.device, _DEVICES)
+        _choice("kernels", self.kernels, _KERNELS)
+        _choice("dtype", self.dtype, ("float32", "bfloat16"))

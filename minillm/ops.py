@@ -1,0 +1,93 @@
+"""The one door from the model to kernels.
+
+The model calls ``attention``, ``layer_norm`` and ``rms_norm`` from here and nothing else. Two
+backends stand behind them:
+
+* ``torch``: F.scaled_dot_product_attention and F.layer_norm / F.rms_norm. Runs everywhere and is the
+  reference the Triton kernels are tested against.
+* ``triton``: the fused kernels in the top-level ``kernels`` package (CUDA; on CPU only under
+  TRITON_INTERPRET=1, which is how the tests exercise it).
+
+``configure("auto", device)`` picks Triton on CUDA when the kernels import and the torch path
+otherwise; the choice is logged once. A call the Triton kernel cannot serve (for example attention
+with a KV cache, where query and key lengths differ) falls through to the torch path.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_backend = "torch"
+_kernels: dict = {}
+
+
+def _load_triton_kernels() -> dict:
+    """Import the Triton kernels; raises ImportError if triton or a kernel module is missing."""
+    found = {}
+    from kernels.layernorm import layer_norm as tl_layer_norm, rms_norm as tl_rms_norm
+    found["layer_norm"], found["rms_norm"] = tl_layer_norm, tl_rms_norm
+    try:
+        from kernels.attention import flash_attention
+        found["attention"] = flash_attention
+    except ImportError:
+        pass
+    return found
+
+
+def configure(kernels: str, device: torch.device | str) -> str:
+    """Choose the backend ("auto" | "torch" | "triton") for ``device``; returns the one chosen."""
+    global _backend, _kernels
+    device = torch.device(device)
+    if kernels not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernels={kernels!r}: must be auto, torch or triton")
+    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
+        _backend, _kernels = "torch", {}
+        reason = "requested" if kernels == "torch" else f"device is {device.type}"
+    else:
+        try:
+            _kernels = _load_triton_kernels()
+            _backend = "triton"
+            reason = f"kernels: {', '.join(sorted(_kernels))}"
+        except ImportError as e:
+            if kernels == "triton":
+                raise RuntimeError(f"kernels=triton: the Triton kernels do not import ({e}); "
+                                   "install triton or use kernels=torch") from e
+            _backend, _kernels = "torch", {}
+            reason = f"triton unavailable: {e}"
+    log.info("ops backend: %s (%s)", _backend, reason)
+    return _backend
+
+
+def backend() -> str:
+    return _backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Scaled dot-product attention. q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H % H_kv == 0.
+
+    ``causal`` aligns the mask to the top-left, so it needs Tq == Tk; with a KV cache the caller
+    passes causal=False for a single new query, which may attend to every cached key.
+    """
+    fn = _kernels.get("attention")
+    if fn is not None and q.shape[2] == k.shape[2]:
+        return fn(q, k, v, causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    fn = _kernels.get("layer_norm")
+    if fn is not None and weight is not None:
+        return fn(x, weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    fn = _kernels.get("rms_norm")
+    if fn is not None:
+        return fn(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
