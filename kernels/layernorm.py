@@ -36,10 +36,10 @@ M >> 1. H100 SXM HBM3 is 3.35 TB/s; good memory-bound kernels reach ~85-90% of i
 
 Configuration (one function, ``norm_config``, used by the wrapper and by ``build_specs``)
 ----------------------------------------------------------------------------------------------
-* A row of N <= 16384 (forward) / 8192 (backward) is held entirely in registers: BLOCK_N is the next
+* A row of N <= 8192 (forward) / 4096 (backward) is held entirely in registers: BLOCK_N is the next
   power of two >= N and the tail is masked. One DRAM read per element, then reductions in registers.
 * Narrow rows: one program handles ROWS rows as a [ROWS, BLOCK_N] tile so each program moves >= 4096
-  elements (8 KiB of bf16 at N=768 instead of 1.5 KiB) - the launch and the reduction latency are
+  (backward: 2048, as it holds more tiles live) elements (8 KiB of bf16 at N=768 instead of 1.5 KiB) - the launch and the reduction latency are
   amortised over more bytes. This is what the per-row tutorial kernels lose at small N.
 * num_warps grows with the tile so each thread holds ~8-16 fp32 values: enough independent 16-byte
   loads in flight, few enough registers to keep >= 2 CTAs (or one 16-warp CTA) resident per SM.
@@ -91,11 +91,13 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------------
 
 MAX_FUSED_FWD = 8192    # widest row the forward keeps whole in registers (16 warps x 16 fp32/thread)
-MAX_FUSED_BWD = 8192    # the backward also holds dw/db accumulators: 16 warps x 16 fp32/thread each
+MAX_FUSED_BWD = 4096    # the backward also holds dy and dw/db accumulators (8192 spilled on sm_90)
 CHUNK_FWD = 8192        # chunk width of the chunked variants beyond those limits
 CHUNK_BWD = 4096
-TILE_ELEMS = 4096       # target elements per [ROWS, BLOCK_N] tile for narrow rows
+TILE_ELEMS = 4096       # target elements per [ROWS, BLOCK_N] tile for narrow rows (forward)
+TILE_ELEMS_BWD = 2048   # the backward carries ~5 live fp32 tiles; 4096 hit 128 regs and spilled
 MAX_ROWS = 256          # bound ROWS for tiny N (N=1 would otherwise ask for 4096 rows per tile)
+MAX_ROWS_BWD = 64       # per-row scalars (mean, rstd, c1, c2) of many rows also cost registers
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ def norm_config(N: int, backward: bool) -> NormConfig:
     block = triton.next_power_of_2(N)
     if block > limit:  # chunked: one row per program, a fixed chunk width, 16 warps
         return NormConfig(chunk, 1, True, 16)
-    rows = max(1, min(TILE_ELEMS // block, MAX_ROWS))
+    tile, max_rows = (TILE_ELEMS_BWD, MAX_ROWS_BWD) if backward else (TILE_ELEMS, MAX_ROWS)
+    rows = max(1, min(tile // block, max_rows))
     elems = rows * block
     # ~16 fp32 values per thread forward, ~8 backward (it also carries dy and two accumulators)
     per_thread = 8 if backward else 16

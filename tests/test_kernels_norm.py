@@ -258,3 +258,23 @@ def test_bf16_on_gpu(kind, N):
         scale = max(1.0, r.abs().max().item())
         err = (a.float() - r).abs().max().item()
         assert err <= 2e-2 * scale, f"{name}: {err} > {2e-2 * scale}"
+
+
+# ---- the benchmark script's CPU path (not a timing test: it checks the script works end to end) ----
+
+def test_bench_norm_quick_runs_on_cpu(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_norm.py", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    payload = json.loads((tmp_path / "bench_norm.json").read_text())
+    rows = payload["rows"]
+    assert {(r["norm"], r["dir"]) for r in rows} == {(k, d) for k in ("layer", "rms") for d in ("fwd", "bwd")}
+    assert all(r["GB/s"] > 0 and r["ms"] > 0 for r in rows)
+    assert payload["environment"]["device_type"] == "cpu"

@@ -1,0 +1,155 @@
+"""LayerNorm / RMSNorm: minillm's Triton kernels vs torch eager, torch.compile and Liger (if installed).
+
+    python benchmarks/bench_norm.py                 # GPU: hidden 512..16384, bf16 and fp32
+    python benchmarks/bench_norm.py --quick         # CPU smoke run of the torch reference path (seconds)
+
+Speed is effective bandwidth: the bytes a perfect kernel must move, divided by the time. Bytes per call
+for an [M, N] activation of s bytes per element (weights, bias and per-row statistics are O(N + M) and
+counted too, but are < 0.1% at the sizes here):
+    forward : read x, write y                        2*M*N*s  + weight/bias N*s each
+    backward: read x, read dy, write dx              3*M*N*s  + weight (+bias) read N*s, dw (+db) written N*s
+The backward is timed alone (``y.backward(dy, retain_graph=True)`` on a graph built once), so it does not
+include the forward. "%peak" is against the device's spec HBM bandwidth when the device is known
+(H100 SXM 3.35 TB/s, ...), and "%copy" against a device-to-device copy measured in the same run,
+the practical ceiling for a memory-bound kernel. Goals (H100): forward >= 2.8 TB/s, backward >= 2.0 TB/s
+at N >= 4096, and never slower than torch eager.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, print_table, timeit, write_results  # noqa: E402
+
+# Spec HBM bandwidth in GB/s by device-name substring (vendor data sheets).
+PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800,
+             "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "4090": 1008}
+
+
+def peak_gbps(device_name: str) -> float | None:
+    for key, v in PEAK_GBPS.items():
+        if key in device_name:
+            return float(v)
+    return None
+
+
+def bytes_moved(M: int, N: int, s: int, backward: bool, has_bias: bool) -> int:
+    params = N * s * (2 if has_bias else 1)
+    if backward:
+        return 3 * M * N * s + 2 * params  # x, dy in; dx out; params read, grads written
+    return 2 * M * N * s + params          # x in; y out; params read
+
+
+def torch_fn(kind):
+    if kind == "layer":
+        return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+    return lambda x, w, b: F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+
+
+def implementations(kind: str, device: str) -> dict:
+    """name -> fn(x, w, b). On CPU (--quick) only the torch paths; the Triton kernels need a GPU."""
+    from kernels import layernorm as ln
+    impls = {"torch": torch_fn(kind)}
+    if device == "cuda":
+        impls["minillm"] = ((lambda x, w, b: ln.layer_norm(x, w, b)) if kind == "layer"
+                            else (lambda x, w, b: ln.rms_norm(x, w)))
+        impls["compile"] = torch.compile(torch_fn(kind))
+        try:
+            from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
+            impls["liger"] = ((lambda x, w, b: liger_layer_norm(x, w, b, 1e-5)) if kind == "layer"
+                              else (lambda x, w, b: liger_rms_norm(x, w, 1e-6)))
+        except Exception:  # not installed (or an API change): leave it out of the table
+            pass
+    else:
+        impls["reference"] = ((lambda x, w, b: ln.layer_norm_ref(x, w, b)) if kind == "layer"
+                              else (lambda x, w, b: ln.rms_norm_ref(x, w)))
+    return impls
+
+
+def copy_gbps(device: str, nbytes: int, reps: int) -> float:
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    ms = timeit(lambda: b.copy_(a), reps=reps, device=device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def bench_one(kind, impl, fn, M, N, dtype, device, reps, ref_out):
+    s = torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(N, device=device, dtype=dtype, requires_grad=True) if kind == "layer" else None
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    # correctness before speed: every implementation must agree with the fp32 reference
+    y = fn(x, w, b)
+    want = ref_out(x.detach(), w.detach(), None if b is None else b.detach())
+    tol = 1e-2 if dtype != torch.float32 else 1e-4
+    if not torch.allclose(y.float(), want.float(), atol=tol * 4, rtol=tol):
+        raise SystemExit(f"{impl} {kind} N={N} {dtype}: output differs from the reference")
+    fwd_ms = timeit(lambda: fn(x, w, b), reps=reps, device=device)
+    y = fn(x, w, b)
+    bwd_ms = timeit(lambda: y.backward(dy, retain_graph=True), reps=reps, device=device)
+    rows = []
+    for direction, ms in (("fwd", fwd_ms), ("bwd", bwd_ms)):
+        nbytes = bytes_moved(M, N, s, direction == "bwd", b is not None)
+        rows.append({"norm": kind, "dtype": str(dtype).replace("torch.", ""), "M": M, "N": N,
+                     "impl": impl, "dir": direction, "ms": ms, "GB/s": nbytes / (ms * 1e-3) / 1e9})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny CPU run of the reference path")
+    p.add_argument("--out-dir", type=Path, default=None, help="where bench_norm.json goes")
+    p.add_argument("--tokens", type=int, default=16384, help="rows M (batch*sequence) on GPU")
+    p.add_argument("--sizes", default="512,1024,2048,4096,5120,8192,16384")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    if args.quick:
+        sizes, dtypes, M, reps = [64, 256], [torch.float32], 64, 3
+    else:
+        if device != "cuda":
+            print("no CUDA device: run with --quick for the CPU smoke path", file=sys.stderr)
+            return 2
+        names = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+        sizes = [int(n) for n in args.sizes.split(",")]
+        dtypes = [names[d] for d in args.dtypes.split(",")]
+        M, reps = args.tokens, 20
+
+    env = environment()
+    peak = peak_gbps(env["device"]) if device == "cuda" else None
+    copy = copy_gbps(device, (1 << 20) if args.quick else (1 << 30), reps)
+    from kernels.layernorm import layer_norm_ref, rms_norm_ref
+    rows = []
+    for kind in ("layer", "rms"):
+        ref = ((lambda x, w, b: layer_norm_ref(x, w, b)) if kind == "layer"
+               else (lambda x, w, b: rms_norm_ref(x, w)))
+        impls = implementations(kind, device)
+        for dtype in dtypes:
+            for N in sizes:
+                group = []
+                for impl, fn in impls.items():
+                    group += bench_one(kind, impl, fn, M, N, dtype, device, reps, ref)
+                for r in group:  # speed relative to torch eager in the same run
+                    base = next(g for g in group if g["impl"] == "torch" and g["dir"] == r["dir"])
+                    r["vs_torch"] = base["ms"] / r["ms"]
+                    r["%copy"] = 100 * r["GB/s"] / copy
+                    if peak:
+                        r["%peak"] = 100 * r["GB/s"] / peak
+                rows += group
+    cols = ["norm", "dtype", "M", "N", "impl", "dir", "ms", "GB/s", "%copy"] + (["%peak"] if peak else [])
+    print_table(rows, cols + ["vs_torch"])
+    print(f"device copy bandwidth: {copy:.1f} GB/s" + (f", spec peak {peak:.0f} GB/s" if peak else ""))
+    write_results("bench_norm", rows, extra={"copy_gbps": copy, "peak_gbps": peak, "quick": args.quick},
+                  out_dir=args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
