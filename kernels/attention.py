@@ -111,8 +111,24 @@ def _interpreting() -> bool:
 # Shared helpers
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+def _tile_ptrs(base, offs_r, stride_r, offs_c, stride_c, ALIGN: tl.constexpr):
+    """Pointers of a [rows, cols] tile. ALIGN == 16: the host checked that the base pointer and the row
+    stride are 16-byte multiples, so every row starts 16-byte aligned; with the unit head-dim stride
+    that makes tile loads 128-bit vector loads (cp.async 16 B). Triton's JIT infers the same at run
+    time from its argument specialisation; the explicit hint makes the build tier, which compiles
+    without run-time arguments, see the code the GPU will run. (The hint must sit on the op that
+    computes the pointers, inside this function: a hint on a function argument is dropped.)"""
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if ALIGN == 16:
+        ptrs = tl.multiple_of(ptrs, [1, 16])
+    return ptrs
+
+
+@triton.jit
+def _load_tile(base, offs_r, stride_r, offs_c, stride_c, rows_ok, cols_ok,
+               CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, ALIGN: tl.constexpr):
     """Load a 2-D tile, masking rows (sequence) and/or columns (padded head dim) only when asked."""
+    ptrs = _tile_ptrs(base, offs_r, stride_r, offs_c, stride_c, ALIGN)
     if CHECK_ROWS and CHECK_COLS:
         x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
     elif CHECK_ROWS:
@@ -122,6 +138,11 @@ def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _store_tile(base, offs_r, stride_r, offs_c, stride_c, x, mask, ALIGN: tl.constexpr):
+    tl.store(_tile_ptrs(base, offs_r, stride_r, offs_c, stride_c, ALIGN), x, mask=mask)
 
 
 @triton.jit
@@ -141,15 +162,15 @@ def _mm(a, b, IEEE: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                offs_m, offs_d, d_ok, n_lo, n_hi, T, qk_scale,
                BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+               CAUSAL: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
     # acc: [BLOCK_M, BLOCK_D] fp32; l_i, m_i: [BLOCK_M] fp32; q: [BLOCK_M, BLOCK_D] input dtype.
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < T
-        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                       n_ok, d_ok, MASKED, PAD_D)                         # [BLOCK_N, BLOCK_D]
-        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                       n_ok, d_ok, MASKED, PAD_D)                         # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_base, offs_n, stride_kt, offs_d, stride_kd,
+                       n_ok, d_ok, MASKED, PAD_D, ALIGN)                         # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd,
+                       n_ok, d_ok, MASKED, PAD_D, ALIGN)                         # [BLOCK_N, BLOCK_D]
         s = _mm(q, tl.trans(k), IEEE) * qk_scale                          # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
             keep = n_ok[None, :]
@@ -174,7 +195,8 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_ob, stride_oh, stride_ot, stride_od,
               H, T, GROUP, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+              ALIGN: tl.constexpr):
     # grid = (cdiv(T, BLOCK_M), B * H). LSE is contiguous (B, H, T) fp32.
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_m = tl.program_id(0)
@@ -194,8 +216,8 @@ def _attn_fwd(Q, K, V, O, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                   m_ok, d_ok, True, PAD_D)
+    q = _load_tile(q_base, offs_m, stride_qt, offs_d, stride_qd,
+                   m_ok, d_ok, True, PAD_D, ALIGN)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -209,14 +231,14 @@ def _attn_fwd(Q, K, V, O, LSE,
         n_end = T
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, d_ok, 0, n_full, T, qk_scale,
-                               BLOCK_N, PAD_D, False, CAUSAL, IEEE)
+                               BLOCK_N, PAD_D, False, CAUSAL, IEEE, ALIGN)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, d_ok, n_full, n_end, T, qk_scale,
-                               BLOCK_N, PAD_D, True, CAUSAL, IEEE)
+                               BLOCK_N, PAD_D, True, CAUSAL, IEEE, ALIGN)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
-    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store_tile(o_base, offs_m, stride_ot, offs_d, stride_od, acc.to(O.dtype.element_ty),
+                m_ok[:, None] & d_ok[None, :], ALIGN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +249,8 @@ def _attn_bwd_preprocess(O, DO, DELTA,
                          stride_ob, stride_oh, stride_ot, stride_od,
                          stride_dob, stride_doh, stride_dot, stride_dod,
                          H, T,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         ALIGN: tl.constexpr):
     # delta[b, h, t] = sum_d dO * O in fp32; grid = (cdiv(T, BLOCK_M), B * H); DELTA contiguous.
     bh = tl.program_id(1)
     b = bh // H
@@ -236,12 +259,12 @@ def _attn_bwd_preprocess(O, DO, DELTA,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
     d_ok = offs_d < HEAD_DIM
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                   m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                    m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    o = _load_tile(o_base, offs_m, stride_ot, offs_d, stride_od,
+                   m_ok, d_ok, True, HEAD_DIM != BLOCK_D, ALIGN)
+    do = _load_tile(do_base, offs_m, stride_dot, offs_d, stride_dod,
+                    m_ok, d_ok, True, HEAD_DIM != BLOCK_D, ALIGN)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=m_ok)
 
@@ -251,17 +274,17 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 stride_qt, stride_qd, stride_dot, stride_dod,
                 offs_n, offs_d, d_ok, m_lo, m_hi, T, qk_scale,
                 BLOCK_M: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, ALIGN: tl.constexpr):
     # dk, dv: [BLOCK_N, BLOCK_D] fp32; k, v: [BLOCK_N, BLOCK_D]. Streams query tiles [m_lo, m_hi).
     # Query rows >= T load q = dO = 0 and lse = delta = 0, so they add exactly 0 to dK and dV.
     # Key rows >= T (k = v = 0) produce garbage only in their own rows of dk/dv, never stored.
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < T
-        q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                       m_ok, d_ok, True, PAD_D)                           # [BLOCK_M, BLOCK_D]
-        do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                        m_ok, d_ok, True, PAD_D)                          # [BLOCK_M, BLOCK_D]
+        q = _load_tile(q_base, offs_m, stride_qt, offs_d, stride_qd,
+                       m_ok, d_ok, True, PAD_D, ALIGN)                           # [BLOCK_M, BLOCK_D]
+        do = _load_tile(do_base, offs_m, stride_dot, offs_d, stride_dod,
+                        m_ok, d_ok, True, PAD_D, ALIGN)                          # [BLOCK_M, BLOCK_D]
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)           # [BLOCK_M] log2 units
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)       # [BLOCK_M]
         s_t = _mm(k, tl.trans(q), IEEE) * qk_scale                        # [BLOCK_N, BLOCK_M] = S^T
@@ -285,7 +308,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
                    H, H_KV, T, GROUP, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                   ALIGN: tl.constexpr):
     # grid = (cdiv(T, BLOCK_N), B * H_KV): one program per (key tile, kv head); it owns its rows of
     # dK and dV outright (no atomics), summing over the GROUP query heads in a fixed order.
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
@@ -298,10 +322,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < T
     d_ok = offs_d < HEAD_DIM
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                   + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, n_ok, d_ok, True, PAD_D)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                   + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, n_ok, d_ok, True, PAD_D)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k = _load_tile(k_base, offs_n, stride_kt, offs_d, stride_kd,
+                   n_ok, d_ok, True, PAD_D, ALIGN)
+    v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd,
+                   n_ok, d_ok, True, PAD_D, ALIGN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
@@ -319,33 +345,33 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         delta_base = DELTA + bh.to(tl.int64) * T
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d, d_ok,
-                             m_lo, m_mid, T, qk_scale, BLOCK_M, PAD_D, CAUSAL, IEEE)
+                             m_lo, m_mid, T, qk_scale, BLOCK_M, PAD_D, CAUSAL, IEEE, ALIGN)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d, d_ok,
-                             m_mid, T, T, qk_scale, BLOCK_M, PAD_D, False, IEEE)
+                             m_mid, T, T, qk_scale, BLOCK_M, PAD_D, False, IEEE, ALIGN)
     dk = dk * sm_scale
     out_ok = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=out_ok)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=out_ok)
+    _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh,
+                offs_n, stride_dkt, offs_d, stride_dkd,
+                dk.to(DK.dtype.element_ty), out_ok, ALIGN)
+    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh,
+                offs_n, stride_dvt, offs_d, stride_dvd,
+                dv.to(DV.dtype.element_ty), out_ok, ALIGN)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
               offs_m, offs_d, d_ok, n_lo, n_hi, T, qk_scale,
               BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+              CAUSAL: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
     # dq: [BLOCK_M, BLOCK_D] fp32. Streams key tiles [n_lo, n_hi).
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < T
-        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                       n_ok, d_ok, MASKED, PAD_D)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                       n_ok, d_ok, MASKED, PAD_D)
+        k = _load_tile(k_base, offs_n, stride_kt, offs_d, stride_kd,
+                       n_ok, d_ok, MASKED, PAD_D, ALIGN)
+        v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd,
+                       n_ok, d_ok, MASKED, PAD_D, ALIGN)
         s = _mm(q, tl.trans(k), IEEE) * qk_scale                          # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -368,7 +394,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                  H, T, GROUP, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                 ALIGN: tl.constexpr):
     # grid = (cdiv(T, BLOCK_M), B * H): one program per query tile; owns its rows of dQ.
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_m = tl.program_id(0)
@@ -383,10 +410,12 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                   + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, m_ok, d_ok, True, PAD_D)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, m_ok, d_ok, True, PAD_D)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    q = _load_tile(q_base, offs_m, stride_qt, offs_d, stride_qd,
+                   m_ok, d_ok, True, PAD_D, ALIGN)
+    do = _load_tile(do_base, offs_m, stride_dot, offs_d, stride_dod,
+                    m_ok, d_ok, True, PAD_D, ALIGN)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -399,13 +428,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
         n_full = (T // BLOCK_N) * BLOCK_N
         n_end = T
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_m, offs_d, d_ok, 0, n_full, T, qk_scale, BLOCK_N, PAD_D, False, CAUSAL, IEEE)
+                   offs_m, offs_d, d_ok, 0, n_full, T, qk_scale, BLOCK_N, PAD_D, False, CAUSAL, IEEE, ALIGN)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_m, offs_d, d_ok, n_full, n_end, T, qk_scale, BLOCK_N, PAD_D, True, CAUSAL, IEEE)
+                   offs_m, offs_d, d_ok, n_full, n_end, T, qk_scale, BLOCK_N, PAD_D, True, CAUSAL, IEEE,
+                   ALIGN)
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh,
+                offs_m, stride_dqt, offs_d, stride_dqd,
+                dq.to(DQ.dtype.element_ty), m_ok[:, None] & d_ok[None, :], ALIGN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,7 +535,7 @@ def _tuned(kind: str, arch: int):
 
         _TUNED[key] = triton.autotune(
             configs=[to_config(c) for c in CONFIGS[kind][arch]],
-            key=["T", "HEAD_DIM", "CAUSAL"] if kind != "pre" else ["T", "HEAD_DIM"],
+            key=["T", "HEAD_DIM", "CAUSAL", "ALIGN"] if kind != "pre" else ["T", "HEAD_DIM", "ALIGN"],
             prune_configs_by={"early_config_prune": early_prune},
         )(_KERNELS[kind])
     return _TUNED[key]
@@ -532,6 +562,17 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
 # --------------------------------------------------------------------------------------------------
 # Host-side forward and backward
 # --------------------------------------------------------------------------------------------------
+def _align(*tensors: torch.Tensor) -> int:
+    """ALIGN for the kernels: 16 when every base pointer is 16-byte aligned and every stride except the
+    head dim's is a multiple of 16 bytes (then tile rows load as 128-bit vectors); 1 (no promise)
+    otherwise, e.g. for odd views."""
+    elem = tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or any((s * elem) % 16 for s in t.stride()[:-1]):
+            return 1
+    return 16
+
+
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
@@ -543,7 +584,8 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         return o, lse
     _launch("fwd", T, B * H, q.device, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
             *o.stride(), H, T, H // k.shape[1], softmax_scale * LOG2E,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32)
+            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32,
+            ALIGN=_align(q, k, v, o))
     return o, lse
 
 
@@ -556,17 +598,18 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
         return dq, dk, dv
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     ieee = q.dtype == torch.float32
+    align = _align(q, k, v, o, do, dq, dk, dv)
     _launch("pre", T, B * H, q.device, o, do, delta, *o.stride(), *do.stride(), H, T,
-            HEAD_DIM=D, BLOCK_D=_block_d(D))
+            HEAD_DIM=D, BLOCK_D=_block_d(D), ALIGN=align)
     # dK/dV and dQ write disjoint outputs and only read the rest: they could run concurrently.
     _launch("dkdv", T, B * H_kv, q.device, q, k, v, do, dk, dv, lse, delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, H_kv, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee)
+            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee, ALIGN=align)
     _launch("dq", T, B * H, q.device, q, k, v, do, dq, lse, delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee)
+            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee, ALIGN=align)
     return dq, dk, dv
 
 
@@ -669,3 +712,66 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         s = s.masked_fill(above, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
+
+
+# --------------------------------------------------------------------------------------------------
+# Build tier: every configuration the autotuner can pick, for kernels/build_report.py
+# --------------------------------------------------------------------------------------------------
+HEAD_DIMS = (32, 64, 96, 128)
+_TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, object]]:
+    """Signature of one of our kernels as the JIT would specialise it for contiguous-last-dim inputs:
+    tensors of ``dtype`` (LSE / DELTA fp32), i32 sizes and strides, fp32 scales, unit head-dim strides
+    as constexpr 1 (Triton specialises integer arguments equal to 1 the same way at run time)."""
+    t = _TL_TYPES[dtype]
+    sig, const = {}, {}
+    for name in fn.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name.isupper() and not name.startswith(("HEAD_", "BLOCK_", "CAUSAL", "IEEE")) \
+                and name not in ("H", "T", "GROUP", "H_KV"):
+            sig[name] = f"*{t}"
+        elif name.startswith("stride_") and name.endswith("d"):
+            sig[name], const[name] = "constexpr", 1
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, const
+
+
+def build_specs(head_dims=HEAD_DIMS, dtypes=(torch.bfloat16, torch.float16),
+                causal=(True,), archs=(80, 90)) -> list[KernelSpec]:
+    """One KernelSpec per (kernel, autotune configuration surviving the pruning rule, head dim, dtype).
+
+    The configuration lists of all ``archs`` are merged (the report compiles each spec for every arch,
+    so each listed configuration must build cleanly for both). Causal only by default: the
+    non-causal variant has the same tiles and loop body with fewer mask branches.
+    """
+    specs = []
+    for kind, fn in _KERNELS.items():
+        for dtype in dtypes:
+            elem = torch.tensor([], dtype=dtype).element_size()
+            for d in head_dims:
+                cfgs = []
+                for arch in archs:
+                    for c in prune(kind, arch, d, elem):
+                        if c not in cfgs:
+                            cfgs.append(c)
+                for is_causal in causal if kind != "pre" else (None,):
+                    for bm, bn, warps, stages in cfgs:
+                        sig, const = _signature(fn, dtype)
+                        # ALIGN: the usual case (aligned allocations, strides multiple of 16 B)
+                        const.update(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, ALIGN=16)
+                        label = f"d{d} {_TL_TYPES[dtype]} M{bm}"
+                        if kind != "pre":
+                            const.update(BLOCK_N=bn, CAUSAL=is_causal, IEEE=False)
+                            label += f" N{bn}" + (" causal" if is_causal else "")
+                        for name in const:
+                            sig[name] = "constexpr"
+                        specs.append(KernelSpec(name=f"attn_{kind}", fn=fn, signature=sig,
+                                                constexprs=const, num_warps=warps, num_stages=stages,
+                                                label=label))
+    return specs

@@ -1,0 +1,237 @@
+"""kernels/attention.py against a float64 reference: output, dQ, dK, dV.
+
+Tolerance rule (FlashAttention's): for each of O, dQ, dK, dV,
+
+    max|kernel - ref64| <= 2 * max|torch - ref64| + ATOL
+
+where ``ref64`` is ``attention_ref`` in float64, ``torch`` is F.scaled_dot_product_attention run in the
+same dtype as the kernel (fp32 here; bf16 on the GPU tier) and ATOL is a small absolute floor (2e-6 for
+fp32 with N(0, 1) inputs, outputs and gradients of order 1). The floor matters where torch is exact by
+construction (T = 1: O = V) and the kernel's log2-domain softmax is off by an ulp.
+
+The interpreter is slow, so the default grid is chosen rather than crossed: every T at d=64, every
+head dim at two T, the GQA ratios at one size; the full cross product is ``-m slow``. Under the
+interpreter the kernels use the fixed 32x16 / 16x32 tiles (kernels.attention.FIXED), so T = 17, 127,
+130 hit partial tiles and T = 64, 256 hit exact multiples.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import attention as attn
+from kernels.attention import attention_ref, flash_attention
+
+ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-3, torch.float16: 2e-4}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _sdpa(q, k, v, causal, softmax_scale=None):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale,
+                                          enable_gqa=True)
+
+
+def _run(fn, q, k, v, do, causal, dtype, softmax_scale=None):
+    """(O, dQ, dK, dV) of ``fn`` on copies of q, k, v cast to ``dtype``, as float64."""
+    xs = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*xs, causal=causal, softmax_scale=softmax_scale)
+    o.backward(do.to(dtype))
+    return [o.detach().double()] + [x.grad.double() for x in xs]
+
+
+def _inputs(B, H, H_kv, T, D, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(B, H, T, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, H_kv, T, D, generator=g) for _ in range(2))
+    return [x.to(device) for x in (q, k, v, do)]
+
+
+def assert_flash_rule(q, k, v, do, causal, dtype=torch.float32, softmax_scale=None):
+    """The tolerance rule of the module docstring, for O and all three gradients."""
+    ref = _run(attention_ref, q, k, v, do, causal, torch.float64, softmax_scale)
+    base = _run(_sdpa, q, k, v, do, causal, dtype, softmax_scale)
+    got = _run(flash_attention, q, k, v, do, causal, dtype, softmax_scale)
+    for name, r, b, g in zip(("O", "dQ", "dK", "dV"), ref, base, got):
+        assert g.shape == r.shape, name
+        err, torch_err = (g - r).abs().max().item(), (b - r).abs().max().item()
+        bound = 2 * torch_err + ATOL[dtype]
+        assert err <= bound, f"{name}: kernel err {err:.3g} > 2 * torch err {torch_err:.3g} + {ATOL[dtype]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter tier
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T", [1, 17, 64, 127, 130, 256])
+def test_every_length_d64(T, causal):
+    assert_flash_rule(*_inputs(1, 2, 2, T, 64, seed=T), causal)
+
+
+@pytest.mark.parametrize("D,T,causal", [(32, 17, True), (32, 130, True), (96, 17, True),
+                                        (96, 130, True), (96, 130, False), (128, 17, True),
+                                        (128, 130, True)])
+def test_head_dims(D, T, causal):
+    assert_flash_rule(*_inputs(1, 2, 1, T, D, seed=D + T), causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("H,H_kv", [(4, 2), (4, 1)])
+def test_gqa_and_mqa(H, H_kv, causal):
+    # dK / dV must be the sum over each kv head's group of query heads
+    assert_flash_rule(*_inputs(1, H, H_kv, 67, 32, seed=H_kv), causal)
+
+
+def test_batch_and_custom_scale():
+    assert_flash_rule(*_inputs(3, 2, 1, 33, 64, seed=5), True, softmax_scale=0.3)
+
+
+def test_non_contiguous_views_as_the_model_makes_them():
+    """q, k, v are .view(B, T, H, D).transpose(1, 2) slices of one linear output (strides are not
+    those of any contiguous tensor); the upstream gradient is a transposed view too. Gradients must
+    reach the shared base tensor exactly as torch's own attention sends them."""
+    B, T, H, H_kv, D = 2, 45, 4, 2, 32
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, T, (H + 2 * H_kv) * D, generator=g)
+    do = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # non-contiguous dO
+
+    def run(fn, dtype):
+        base = qkv.to(dtype).clone().requires_grad_()
+        q, k, v = base.split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, H_kv, D).transpose(1, 2)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)
+        if fn is flash_attention:
+            assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+        o = fn(q, k, v, causal=True)
+        o.backward(do.to(dtype))
+        return o.detach().double(), base.grad.double()
+
+    (o_ref, g_ref), (o_t, g_t), (o_k, g_k) = (run(attention_ref, torch.float64),
+                                              run(_sdpa, torch.float32),
+                                              run(flash_attention, torch.float32))
+    for got, base, ref in ((o_k, o_t, o_ref), (g_k, g_t, g_ref)):
+        assert (got - ref).abs().max() <= 2 * (base - ref).abs().max() + ATOL[torch.float32]
+
+
+def test_lse_is_the_log2_normaliser():
+    q, k, v, _ = _inputs(1, 2, 1, 50, 32, seed=3)
+    _, lse = attn.flash_attn_fwd_op(q, k, v, True, 0.2)
+    s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.2
+    s = s.masked_fill(torch.ones(50, 50, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) / math.log(2), rtol=0, atol=1e-5)
+
+
+def test_backward_is_deterministic_with_gqa():
+    q, k, v, do = _inputs(1, 4, 1, 70, 32, seed=11)
+    first = _run(flash_attention, q, k, v, do, True, torch.float32)
+    second = _run(flash_attention, q, k, v, do, True, torch.float32)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_output_layout_makes_the_model_transpose_free():
+    q, k, v, _ = _inputs(1, 2, 2, 9, 16, seed=1)
+    o = flash_attention(q, k, v)
+    assert o.transpose(1, 2).is_contiguous()  # (B, T, H, D) memory: y.transpose(1, 2).view(B, T, C) works
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """One custom-op node in the graph, no break; forward and backward through AOT autograd (fake
+    tensors from register_fake, backward from register_autograd). Inductor is the slow variant."""
+    _compile_vs_eager(backend="aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    _compile_vs_eager(backend="inductor")
+
+
+def _compile_vs_eager(backend):
+    B, T, H, H_kv, D = 2, 37, 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, 64, generator=g)
+    w0 = torch.randn(64, (H + 2 * H_kv) * D, generator=g) / 8
+
+    def block(x, w):
+        q, k, v = (x @ w).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, H_kv, D).transpose(1, 2)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)
+        y = flash_attention(q, k, v, causal=True)
+        return y.transpose(1, 2).reshape(B, T, H * D)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    outs = []
+    for fn in (block, compiled):
+        w = w0.clone().requires_grad_()
+        y = fn(x, w)
+        (y * torch.linspace(-1, 1, H * D)).sum().backward()
+        outs.append((y.detach(), w.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=1e-4)
+
+
+def test_custom_op_registrations_pass_opcheck():
+    q, k, v, do = _inputs(1, 2, 1, 20, 16, seed=2)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(attn.flash_attn_fwd_op, (q, k, v, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(k=(1, 3, 8, 16)), "multiple of n_kv_head"),
+    (dict(k=(1, 2, 9, 16)), "k and v must be"),
+    (dict(q=(1, 2, 8, 160), k=(1, 2, 8, 160), v=(1, 2, 8, 160)), "head dim"),
+    (dict(q=(2, 8, 16)), "4-D"),
+])
+def test_bad_inputs_fail_with_one_clear_line(bad, msg):
+    shapes = dict(q=(1, 2, 8, 16), k=(1, 2, 8, 16), v=(1, 2, 8, 16)) | bad
+    if "v" not in bad and "k" in bad:
+        shapes["v"] = shapes["k"]
+    with pytest.raises(ValueError, match=msg):
+        flash_attention(*(torch.randn(*shapes[n]) for n in "qkv"))
+
+
+def test_pruning_rule_never_empties_and_respects_limits():
+    for kind, arch, d, elem, T in itertools.product(("fwd", "dkdv", "dq", "pre"), (80, 90),
+                                                    attn.HEAD_DIMS, (2, 4), (1, 100, 8192)):
+        kept = attn.prune(kind, arch, d, elem, T)
+        assert kept
+        for cfg in kept:
+            assert cfg in attn.CONFIGS[kind][arch]
+        if elem == 2:
+            assert all(attn._cost(kind, c, d, elem)[0] <= attn.SMEM_BYTES[arch] for c in kept)
+    # a short sequence drops 128-row tiles when smaller ones exist
+    assert all(c[0] <= 64 for c in attn.prune("fwd", 90, 64, 2, T=40))
+
+
+# ---------------------------------------------------------------------------------------------
+# Full cross product (slow) and the GPU tier
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("T,D,causal,ratio", list(itertools.product(
+    [1, 17, 64, 127, 130, 256], [32, 64, 96, 128], [True, False], [1, 2, 4])))
+def test_full_cross_product(T, D, causal, ratio):
+    assert_flash_rule(*_inputs(1, 4, 4 // ratio, T, D, seed=T * D + ratio), causal)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,D,ratio", [(1, 64, 1), (1000, 64, 4), (2047, 128, 2), (4096, 128, 1),
+                                       (333, 96, 2)])
+def test_gpu_half_precision_gradients(T, D, ratio, dtype):
+    assert_flash_rule(*_inputs(2, 8, 8 // ratio, T, D, seed=T, device="cuda"), True, dtype=dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_non_causal_and_strided_bf16():
+    q, k, v, do = _inputs(2, 8, 2, 777, 128, seed=1, device="cuda")
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) memory
+    assert_flash_rule(q, k, v, do, False, dtype=torch.bfloat16)
