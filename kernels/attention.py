@@ -441,72 +441,85 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # --------------------------------------------------------------------------------------------------
 # Configurations: autotune lists per architecture, the pruning rule, the fixed test configuration
 # --------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is always the query tile, BLOCK_N the key tile.
-CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, max head dim). BLOCK_M is always the query tile, BLOCK_N
+# the key tile. "max head dim" is measured, not estimated: the largest head dim for which the build tier
+# (python -m kernels.build_report) compiles this configuration with 0 spill bytes on BOTH sm_80 and
+# sm_90 (the report compiles every listed configuration for both). Register use in Triton's output is
+# well above the naive count of accumulator tiles (e.g. dK/dV with a 64-row key tile and 4 warps spill
+# at d128 although 2 x 64 x 128 fp32 is "only" 128 registers/thread), so an estimate would lie.
+Cfg = tuple[int, int, int, int, int]
+CONFIGS: dict[str, dict[int, list[Cfg]]] = {
     "fwd": {
-        90: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
-        80: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        # 8 warps = 2 warpgroups x 64 rows of wgmma; K/V double or triple buffered
+        90: [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128)],
+        # mma.sync: 16 query rows per warp, smaller key tiles to keep S + acc in registers
+        80: [(128, 64, 8, 2, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128),
+             (128, 32, 4, 3, 64)],
     },
-    "dkdv": {  # key tile (BLOCK_N) is resident and is the M side of every dot
-        90: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
-        80: [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3)],
+    "dkdv": {  # the key tile (BLOCK_N) is resident and is the M side of every dot
+        90: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 128, 8, 3, 64), (32, 64, 4, 3, 64)],
+        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 64), (16, 64, 4, 3, 64)],
     },
-    "dq": {  # query tile resident, key tiles streamed
-        90: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-        80: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+    "dq": {  # the query tile is resident, key tiles streamed
+        90: [(128, 32, 8, 2, 128), (128, 32, 8, 3, 128), (128, 64, 8, 2, 64), (64, 64, 4, 3, 128)],
+        80: [(128, 32, 8, 2, 128), (64, 32, 4, 3, 128), (128, 16, 8, 3, 128), (64, 64, 4, 2, 128)],
     },
-    "pre": {90: [(128, 0, 4, 1)], 80: [(128, 0, 4, 1)]},
+    "pre": {90: [(128, 0, 4, 1, 128)], 80: [(128, 0, 4, 1, 128)]},
 }
 # One small configuration for the interpreter tier (and MINILLM_ATTN_FIXED=1): BLOCK_M != BLOCK_N on
 # purpose, so the tile-boundary arithmetic is exercised in its general form.
-FIXED: dict[str, tuple[int, int, int, int]] = {
-    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "pre": (32, 0, 4, 1),
+FIXED: dict[str, Cfg] = {
+    "fwd": (32, 16, 4, 1, 128), "dkdv": (16, 32, 4, 1, 128), "dq": (32, 16, 4, 1, 128),
+    "pre": (32, 0, 4, 1, 128),
 }
 SMEM_BYTES = {80: 166912, 90: 232448}  # per-block opt-in maximum (A100: 163 KB, H100: 227 KB)
-MAX_ACC_REGS = 160                       # fp32 accumulator registers per thread before spilling risk
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _cost(kind: str, cfg: tuple[int, int, int, int], head_dim: int, elem: int) -> tuple[int, int]:
-    """(estimated shared-memory bytes, fp32 accumulator registers per thread) of one configuration."""
-    bm, bn, warps, stages = cfg
+def _smem(kind: str, cfg: Cfg, head_dim: int, elem: int) -> int:
+    """Estimated shared memory (bytes) of one configuration: resident tiles + streamed tiles x stages."""
+    bm, bn, _, stages, _ = cfg
     bd = _block_d(head_dim)
-    threads = 32 * warps
-    if kind == "fwd":    # Q resident, K and V streamed; acc and S/P in registers
-        return elem * (bm * bd + stages * 2 * bn * bd), (bm * bd + bm * bn) // threads
-    if kind == "dkdv":   # K, V resident; Q and dO streamed; dK, dV and S^T/dP^T in registers
-        return elem * (2 * bn * bd + stages * 2 * bm * bd), (2 * bn * bd + 2 * bn * bm) // threads
-    if kind == "dq":     # Q, dO resident; K and V streamed; dQ and S/dP in registers
-        return elem * (2 * bm * bd + stages * 2 * bn * bd), (bm * bd + 2 * bm * bn) // threads
-    return elem * 2 * bm * bd, 2 * bm * bd // threads
+    if kind == "fwd":    # Q resident, K and V streamed
+        return elem * (bm * bd + stages * 2 * bn * bd)
+    if kind == "dkdv":   # K, V resident, Q and dO streamed
+        return elem * (2 * bn * bd + stages * 2 * bm * bd)
+    if kind == "dq":     # Q, dO resident, K and V streamed
+        return elem * (2 * bm * bd + stages * 2 * bn * bd)
+    return elem * 2 * bm * bd
 
 
 def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
-          configs: list[tuple[int, int, int, int]] | None = None) -> list[tuple[int, int, int, int]]:
-    """The pruning rule (module docstring): shared memory, registers, tile vs T, wgmma eligibility."""
+          configs: list[Cfg] | None = None) -> list[Cfg]:
+    """The pruning rule. Drop a configuration when
+      * head_dim exceeds its measured spill-free maximum (see CONFIGS),
+      * its estimated shared memory exceeds the SM's,
+      * T is known and a tile is longer than T rounded up to a power of two (a short sequence would
+        only compute padding; the next smaller tile does the same work with less waste),
+      * on sm_90 with fp16/bf16 it could not use wgmma (M side < 64 rows or warps not a multiple of 4).
+    Never returns an empty list (falls back to the configuration with the least shared memory)."""
     configs = list(CONFIGS[kind][arch] if configs is None else configs)
     keep = []
     for cfg in configs:
-        bm, bn, warps, _ = cfg
-        smem, regs = _cost(kind, cfg, head_dim, elem)
-        if smem > SMEM_BYTES[arch] or regs > MAX_ACC_REGS:
+        bm, bn, warps, _, max_d = cfg
+        if head_dim > max_d or _smem(kind, cfg, head_dim, elem) > SMEM_BYTES[arch]:
             continue
         if T is not None and kind != "pre":
             t_cap = max(16, triton.next_power_of_2(T))
             if bm > t_cap or bn > t_cap:
                 continue
-        if arch >= 90 and elem == 2 and kind in ("fwd", "dq", "dkdv"):
+        if arch >= 90 and elem == 2 and kind != "pre":
             m_side = bn if kind == "dkdv" else bm
             if warps % 4 or m_side < 64:
                 continue
         keep.append(cfg)
     if keep:
         return keep
-    # never empty: fall back to the configuration with the least shared memory
-    return [min(configs, key=lambda c: _cost(kind, c, head_dim, elem))]
+    fits = [c for c in configs if head_dim <= c[4]] or configs
+    return [min(fits, key=lambda c: _smem(kind, c, head_dim, elem))]
 
 
 def _use_fixed() -> bool:
@@ -528,7 +541,7 @@ def _tuned(kind: str, arch: int):
         def early_prune(configs, named_args, **kwargs):
             args = {**named_args, **kwargs}
             elem = args["O" if kind == "pre" else "Q"].element_size()
-            allowed = prune(kind, arch, args["HEAD_DIM"], elem, args["T"])
+            allowed = [c[:4] for c in prune(kind, arch, args["HEAD_DIM"], elem, args["T"])]
             out = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0),
                                           c.num_warps, c.num_stages) in allowed]
             return out or configs[:1]
@@ -544,7 +557,7 @@ def _tuned(kind: str, arch: int):
 def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *args, **meta) -> None:
     """Run one kernel: the fixed configuration under tests / on CPU, else the autotuned one."""
     if _use_fixed():
-        bm, bn, warps, stages = FIXED[kind]
+        bm, bn, warps, stages, _ = FIXED[kind]
         tiles = {"BLOCK_M": bm} if kind == "pre" else {"BLOCK_M": bm, "BLOCK_N": bn}
         tile_rows = bn if kind == "dkdv" else bm
         grid = (triton.cdiv(grid_rows, tile_rows), grid_cols)
@@ -743,12 +756,15 @@ def _signature(fn, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, object
 
 
 def build_specs(head_dims=HEAD_DIMS, dtypes=(torch.bfloat16, torch.float16),
-                causal=(True,), archs=(80, 90)) -> list[KernelSpec]:
-    """One KernelSpec per (kernel, autotune configuration surviving the pruning rule, head dim, dtype).
+                noncausal_dtypes=(torch.bfloat16,), archs=(80, 90)) -> list[KernelSpec]:
+    """One KernelSpec per (kernel, autotune configuration surviving the pruning rule, head dim, dtype,
+    causal flag): every compiled variant the autotuner can pick on sm_80 / sm_90.
 
     The configuration lists of all ``archs`` are merged (the report compiles each spec for every arch,
-    so each listed configuration must build cleanly for both). Causal only by default: the
-    non-causal variant has the same tiles and loop body with fewer mask branches.
+    so each listed configuration must build cleanly for both). Causal variants for every dtype;
+    non-causal ones (same tiles, same loop body, one mask fewer) for ``noncausal_dtypes`` only, which
+    keeps the report's compile count reasonable: fp16 and bf16 compile to the same register and
+    shared-memory footprint.
     """
     specs = []
     for kind, fn in _KERNELS.items():
@@ -760,15 +776,17 @@ def build_specs(head_dims=HEAD_DIMS, dtypes=(torch.bfloat16, torch.float16),
                     for c in prune(kind, arch, d, elem):
                         if c not in cfgs:
                             cfgs.append(c)
-                for is_causal in causal if kind != "pre" else (None,):
-                    for bm, bn, warps, stages in cfgs:
+                flags = (True, False) if dtype in noncausal_dtypes else (True,)
+                for is_causal in flags if kind != "pre" else (None,):
+                    for bm, bn, warps, stages, _ in cfgs:
                         sig, const = _signature(fn, dtype)
                         # ALIGN: the usual case (aligned allocations, strides multiple of 16 B)
                         const.update(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, ALIGN=16)
                         label = f"d{d} {_TL_TYPES[dtype]} M{bm}"
                         if kind != "pre":
                             const.update(BLOCK_N=bn, CAUSAL=is_causal, IEEE=False)
-                            label += f" N{bn}" + (" causal" if is_causal else "")
+                            label += f" N{bn}" + (" causal" if is_causal else " full")
+                        label += f" w{warps} s{stages}"
                         for name in const:
                             sig[name] = "constexpr"
                         specs.append(KernelSpec(name=f"attn_{kind}", fn=fn, signature=sig,

@@ -205,7 +205,7 @@ def test_pruning_rule_never_empties_and_respects_limits():
         for cfg in kept:
             assert cfg in attn.CONFIGS[kind][arch]
         if elem == 2:
-            assert all(attn._cost(kind, c, d, elem)[0] <= attn.SMEM_BYTES[arch] for c in kept)
+            assert all(attn._smem(kind, c, d, elem) <= attn.SMEM_BYTES[arch] for c in kept)
     # a short sequence drops 128-row tiles when smaller ones exist
     assert all(c[0] <= 64 for c in attn.prune("fwd", 90, 64, 2, T=40))
 

@@ -1,0 +1,73 @@
+"""Build tier for kernels/attention.py: compile for sm_90 / sm_80 without a GPU (no spills, wgmma).
+
+The compiles run in a subprocess without TRITON_INTERPRET (pytest's conftest sets it, and an
+interpreted @triton.jit function cannot be compiled). The default test builds a few representative
+configurations; the full sweep of build_specs() through ``python -m kernels.build_report`` is slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_SCRIPT = r"""
+import json, sys
+from kernels import build_report as br
+import kernels.attention as A
+wanted = json.loads(sys.argv[1])
+specs = {f"{s.name} {s.label}": s for s in A.build_specs()}
+rows = []
+for key, arch in wanted:
+    row = br.compile_spec(specs[key], arch)
+    row["status"] = br.check_row(row, arch)
+    rows.append(row)
+print(json.dumps(rows))
+"""
+
+
+def _build(wanted: list[tuple[str, int]]) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(wanted)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_representative_configs_build_without_spills_and_fwd_uses_wgmma():
+    wanted = [
+        ("attn_fwd d128 bf16 M128 N64 causal w8 s3", 90),   # the sm_90 d128 forward workhorse
+        ("attn_dkdv d128 bf16 M16 N128 causal w8 s2", 90),
+        ("attn_dq d128 bf16 M128 N32 causal w8 s2", 90),
+        ("attn_fwd d96 fp16 M64 N64 causal w4 s3", 80),     # padded head dim, mma.sync path
+    ]
+    rows = _build(wanted)
+    for (key, arch), row in zip(wanted, rows):
+        assert row["status"] == "ok", (key, arch, row)
+        assert row["stack"] == 0 and row["local"] == 0, (key, row)
+    fwd90 = rows[0]
+    assert fwd90["wgmma"] == "yes", fwd90
+    assert fwd90["shared"] <= 227 * 1024
+    assert rows[3]["wgmma"] == "no"  # sm_80 has no wgmma: the check is not vacuous
+
+
+@pytest.mark.slow
+def test_full_build_report_for_attention_passes(tmp_path):
+    """Every configuration of build_specs() for sm_80 and sm_90: 0 spills, shared memory within the
+    SM, and every sm_90 forward uses wgmma."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "attn.json"
+    out = subprocess.run([sys.executable, "-m", "kernels.build_report", "--arch", "80,90", "--only",
+                          "attn_", "--json", str(report), "-q"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=7200)
+    data = json.loads(report.read_text())
+    bad = [r for r in data["rows"] if r["status"] != "ok"]
+    assert out.returncode == 0 and not bad, bad[:5] or out.stdout[-2000:]
+    fwd90 = [r for r in data["rows"] if r["kernel"] == "attn_fwd" and r["arch"] == "sm_90"]
+    assert fwd90 and all(r["wgmma"] == "yes" for r in fwd90)
