@@ -57,36 +57,56 @@ Head dims that are not a power of two (96) use a D block of 128 with the extra c
 load (zeros contribute nothing to Q K^T or to P V) and on store. Batch and head offsets are formed
 in int64 so B * H * T * D may exceed 2^31 elements.
 
-Tiling, pipelining and occupancy (the reasoning behind the autotune lists; unmeasured until run on
-an H100 / A100, the build tier below only proves they compile without spills)
+Tiling, pipelining and occupancy (the reasoning behind the autotune lists; speeds are unmeasured
+until run on an H100 / A100, the build tier only proves the configurations compile without spills
+and within shared memory; register counts below are from that tier, bf16, causal)
 -----------------------------------------------------------------------------
-* Forward, sm_90: BLOCK_M = 128 with 8 warps (two warpgroups, 64 rows each: wgmma's natural M is
-  64 per warpgroup), BLOCK_N = 64 or 128, 2-3 stages of K/V prefetch (TMA-free cp.async pipelining
-  that the Triton pipeliner builds from the plain loop). At d=128, acc (128x128 fp32) is 64
-  registers/thread over 256 threads and S/P (128x128) another 64, which leaves room under the 255
-  cap; with 4 warps the same tile would need 2x the registers and spills, so it is pruned. Shared
-  memory: Q tile + stages x (K + V) tiles, e.g. 32 KB + 3 x 32 KB = 128 KB for (128, 64, d128,
-  3 stages) of sm_90's 227 KB, i.e. one CTA per SM, 8 warps; the softmax of one warpgroup
-  overlaps the wgmma of the other.
-* Forward, sm_80: mma.sync, BLOCK_M = 128 / 4 warps or 64 / 4 warps, BLOCK_N = 32-64, 2-3 stages
-  (164 KB shared memory per SM); smaller BLOCK_N for d128 keeps acc + S in registers.
-* Backward dK/dV: the key tile is the M side of all three dots (K Q^T, P^T dO, dS^T Q), so
-  BLOCK_N (keys) >= 64 for wgmma, with a narrow query tile BLOCK_M = 32-64 that is streamed; dK and
-  dV accumulators (2 x BLOCK_N x D fp32) are the register hogs, hence 8 warps at BLOCK_N = 128.
-* Backward dQ: the mirror image (BLOCK_M = 64-128 query rows resident, BLOCK_N = 32-64 streamed).
-* Pruning rule (``_prune``): drop a config if its estimated shared memory (Q/K/V tiles over the
-  stages) exceeds the SM's, if its fp32 accumulator tiles need more than ~160 registers/thread (a
-  spill risk), if its tiles are larger than T rounded up (short sequences would only compute
-  padding), or, on sm_90, if it cannot use wgmma (num_warps not a multiple of 4 or M < 64 for
-  fp16/bf16). At least one config always survives.
+* Memory traffic. Every tile row is loaded as 128-bit vectors and streamed K/V tiles go through the
+  cp.async pipeline that Triton's software pipeliner builds from the plain ``for`` loop (num_stages
+  buffers: tile j+1 (and j+2) is in flight while tile j is multiplied). That needs the compiler to
+  know rows are 16-byte aligned: ``_tile_ptrs`` states it (``ALIGN``, host-checked in ``_align``)
+  instead of relying on Triton's run-time argument specialisation, so the build tier compiles the
+  same code the GPU runs (without the hint the PTX showed scalar ld.global.b16 and no cp.async).
+* Forward, sm_90: BLOCK_M = 128 with 8 warps, i.e. two warpgroups of 64 query rows each (wgmma's M
+  is 64 per warpgroup), BLOCK_N = 64, 2-3 K/V stages. d128: 187 registers, 129 KB shared memory
+  (Q 32 KB + 3 x (K + V) 32 KB), 1 CTA = 8 warps per SM; while one warpgroup does its softmax the
+  other's wgmma runs, which is where FA2-style kernels get their overlap without warp
+  specialisation. BLOCK_N = 128 (fewer, longer wgmmas) builds cleanly on sm_90 at every head dim
+  (229 registers at d128), but spills on sm_80 for d >= 64, and the build report compiles every
+  listed configuration for both archs, so it is listed for d32 only (see "remains undone" in the
+  issue note: a per-arch field in KernelSpec would allow it at d128 on sm_90). 4-warp 128-row tiles
+  spill at d >= 96 (acc + S of a 128-row tile over 128 threads) and are pruned by head dim.
+* Forward, sm_80: mma.sync works on 16-row slices per warp, so 128 x 64 tiles with 8 warps (213
+  registers at d128) or 64 x 64 / 64 x 32 with 4 warps, 2-3 stages in 164 KB.
+* Backward dK/dV: the key tile is resident and is the M side of all three dots (K Q^T, P^T dO,
+  dS^T Q), so wgmma wants BLOCK_N >= 64 and, with 8 warps, >= 128 (a 64-row tile over two
+  warpgroups is replicated, not split). dK and dV stay in fp32 registers for the whole sweep
+  (2 x 128 x 128 fp32 = 128 registers/thread at 8 warps), which leaves only a narrow streamed query
+  tile: BLOCK_M = 16 at d >= 96 (245 registers), 32 at d64, 64 at d32. This kernel is the one most
+  likely to miss the 250 TFLOP/s backward goal; the fix would be the FA3 split (dK/dV in two
+  warpgroups with register reallocation), which Triton does not expose.
+* Backward dQ: the mirror image: 128 resident query rows, 8 warps, key tiles of 32 streamed
+  (175 registers at d128), 2-3 stages.
+* Preprocess (delta): memory-bound, 128 rows x D per program.
+* Pruning rule (``prune``): per configuration a measured maximum head dim (from the build tier), the
+  shared-memory estimate against the device's limit, tiles no longer than T rounded up to a power of
+  two, and on sm_90 only wgmma-capable shapes (M side >= 64, warps multiple of 4). Never empty.
+  The autotuner (key: T, head dim, causal, alignment) then times what survives.
 * Under the interpreter (tests) and when ``MINILLM_ATTN_FIXED=1``, one fixed small configuration
-  (32x16 tiles) is used so several full and partial tiles are exercised at small T.
+  (32 x 16 tiles; 16 x 32 for dK/dV) is used so several full and partial tiles are exercised at
+  small T.
+
+Limits: T_q == T_k (decoding with a KV cache should use SDPA); head dim <= 128; offsets within one
+(batch, head) slice must fit int32 (checked); B * H beyond CUDA's grid-y limit is split on the host.
+fp32 runs with IEEE dots (FMA, no tensor cores): correct, for the interpreter tier, not fast.
 
 What this improves on compared with the Triton tutorial (written independently; no code copied):
-any T (tutorial asserts divisibility), GQA/MQA without repeat and with a deterministic group
-reduction, arbitrary strides (no contiguity requirement), head dim 96, non-causal in the backward,
-fp32 support, a torch custom op usable under torch.compile, and a per-architecture pruned autotune
-list that the build report checks for spills.
+any T (the tutorial requires T to be a multiple of the block), GQA/MQA without repeating K/V and
+with a deterministic group reduction, arbitrary strides (no contiguity requirement; the model's
+transposed views are read in place and O is written in the layout the model wants next), head dim
+96, non-causal backward, fp32 for testing, a torch custom op usable under
+torch.compile(fullgraph=True), and an architecture-aware autotune list whose every entry the build
+report checks for spills and shared memory.
 """
 from __future__ import annotations
 
@@ -496,10 +516,11 @@ def _smem(kind: str, cfg: Cfg, head_dim: int, elem: int) -> int:
 
 
 def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
-          configs: list[Cfg] | None = None) -> list[Cfg]:
+          configs: list[Cfg] | None = None, smem_limit: int | None = None) -> list[Cfg]:
     """The pruning rule. Drop a configuration when
       * head_dim exceeds its measured spill-free maximum (see CONFIGS),
-      * its estimated shared memory exceeds the SM's,
+      * its estimated shared memory exceeds the SM's (``smem_limit``: the device's opt-in maximum at
+        run time, e.g. 99 KB on sm_86/sm_89, which use the sm_80 list; SMEM_BYTES[arch] otherwise),
       * T is known and a tile is longer than T rounded up to a power of two (a short sequence would
         only compute padding; the next smaller tile does the same work with less waste),
       * on sm_90 with fp16/bf16 it could not use wgmma (M side < 64 rows or warps not a multiple of 4).
@@ -508,7 +529,7 @@ def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
     keep = []
     for cfg in configs:
         bm, bn, warps, _, max_d = cfg
-        if head_dim > max_d or _smem(kind, cfg, head_dim, elem) > SMEM_BYTES[arch]:
+        if head_dim > max_d or _smem(kind, cfg, head_dim, elem) > (smem_limit or SMEM_BYTES[arch]):
             continue
         if T is not None and kind != "pre":
             t_cap = max(16, triton.next_power_of_2(T))
@@ -530,12 +551,12 @@ def _use_fixed() -> bool:
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess}
-_TUNED: dict[tuple[str, int], object] = {}
+_TUNED: dict[tuple[str, int, int], object] = {}
 
 
-def _tuned(kind: str, arch: int):
+def _tuned(kind: str, arch: int, smem_limit: int):
     """The triton.autotune wrapper of one kernel for one architecture (built once, cached)."""
-    key = (kind, arch)
+    key = (kind, arch, smem_limit)
     if key not in _TUNED:
         def to_config(c):
             kw = {"BLOCK_M": c[0]} if kind == "pre" else {"BLOCK_M": c[0], "BLOCK_N": c[1]}
@@ -544,7 +565,8 @@ def _tuned(kind: str, arch: int):
         def early_prune(configs, named_args, **kwargs):
             args = {**named_args, **kwargs}
             elem = args["O" if kind == "pre" else "Q"].element_size()
-            allowed = [c[:4] for c in prune(kind, arch, args["HEAD_DIM"], elem, args["T"])]
+            allowed = [c[:4] for c in prune(kind, arch, args["HEAD_DIM"], elem, args["T"],
+                                            smem_limit=smem_limit)]
             out = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0),
                                           c.num_warps, c.num_stages) in allowed]
             return out or configs[:1]
@@ -566,13 +588,14 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
         grid = (triton.cdiv(grid_rows, tile_rows), grid_cols)
         _KERNELS[kind][grid](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
         return
-    major, minor = torch.cuda.get_device_capability(device)
-    arch = 90 if major >= 9 else 80
+    props = torch.cuda.get_device_properties(device)
+    arch = 90 if props.major >= 9 else 80
+    smem_limit = getattr(props, "shared_memory_per_block_optin", 0) or SMEM_BYTES[arch]
 
     def grid(m):
         return (triton.cdiv(grid_rows, m["BLOCK_N"] if kind == "dkdv" else m["BLOCK_M"]), grid_cols)
 
-    _tuned(kind, arch)[grid](*args, **meta)
+    _tuned(kind, arch, smem_limit)[grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,6 +612,15 @@ def _align(*tensors: torch.Tensor) -> int:
     return 16
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, which carries batch x heads
+
+
+def _batch_chunks(B: int, H: int):
+    """Batch slices small enough that (slice * H) fits grid dimension 1; one slice in practice."""
+    step = max(1, MAX_GRID_Y // max(H, 1))
+    return [slice(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
@@ -598,10 +630,14 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     if T == 0 or B * H == 0:
         return o, lse
-    _launch("fwd", T, B * H, q.device, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
-            *o.stride(), H, T, H // k.shape[1], softmax_scale * LOG2E,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32,
-            ALIGN=_align(q, k, v, o))
+    align = _align(q, k, v, o)
+    for s in _batch_chunks(B, H):  # slices are views: same strides, shifted base pointers
+        qs, ks, vs, os_ = q[s], k[s], v[s], o[s]
+        _launch("fwd", T, qs.shape[0] * H, q.device, qs, ks, vs, os_, lse[s],
+                *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(),
+                H, T, H // k.shape[1], softmax_scale * LOG2E,
+                HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32,
+                ALIGN=align)
     return o, lse
 
 
@@ -615,17 +651,21 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     ieee = q.dtype == torch.float32
     align = _align(q, k, v, o, do, dq, dk, dv)
-    _launch("pre", T, B * H, q.device, o, do, delta, *o.stride(), *do.stride(), H, T,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), ALIGN=align)
-    # dK/dV and dQ write disjoint outputs and only read the rest: they could run concurrently.
-    _launch("dkdv", T, B * H_kv, q.device, q, k, v, do, dk, dv, lse, delta,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            H, H_kv, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee, ALIGN=align)
-    _launch("dq", T, B * H, q.device, q, k, v, do, dq, lse, delta,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            H, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=ieee, ALIGN=align)
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), ALIGN=align)
+    for s in _batch_chunks(B, H):
+        qs, ks, vs, os_, dos, dqs, dks, dvs = (t[s] for t in (q, k, v, o, do, dq, dk, dv))
+        nb = qs.shape[0]
+        _launch("pre", T, nb * H, q.device, os_, dos, delta[s], *os_.stride(), *dos.stride(), H, T,
+                **meta)
+        # dK/dV and dQ write disjoint outputs and only read the rest: they could run concurrently.
+        _launch("dkdv", T, nb * H_kv, q.device, qs, ks, vs, dos, dks, dvs, lse[s], delta[s],
+                *qs.stride(), *ks.stride(), *vs.stride(), *dos.stride(), *dks.stride(),
+                *dvs.stride(), H, H_kv, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
+                CAUSAL=causal, IEEE=ieee, **meta)
+        _launch("dq", T, nb * H, q.device, qs, ks, vs, dos, dqs, lse[s], delta[s],
+                *qs.stride(), *ks.stride(), *vs.stride(), *dos.stride(), *dqs.stride(),
+                H, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
+                CAUSAL=causal, IEEE=ieee, **meta)
     return dq, dk, dv
 
 
@@ -698,6 +738,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v on different devices: {q.device}, {k.device}, "
                          f"{v.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # offsets inside one (batch, head) slice are int32 in the kernels (batch/head parts are int64)
+        if (T - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3)) >= 2**31:
+            raise ValueError(f"flash_attention: {name} spans >= 2^31 elements within one head "
+                             f"(T={T}, strides {t.stride()}); make it contiguous or split T")
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError("flash_attention: CPU tensors need TRITON_INTERPRET=1 set before triton is "
                          "imported (tests do this); otherwise use the torch path")

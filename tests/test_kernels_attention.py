@@ -258,3 +258,9 @@ def test_bench_attention_quick_runs_on_cpu(tmp_path):
         assert r["TFLOP/s"] == pytest.approx(f / (r["ms"] * 1e-3) / 1e12)
     assert payload["environment"]["device_type"] == "cpu"
     assert (tmp_path / "bench_attention.png").stat().st_size > 0
+
+
+def test_batches_beyond_the_grid_limit_are_split(monkeypatch):
+    """B * H above CUDA's grid-y limit is launched in batch slices (views): same result."""
+    monkeypatch.setattr(attn, "MAX_GRID_Y", 5)  # H = 2 -> slices of 2 batch rows
+    assert_flash_rule(*_inputs(3, 2, 1, 20, 16, seed=4), True)
