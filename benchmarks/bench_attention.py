@@ -156,8 +156,9 @@ def main(argv=None) -> int:
         for T in seqlens:
             B = max(1, tokens // T)
 
-            def want(q, k, v):  # fp32 math reference (chunk-free: fine up to the sizes benchmarked)
-                if device == "cuda" and T > 4096:  # the T x T fp32 scores would not fit: trust SDPA
+            def want(q, k, v, B=B, H=H, T=T):
+                # fp32 math reference while its T x T scores stay under 2 GB, else SDPA's default
+                if device == "cuda" and B * H * T * T * 4 > 2**31:
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
                 return attention_ref(q.float(), k.float(), v.float(), causal=causal)
 

@@ -13,6 +13,9 @@ The interpreter is slow, so the default grid is chosen rather than crossed: ever
 head dim at two T, the GQA ratios at one size; the full cross product is ``-m slow``. Under the
 interpreter the kernels use the fixed 32x16 / 16x32 tiles (kernels.attention.FIXED), so T = 17, 127,
 130 hit partial tiles and T = 64, 256 hit exact multiples.
+
+GPU tier (bf16/fp16 against the same rule, autotuned configurations): on a CUDA machine run
+``MINILLM_TEST_GPU=1 pytest -m gpu tests/test_kernels_attention.py``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from kernels import attention as attn
 from kernels.attention import attention_ref, flash_attention
 
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-3, torch.float16: 2e-4}
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or attn._interpreting(),
+                                reason="needs CUDA and compiled kernels (MINILLM_TEST_GPU=1 pytest -m gpu)")
 
 
 def _sdpa(q, k, v, causal, softmax_scale=None):
@@ -223,10 +227,11 @@ def test_full_cross_product(T, D, causal, ratio):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,D,ratio", [(1, 64, 1), (1000, 64, 4), (2047, 128, 2), (4096, 128, 1),
-                                       (333, 96, 2)])
-def test_gpu_half_precision_gradients(T, D, ratio, dtype):
-    assert_flash_rule(*_inputs(2, 8, 8 // ratio, T, D, seed=T, device="cuda"), True, dtype=dtype)
+@pytest.mark.parametrize("B,H,T,D,ratio", [(2, 8, 1, 64, 1), (2, 8, 1000, 64, 4), (1, 4, 2047, 128, 2),
+                                           (1, 4, 4096, 128, 1), (2, 8, 333, 96, 2)])
+def test_gpu_half_precision_gradients(B, H, T, D, ratio, dtype):
+    # runs the autotuned configurations (MINILLM_ATTN_FIXED unset) on real tensor cores
+    assert_flash_rule(*_inputs(B, H, H // ratio, T, D, seed=T, device="cuda"), True, dtype=dtype)
 
 
 @pytest.mark.gpu
