@@ -22,16 +22,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from minillm.checkpoint import CheckpointError
 from minillm.config import ConfigError, SampleJobConfig, TrainJobConfig
-from minillm.data import DataError
-from minillm.tokenizer import TokenizerError
-from minillm.tokens import TokenFileError
-from minillm.trainer import RunError
 
 T = TypeVar("T")
 EXIT_USER_ERROR = 2
-USER_ERRORS = (ConfigError, DataError, TokenizerError, TokenFileError, CheckpointError, RunError)
 
 
 def register_schemas() -> None:
@@ -132,7 +126,14 @@ def setup_logging(rank: int = 0) -> None:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the library's input errors into one line and a nonzero exit; bugs keep their traceback."""
+    # Imported here so the entry points start (and reject a bad config) without loading torch.
+    from minillm.checkpoint import CheckpointError
+    from minillm.data import DataError
+    from minillm.tokenizer import TokenizerError
+    from minillm.tokens import TokenFileError
+    from minillm.trainer import RunError
+
     try:
         yield
-    except USER_ERRORS as e:
+    except (ConfigError, DataError, TokenizerError, TokenFileError, CheckpointError, RunError) as e:
         fail(str(e))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import re
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -111,6 +112,19 @@ def _training_lines(texts: Iterable[str], max_len: int) -> Iterator[str]:
                     yield line[i:i + step]
 
 
+def _explain_training_error(msg: str, cfg: TokenizerConfig, source: str) -> str:
+    """sentencepiece's trainer errors, restated in terms of our config keys."""
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
+        return (f"tokenizer.vocab_size={cfg.vocab_size} is more than {source} supports "
+                f"(at most {m.group(2)} for {cfg.model_type}); lower tokenizer.vocab_size")
+    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
+        return (f"tokenizer.vocab_size={cfg.vocab_size} is smaller than the {m.group(2)} characters {source} "
+                f"needs at tokenizer.character_coverage={cfg.character_coverage}; raise the vocab size "
+                "or lower the coverage")
+    last = msg.strip().splitlines()[-1] if msg.strip() else "unknown error"
+    return f"training the tokenizer on {source} failed: {last}"
+
+
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "corpus") -> Tokenizer:
     """Train a sentencepiece model on ``texts`` (an iterable of documents) with lossless settings."""
     t0 = time.time()
@@ -138,11 +152,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
             minloglevel=2,
         )
     except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        if "Vocabulary size is too high" in msg or "vocab_size" in msg.lower():
-            raise TokenizerError(f"tokenizer.vocab_size={cfg.vocab_size} is more than {source} supports "
-                                 f"({msg}); lower tokenizer.vocab_size") from e
-        raise TokenizerError(f"training the tokenizer on {source} failed: {msg}") from e
+        raise TokenizerError(_explain_training_error(str(e), cfg, source)) from e
     tok = Tokenizer(buf.getvalue())
     tok.train_seconds = time.time() - t0
     return tok

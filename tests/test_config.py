@@ -1,0 +1,63 @@
+"""Config validation: bad keys, types and values fail at startup with one line naming them."""
+import pytest
+
+from conftest import run_entry
+from minillm.config import ConfigError, ModelConfig, OptimConfig, SampleJobConfig, TokenizerConfig, TrainConfig
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.n_layr=3", "model.n_layr"),                        # misspelled key
+    ("model.n_layer=abc", "model.n_layer"),                    # wrong type
+    ("model.n_embd=100", "model.n_embd=100"),                  # not divisible by n_head=4
+    ("model.n_kv_head=3", "model.n_head=4"),                   # n_head not divisible by n_kv_head
+    ("model.block_size=0", "model.block_size=0"),
+    ("optim.lr=-0.1", "optim.lr=-0.1"),
+    ("model=nonexistent", "model=nonexistent"),               # unknown group option
+    ("tokenizer.model_type=wordpiece", "tokenizer.model_type='wordpiece'"),
+    ("device=tpu", "device='tpu'"),
+])
+def test_train_entry_rejects_bad_config(override, expected, tmp_path):
+    r = run_entry("train.py", override, f"out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr          # one line, no traceback
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert not (tmp_path / "run").exists()     # nothing created
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("top_p=0", "top_p=0.0"), ("top_k=-1", "top_k=-1"), ("temperature=-1", "temperature=-1.0"),
+    ("prompt=''", "prompt=''"), ("max_new_tokens=0", "max_new_tokens=0"),
+])
+def test_sample_entry_rejects_bad_config(override, expected):
+    r = run_entry("sample.py", override)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+
+
+def test_hydra_conveniences_still_work():
+    r = run_entry("train.py", "--cfg", "job", "model=gpt2-small", "train.max_steps=7")
+    assert r.returncode == 0, r.stderr
+    assert "n_embd: 768" in r.stdout and "max_steps: 7" in r.stdout
+    r = run_entry("train.py", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "model: gpt2-small, llama-small, tiny" in r.stdout
+
+
+def test_dataclass_validation_in_python():
+    with pytest.raises(ConfigError, match=r"model\.n_embd=130: must be divisible by model\.n_head=4"):
+        ModelConfig(n_embd=130, n_head=4)
+    with pytest.raises(ConfigError, match="model.pos"):
+        ModelConfig(pos="alibi")
+    with pytest.raises(ConfigError, match="rope needs an even head dim"):
+        ModelConfig(n_embd=12, n_head=4, pos="rope")
+    with pytest.raises(ConfigError, match="optim.beta2"):
+        OptimConfig(beta2=1.0)
+    with pytest.raises(ConfigError, match="train.grad_accum_steps=0"):
+        TrainConfig(grad_accum_steps=0)
+    with pytest.raises(ConfigError, match="tokenizer.vocab_size=100"):
+        TokenizerConfig(vocab_size=100)   # too small for 256 byte-fallback tokens
+    with pytest.raises(ConfigError, match="top_p"):
+        SampleJobConfig(top_p=1.5)
+    assert ModelConfig(n_head=8, n_kv_head=None, n_embd=64).n_kv_head == 8

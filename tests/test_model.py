@@ -1,0 +1,124 @@
+"""The GPT: preset shapes and counts, causality, every option combination, KV cache, learning."""
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from minillm.config import ModelConfig
+from minillm.generate import generate
+from minillm.model import GPT
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    return ModelConfig(**{**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **overrides})
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_gpt2_small_matches_gpt2_parameter_count():
+    # GPT-2 124M: 124,439,808 parameters with its 50257-token vocabulary (wte tied to lm_head).
+    with torch.device("meta"):
+        model = GPT(preset("gpt2-small", vocab_size=50257))
+    assert model.num_params() == 124_439_808
+    assert model.num_params(non_embedding=True) == 124_439_808 - 50257 * 768 - 1024 * 768
+
+
+def test_presets_have_the_documented_shapes():
+    with torch.device("meta"):
+        llama = GPT(preset("llama-small", vocab_size=32000))
+        tiny = GPT(preset("tiny", vocab_size=1024))
+    attn = llama.blocks[0].attn
+    assert attn.qkv.weight.shape == ((12 + 2 * 4) * 64, 768)   # GQA: 4 kv heads of 64
+    assert llama.lm_head.weight is not llama.tok_emb.weight    # untied
+    assert llama.blocks[0].mlp.fc.weight.shape == (2 * 2048, 768)  # SwiGLU hidden 8/3*768 -> 2048
+    assert tiny.lm_head.weight is tiny.tok_emb.weight
+    assert len(tiny.blocks) == 4 and tiny.cfg.n_embd == 128
+
+
+def test_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(small(n_layer=8, n_embd=256, n_head=4, n_kv_head=4))
+    std_proj = model.blocks[0].attn.proj.weight.std().item()
+    std_qkv = model.blocks[0].attn.qkv.weight.std().item()
+    assert std_qkv == pytest.approx(0.02, rel=0.05)
+    assert std_proj == pytest.approx(0.02 / 4.0, rel=0.05)   # 0.02 / sqrt(2 * 8)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_future_tokens_never_change_past_logits(pos):
+    torch.manual_seed(0)
+    model = GPT(small(pos=pos)).eval()
+    idx = torch.randint(0, 61, (2, 16))
+    logits, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 7) % 61
+    logits2, _ = model(changed)
+    assert torch.equal(logits[:, :10], logits2[:, :10])
+    assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
+
+
+OPTIONS = list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"], ["gelu", "swiglu"],
+                                 [4, 2, 1], [True, False], [True, False], [True, False]))
+
+
+@pytest.mark.parametrize("norm,pos,mlp,n_kv_head,tie,bias,qk_norm", OPTIONS)
+def test_every_option_combination_runs_forward_and_backward(norm, pos, mlp, n_kv_head, tie, bias, qk_norm):
+    torch.manual_seed(0)
+    cfg = small(norm=norm, pos=pos, mlp=mlp, n_kv_head=n_kv_head, tie_embeddings=tie, bias=bias,
+                qk_norm=qk_norm, dropout=0.1, n_layer=1)
+    model = GPT(cfg)
+    idx, targets = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 16, 61)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(torch.log(torch.tensor(61.0)).item(), abs=0.5)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+@pytest.mark.parametrize("pos,n_kv_head,qk_norm", [("rope", 2, False), ("learned", 4, True), ("rope", 1, True)])
+def test_kv_cache_generation_equals_uncached(pos, n_kv_head, qk_norm):
+    torch.manual_seed(0)
+    model = GPT(small(pos=pos, n_kv_head=n_kv_head, qk_norm=qk_norm, block_size=32)).eval()
+    prompt = torch.randint(0, 61, (2, 5))
+    a = generate(model, prompt, 20, temperature=0.0, kv_cache=True)
+    b = generate(model, prompt, 20, temperature=0.0, kv_cache=False)
+    assert torch.equal(a, b)
+    # Past block_size the cached sampler keeps going (sliding window) and stays well formed.
+    c = generate(model, prompt, 60, temperature=1.0, kv_cache=True, generator=torch.Generator().manual_seed(0))
+    assert c.shape == (2, 65) and int(c.max()) < 61
+
+
+def test_tiny_model_overfits_a_batch():
+    torch.manual_seed(0)
+    model = GPT(small(dropout=0.0))
+    idx = torch.randint(0, 61, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.5 and loss.item() < 0.2
+
+
+def test_per_token_loss_matches_mean_and_ignores_minus_one():
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    idx = torch.randint(0, 61, (2, 16))
+    y = idx.clone()
+    y[1, 8:] = -1
+    _, per_tok = model(idx, y, reduction="none")
+    _, mean = model(idx, y)
+    assert per_tok.shape == (2, 16) and torch.all(per_tok[1, 8:] == 0)
+    assert torch.allclose(per_tok[y >= 0].mean(), mean)

@@ -1,0 +1,67 @@
+"""The batch sampler's coverage and resumability; atomic checkpoints with a latest pointer."""
+import numpy as np
+import pytest
+import torch
+
+from minillm.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                resolve_checkpoint, save_checkpoint)
+from minillm.sampler import BatchSampler, eval_batches
+
+
+def test_every_window_once_per_epoch_and_ranks_disjoint():
+    tokens = np.arange(1000, dtype=np.uint16)
+    T, B, world = 10, 3, 2
+    ranks = [BatchSampler(tokens, B, T, seed=5, rank=r, world_size=world) for r in range(world)]
+    n = ranks[0].n_windows
+    steps = n // (B * world)
+    starts = []
+    for _ in range(steps):
+        for s in ranks:
+            x, y = s.next_batch()
+            assert torch.equal(y[:, :-1], x[:, 1:])           # targets are inputs shifted by one
+            starts += x[:, 0].tolist()
+    assert len(starts) == len(set(starts)) == steps * B * world  # no window twice, across ranks
+    offset = starts[0] % T
+    assert all(s % T == offset for s in starts)
+    x, _ = ranks[0].next_batch()                                # next epoch: a new offset/order
+    assert ranks[0].epoch == 1
+
+
+def test_sampler_state_resumes_the_same_stream():
+    tokens = np.arange(5000, dtype=np.uint16)
+    a = BatchSampler(tokens, 4, 16, seed=1)
+    for _ in range(100):
+        a.next_batch()
+    b = BatchSampler(tokens, 4, 16, seed=1)
+    b.load_state_dict(a.state_dict())
+    for _ in range(50):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    with pytest.raises(ValueError, match="lower train.batch_size"):
+        BatchSampler(np.arange(20, dtype=np.uint16), 4, 16, seed=1)
+
+
+def test_eval_batches_cover_every_target_once():
+    tokens = np.arange(103, dtype=np.uint16)
+    ys = [y[y >= 0] for x, y in eval_batches(tokens, 2, 10)]
+    assert torch.equal(torch.cat(ys), torch.arange(1, 103))
+    split = [y[y >= 0] for r in range(3) for _, y in eval_batches(tokens, 2, 10, rank=r, world_size=3)]
+    assert sorted(torch.cat(split).tolist()) == list(range(1, 103))
+
+
+def test_checkpoints_are_atomic_kept_and_found(tmp_path):
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step))}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000020.pt", "step_000030.pt"]
+    assert latest_checkpoint(tmp_path).name == "step_000030.pt"
+    assert resolve_checkpoint(tmp_path) == latest_checkpoint(tmp_path)
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 30
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"step": 1, "w": torch.zeros(1000)})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"step_000001.pt: cannot be read .* truncated or corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint in this folder"):
+        resolve_checkpoint(tmp_path / "ckpt")
