@@ -9,8 +9,8 @@ backends stand behind them:
   TRITON_INTERPRET=1, which is how the tests exercise it).
 
 ``configure("auto", device)`` picks Triton on CUDA when the kernels import and the torch path
-otherwise; the choice is logged once. A call the Triton kernel cannot serve (for example attention
-with a KV cache, where query and key lengths differ) falls through to the torch path.
+otherwise; the choice is logged once. A call the Triton kernel cannot serve (attention with a KV
+cache, where query and key lengths differ, or a head dim over 128) falls through to the torch path.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     passes causal=False for a single new query, which may attend to every cached key.
     """
     fn = _kernels.get("attention")
-    if fn is not None and q.shape[2] == k.shape[2]:
+    if fn is not None and q.shape[2] == k.shape[2] and q.shape[-1] <= 128:
         return fn(q, k, v, causal=causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
