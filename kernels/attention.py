@@ -602,12 +602,12 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
 # Host-side forward and backward
 # --------------------------------------------------------------------------------------------------
 def _align(*tensors: torch.Tensor) -> int:
-    """ALIGN for the kernels: 16 when every base pointer is 16-byte aligned and every stride except the
-    head dim's is a multiple of 16 bytes (then tile rows load as 128-bit vectors); 1 (no promise)
-    otherwise, e.g. for odd views."""
+    """ALIGN for the kernels: 16 when every base pointer is 16-byte aligned, the head dim is unit-stride
+    and every other stride is a multiple of 16 bytes (then tile rows load as 128-bit vectors); 1 (no
+    promise) otherwise, e.g. for odd views."""
     elem = tensors[0].element_size()
     for t in tensors:
-        if t.data_ptr() % 16 or any((s * elem) % 16 for s in t.stride()[:-1]):
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((s * elem) % 16 for s in t.stride()[:-1]):
             return 1
     return 16
 

@@ -66,6 +66,24 @@ def assert_flash_rule(q, k, v, do, causal, dtype=torch.float32, softmax_scale=No
         assert err <= bound, f"{name}: kernel err {err:.3g} > 2 * torch err {torch_err:.3g} + {ATOL[dtype]}"
 
 
+def assert_flash_rule_on_views(bases, views, do, causal, dtype=torch.float32):
+    """The same rule when q, k, v are ``views(*bases)`` (strided slices of leaf tensors; cloning a
+    non-dense view would silently make it contiguous): O and the gradients of the bases."""
+    def run(fn, dt):
+        leaves = [b.detach().to(dt).clone().requires_grad_() for b in bases]  # dense: clone keeps strides
+        q, k, v = views(*leaves)
+        if fn is flash_attention:
+            assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+        o = fn(q, k, v, causal=causal)
+        o.backward(do.to(dt))
+        return [o.detach().double()] + [x.grad.double() for x in leaves]
+
+    ref, base, got = run(attention_ref, torch.float64), run(_sdpa, dtype), run(flash_attention, dtype)
+    for i, (r, b, g) in enumerate(zip(ref, base, got)):
+        err, torch_err = (g - r).abs().max().item(), (b - r).abs().max().item()
+        assert err <= 2 * torch_err + ATOL[dtype], f"output {i}: {err:.3g} vs torch {torch_err:.3g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Interpreter tier
 # ---------------------------------------------------------------------------------------------
@@ -96,29 +114,18 @@ def test_batch_and_custom_scale():
 def test_non_contiguous_views_as_the_model_makes_them():
     """q, k, v are .view(B, T, H, D).transpose(1, 2) slices of one linear output (strides are not
     those of any contiguous tensor); the upstream gradient is a transposed view too. Gradients must
-    reach the shared base tensor exactly as torch's own attention sends them."""
+    reach the shared base tensor as torch's own attention sends them."""
     B, T, H, H_kv, D = 2, 45, 4, 2, 32
     g = torch.Generator().manual_seed(7)
     qkv = torch.randn(B, T, (H + 2 * H_kv) * D, generator=g)
     do = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # non-contiguous dO
 
-    def run(fn, dtype):
-        base = qkv.to(dtype).clone().requires_grad_()
+    def views(base):
         q, k, v = base.split([H * D, H_kv * D, H_kv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, H_kv, D).transpose(1, 2)
-        v = v.view(B, T, H_kv, D).transpose(1, 2)
-        if fn is flash_attention:
-            assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-        o = fn(q, k, v, causal=True)
-        o.backward(do.to(dtype))
-        return o.detach().double(), base.grad.double()
+        return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, H_kv, D).transpose(1, 2),
+                v.view(B, T, H_kv, D).transpose(1, 2))
 
-    (o_ref, g_ref), (o_t, g_t), (o_k, g_k) = (run(attention_ref, torch.float64),
-                                              run(_sdpa, torch.float32),
-                                              run(flash_attention, torch.float32))
-    for got, base, ref in ((o_k, o_t, o_ref), (g_k, g_t, g_ref)):
-        assert (got - ref).abs().max() <= 2 * (base - ref).abs().max() + ATOL[torch.float32]
+    assert_flash_rule_on_views([qkv], views, do, True)
 
 
 def test_lse_is_the_log2_normaliser():
@@ -269,3 +276,18 @@ def test_batches_beyond_the_grid_limit_are_split(monkeypatch):
     """B * H above CUDA's grid-y limit is launched in batch slices (views): same result."""
     monkeypatch.setattr(attn, "MAX_GRID_Y", 5)  # H = 2 -> slices of 2 batch rows
     assert_flash_rule(*_inputs(3, 2, 1, 20, 16, seed=4), True)
+
+
+def test_unaligned_and_strided_head_dim_inputs():
+    """Views that break the 16-byte promise (odd offset, head-dim stride 2) take the ALIGN = 1 path."""
+    B, H, T, D = 1, 2, 19, 16
+    g = torch.Generator().manual_seed(9)
+    big = torch.randn(B, H, T, 2 * D + 1, generator=g)
+    v = torch.randn(B, H, T, D, generator=g)
+    do = torch.randn(B, H, T, D, generator=g)
+
+    def views(big, v):  # q: base pointer off by 4 bytes; k: head-dim stride 2
+        return big[..., 1:D + 1], big[..., 0:2 * D:2], v
+
+    assert attn._align(*views(big, v)) == 1 and attn._align(v) == 16
+    assert_flash_rule_on_views([big, v], views, do, True)
