@@ -18,7 +18,8 @@ Forward. One program owns a query tile Q_i (BLOCK_M rows of one (batch, head)) a
 value tiles K_j, V_j (BLOCK_N rows) past it, keeping in registers only the running row maximum m,
 the running denominator l and the un-normalised output acc (all fp32):
 
-    S = Q_i K_j^T * scale * log2(e)          (log2 domain: exp2 is one MUFU op, exp is two)
+    S = Q_i K_j^T * scale * log2(e)          (log2 domain: exp2 maps to the MUFU ex2 instruction;
+                                              log2(e) is folded into the scale once)
     m' = max(m, rowmax(S));  P = exp2(S - m');  alpha = exp2(m - m')
     l = alpha * l + rowsum(P);  acc = alpha * acc + P V_j;  m = m'
 
@@ -44,9 +45,11 @@ O(T^2) memory); ``backward ~ 2.5x forward`` in FLOPs as counted by the benchmark
 Masking and any sequence length
 -------------------------------
 Every kernel splits its inner loop in two calls of one ``@triton.jit`` helper with a constexpr
-``MASKED`` flag: the tiles that lie entirely below the diagonal and entirely inside T run with no
-mask arithmetic at all (the bulk of the work for long T), and only the few tiles on the diagonal and
-the ragged last tile pay for ``where``. Tiles strictly above the diagonal are never visited (the loop
+``MASKED`` flag: in the forward and dQ kernels the key tiles that lie entirely below the diagonal and
+entirely inside T load and compute with no mask arithmetic at all (the bulk of the work for long T),
+and only the few tiles on the diagonal and the ragged last tile pay for ``where``; the dK/dV kernel
+applies the causal mask only on its diagonal query tiles and keeps just a row bound (t < T) on its
+streamed query loads. Tiles strictly above the diagonal are never visited (the loop
 bounds stop at the diagonal), which halves causal work. T need not be a multiple of any block:
 loads past T read zeros, scores past T are -inf, stores past T are masked. Query rows past T compute
 harmless finite garbage that is never stored (they always see key 0, so no row is all -inf and no
@@ -297,7 +300,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 IEEE: tl.constexpr, ALIGN: tl.constexpr):
     # dk, dv: [BLOCK_N, BLOCK_D] fp32; k, v: [BLOCK_N, BLOCK_D]. Streams query tiles [m_lo, m_hi).
     # Query rows >= T load q = dO = 0 and lse = delta = 0, so they add exactly 0 to dK and dV.
-    # Key rows >= T (k = v = 0) produce garbage only in their own rows of dk/dv, never stored.
+    # Key rows >= T (k = v = 0) produce garbage (exp2 may overflow to inf) only in their own rows of
+    # dk/dv: row j of P^T dO and dS^T Q depends on key j alone; those rows are never stored.
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < T

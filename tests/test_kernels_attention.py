@@ -291,3 +291,22 @@ def test_unaligned_and_strided_head_dim_inputs():
 
     assert attn._align(*views(big, v)) == 1 and attn._align(v) == 16
     assert_flash_rule_on_views([big, v], views, do, True)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "pre"])
+def test_gpu_autotuner_prunes_with_the_real_argument_names(kind):
+    """The CUDA path's triton.autotune wrapper, exercised without a GPU: its early-prune hook must
+    find Q / O, HEAD_DIM and T among the launch arguments and keep only configurations that the
+    pruning rule allows (a typo here would only show up on the first GPU run)."""
+    tuner = attn._tuned(kind, 90, attn.SMEM_BYTES[90])
+    names = attn._KERNELS[kind].arg_names
+    args = {n: 0 for n in names if n not in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL",
+                                             "IEEE", "ALIGN")}
+    tensor = torch.empty(0, dtype=torch.bfloat16)
+    args.update({n: tensor for n in ("Q", "K", "V", "O", "DO") if n in args}, T=4096)
+    tuner.nargs = args
+    kept = tuner.prune_configs({"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": True, "IEEE": False,
+                                "ALIGN": 16})
+    got = {(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0), c.num_warps, c.num_stages) for c in kept}
+    assert got == {c[:4] for c in attn.prune(kind, 90, 128, 2, 4096)}
+    assert got
