@@ -260,7 +260,7 @@ class _Loop:
         bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True,
                    disable=not (info.is_main and cfg.logger.progress))
         last_val = (float("nan"), float("nan"))
-        t_log, tokens_at_log, elapsed0 = time.time(), tokens_seen, time.time() - t_start
+        t_log, tokens_at_log = time.time(), tokens_seen
         try:
             while step < tc.max_steps:
                 loss, gnorm = self.train_step(step)
@@ -271,7 +271,6 @@ class _Loop:
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     now = time.time()
                     tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
-                    t_log, tokens_at_log = now, tokens_seen
                     record = {"step": step, "train_loss": loss, "lr": lr_at(step - 1, cfg.optim, tc.max_steps),
                               "grad_norm": gnorm, "tokens": tokens_seen, "tokens_per_sec": tps,
                               "elapsed_s": round(now - t_start, 3)}
@@ -291,6 +290,8 @@ class _Loop:
                 ckpt_every = tc.ckpt_interval
                 if step == tc.max_steps or (ckpt_every and step % ckpt_every == 0) or (ckpt_every is None and is_eval):
                     self.save(step, tokens_seen, best_val)
+                if record is not None:  # restart the throughput window: it counts training time only
+                    t_log, tokens_at_log = time.time(), tokens_seen
         finally:
             bar.close()
             if metrics is not None:
