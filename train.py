@@ -19,13 +19,22 @@ cli.register_schemas()
 @hydra.main(version_base=None, config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     import os
+    from minillm.guards import NonFiniteError
+    from minillm.signals import TrainingInterrupted
     from minillm.trainer import train
 
     job = cli.to_dataclass(cfg, TrainJobConfig)
     job.out_dir = cli.job_dir(job.out_dir)
     cli.setup_logging(int(os.environ.get("RANK", "0")))
-    with cli.user_errors():
-        train(job)
+    try:
+        with cli.user_errors():
+            train(job)
+    except TrainingInterrupted as e:  # SIGTERM -> 143, SIGINT -> 130, after the checkpoint
+        print(f"{e}; continue with the same command (train.resume=auto)", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

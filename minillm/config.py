@@ -121,13 +121,13 @@ class TokenizerConfig:
 class OptimConfig:
     """AdamW with warmup then cosine decay to ``min_lr_ratio * lr``."""
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1          # matrices only; norms, biases and embeddings-as-vectors get 0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     schedule: str = "cosine"           # cosine | linear | constant (after warmup)
     grad_clip: float = 1.0             # 0 disables clipping
 
@@ -147,10 +147,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     """The loop: how long, how big a batch, how often to evaluate and checkpoint."""
-    max_steps: int = 600
-    batch_size: int = 32               # sequences per micro-batch per process
+    max_steps: int = 300
+    batch_size: int = 16               # sequences per micro-batch per process
     grad_accum_steps: int = 1
-    eval_interval: int = 100           # also evaluates after the last step; 0: only at the end
+    eval_interval: int = 50            # also evaluates after the last step; 0: only at the end
     eval_tokens: Optional[int] = None  # validation tokens per evaluation; None: the whole split
     log_interval: int = 10
     ckpt_interval: Optional[int] = None  # None: at every evaluation and at the end
@@ -158,10 +158,15 @@ class TrainConfig:
     resume: str = "auto"               # auto | never | PATH (a checkpoint file or run folder)
     compile: bool = False
     dtype: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    nan_policy: str = "skip"           # a NaN/inf loss or grad norm: skip the update | stop the run
+    max_skipped_steps: int = 10        # more skipped non-finite steps than this stops the run
+    spike_zscore: float = 0.0          # skip updates whose loss or grad norm z-score exceeds this; 0: off
+    spike_window: int = 100            # steps of history for the z-score
+    profile_interval: int = 50         # time forward/backward/optimizer every N steps; 0: never
 
     def __post_init__(self) -> None:
         p = "train."
-        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_interval", "keep_last"):
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_interval"):
             _check(getattr(self, key) >= 1, p + key, getattr(self, key), "must be >= 1")
         _check(self.eval_interval >= 0, p + "eval_interval", self.eval_interval, "must be >= 0")
         if self.eval_tokens is not None:
@@ -170,6 +175,13 @@ class TrainConfig:
             _check(self.ckpt_interval >= 1, p + "ckpt_interval", self.ckpt_interval, "must be >= 1")
         _check(self.resume != "", p + "resume", self.resume, "must be auto, never or a checkpoint path")
         _choice(p + "dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check(self.keep_last >= 2, p + "keep_last", self.keep_last,
+               "must be >= 2 so a complete checkpoint survives a crash during the next save")
+        _choice(p + "nan_policy", self.nan_policy, ("skip", "stop"))
+        _check(self.max_skipped_steps >= 0, p + "max_skipped_steps", self.max_skipped_steps, "must be >= 0")
+        _check(self.spike_zscore >= 0, p + "spike_zscore", self.spike_zscore, "must be >= 0 (0 disables)")
+        _check(self.spike_window >= 2, p + "spike_window", self.spike_window, "must be >= 2")
+        _check(self.profile_interval >= 0, p + "profile_interval", self.profile_interval, "must be >= 0")
 
 
 @dataclass
@@ -178,6 +190,7 @@ class WandbConfig:
     project: str = "minillm"
     name: Optional[str] = None         # None: the run folder's name
     tags: list[str] = field(default_factory=list)
+    log_checkpoint: bool = False       # upload the final checkpoint as a wandb artifact
 
     def __post_init__(self) -> None:
         _choice("logger.wandb.mode", self.mode, ("disabled", "offline", "online"))

@@ -1,0 +1,104 @@
+"""The picture and summary of a run: ``python -m minillm.report RUN_DIR`` (also run at the end of training).
+
+curves.png: loss against steps and against tokens, validation bits per byte, learning rate,
+gradient norm, throughput. summary.json: final/best validation, tokens, wall time, peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
+    pts = [(r[x], r[key]) for r in records
+           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and x in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(run_dir: str | Path) -> Path | None:
+    """Draw ``<run>/curves.png`` from metrics.jsonl; None if there is nothing to draw."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    panels = [
+        (axes[0, 0], [("train_loss", "-"), ("val_loss", "o-")], "step", "loss (nats/token) vs steps"),
+        (axes[0, 1], [("train_loss", "-"), ("val_loss", "o-")], "tokens", "loss vs tokens"),
+        (axes[0, 2], [("val_bpb", "o-")], "step", "validation bits per byte"),
+        (axes[1, 0], [("lr", "-")], "step", "learning rate"),
+        (axes[1, 1], [("grad_norm", "-")], "step", "gradient norm (before clipping)"),
+        (axes[1, 2], [("tokens_per_sec", "-")], "step", "throughput (tokens/s)"),
+    ]
+    for ax, keys, x, title in panels:
+        for key, style in keys:
+            xs, ys = _series(records, key, x)
+            if xs:
+                ax.plot(xs, ys, style, label=key, markersize=3)
+        ax.set(title=title, xlabel=x)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def write_report(run_dir: str | Path, summary: dict) -> None:
+    """summary.json (atomically) and curves.png."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run_dir / "summary.json")
+    plot_run(run_dir)
+
+
+def summarize(run_dir: str | Path) -> dict:
+    """A summary from metrics.jsonl alone (for runs that were interrupted before their report)."""
+    records = read_metrics(run_dir)
+    if not records:
+        return {}
+    vals = [r for r in records if "val_loss" in r]
+    tps = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
+    out = {"step": records[-1]["step"], "tokens": records[-1].get("tokens"), "elapsed_s": records[-1].get("elapsed_s"),
+           "median_tokens_per_sec": sorted(tps)[len(tps) // 2] if tps else None}
+    if vals:
+        best = min(vals, key=lambda r: r["val_loss"])
+        out |= {"final_val_loss": vals[-1]["val_loss"], "final_val_bpb": vals[-1]["val_bpb"],
+                "best_val_loss": best["val_loss"], "best_val_bpb": best["val_bpb"], "best_step": best["step"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minillm.report", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
+    args = ap.parse_args(argv)
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        print(f"error: {run}: no metrics.jsonl; is this a run folder?", file=sys.stderr)
+        return 2
+    summary = summarize(run)
+    saved = run / "summary.json"
+    if saved.is_file():
+        summary = {**summary, **json.loads(saved.read_text())}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {plot_run(run)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

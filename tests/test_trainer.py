@@ -1,0 +1,216 @@
+"""The resumable trainer: exact resume with negative controls, fallbacks, signals, NaN guard, reports."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_ARGS, run_entry
+from minillm import checkpoint as ckpt
+from minillm.config import (DataConfig, LoggerConfig, ModelConfig, OptimConfig, TokenizerConfig, TrainConfig,
+                            TrainJobConfig, WandbConfig)
+from minillm.flops import mfu, peak_flops
+from minillm.guards import NonFiniteError, StepGuard
+from minillm.model import GPT
+from minillm.trainer import RunError, train
+
+
+def tiny_cfg(run, corpus, **train_kw) -> TrainJobConfig:
+    return TrainJobConfig(
+        out_dir=str(run), device="cpu",
+        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=32, dropout=0.1),
+        data=DataConfig(path=str(corpus)), tokenizer=TokenizerConfig(vocab_size=400),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="constant"),  # as TINY_ARGS + yaml
+        train=TrainConfig(**{"max_steps": 6, "batch_size": 4, "log_interval": 1, "eval_interval": 0, **train_kw}),
+        logger=LoggerConfig(progress=False))
+
+
+def losses(run):
+    return [json.loads(l)["train_loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run):
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["model"]
+
+
+def test_resume_is_bitwise_exact_and_needs_sampler_and_rng_state(tmp_path, corpus_file, data_dir):
+    straight = tmp_path / "straight"
+    train(tiny_cfg(straight, corpus_file, max_steps=8))
+
+    def resumed(name, tamper=None):
+        run = tmp_path / name
+        train(tiny_cfg(run, corpus_file, max_steps=4))       # constant lr: stopping at 4 of 4 == 4 of 8
+        if tamper is not None:
+            path = ckpt.latest_checkpoint(run)
+            state = torch.load(path, weights_only=True)
+            tamper(state)
+            torch.save(state, path)
+        # a fresh process, as a user restarting a job would
+        r = run_entry("train.py", f"data.path={corpus_file}", f"out_dir={run}", *TINY_ARGS,
+                      "model.dropout=0.1", "optim.schedule=constant", "train.eval_interval=0",
+                      "train.max_steps=8", "device=cpu", env={"MINILLM_DATA_DIR": str(data_dir)})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return run
+
+    ok = resumed("ok")
+    assert losses(ok) == losses(straight)                     # atol=0
+    for name, t in final_params(straight).items():
+        assert torch.equal(t, final_params(ok)[name]), name
+    # Negative controls: the same comparison fails when sampler or RNG state is not restored.
+    no_sampler = resumed("no_sampler", lambda s: s["sampler"].update(pos=0, epoch=0))
+    assert losses(no_sampler)[4:] != losses(straight)[4:]
+    no_rng = resumed("no_rng", lambda s: s["rng"].update(torch=torch.random.default_generator.manual_seed(99).get_state()))
+    assert losses(no_rng)[4:] != losses(straight)[4:]
+
+
+def test_resume_refuses_other_shapes_and_formats(tmp_path, corpus_file, data_dir):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=2))
+    cfg = tiny_cfg(run, corpus_file, max_steps=4)
+    cfg.model.n_layer = 3
+    with pytest.raises(RunError, match=r"checkpoint has model.n_layer=2 but the config says 3"):
+        train(cfg)
+    path = ckpt.latest_checkpoint(run)
+    state = torch.load(path, weights_only=True)
+    state["format_version"] = 99
+    torch.save(state, path)
+    cfg = tiny_cfg(run, corpus_file, max_steps=4, resume=str(path))
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint format 99"):
+        train(cfg)
+
+
+def test_corrupt_latest_falls_back_to_previous(tmp_path, corpus_file, data_dir, caplog):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))
+    latest = ckpt.latest_checkpoint(run)
+    latest.write_bytes(latest.read_bytes()[:100])            # truncated
+    caplog.set_level("INFO", logger="minillm")
+    summary = train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2))
+    assert "falling back" in caplog.text and "resuming from" in caplog.text and "step_000002.pt" in caplog.text
+    assert summary["step"] == 6
+
+
+SAVE_AND_DIE = r"""
+import sys, time, torch
+from minillm import checkpoint as ckpt
+run = sys.argv[1]
+ckpt.save_checkpoint(run, 1, {"step": 1, "w": torch.ones(1000)})
+real_save = torch.save
+def slow_save(obj, f):
+    f.write(b"partial bytes of a checkpoint")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+ckpt.save_checkpoint(run, 2, {"step": 2, "w": torch.zeros(1000)})
+"""
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", SAVE_AND_DIE, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stdout.readline().strip() == "writing"            # the second save is half written
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_000001.pt"
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 1
+    assert [c.name for c in ckpt.list_checkpoints(tmp_path)] == ["step_000001.pt"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_the_step_checkpoints_and_exits(sig, code, tmp_path, corpus_file, data_dir):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"data.path={corpus_file}", f"out_dir={run}",
+                          *TINY_ARGS, "train.max_steps=100000", "train.eval_interval=0", "device=cpu"],
+                         cwd=ROOT, env={**os.environ, "MINILLM_DATA_DIR": str(data_dir)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err[-2000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert saved["step"] == last >= 3                          # the checkpoint is at the last finished step
+    assert "checkpoint saved" in err
+
+
+def test_nan_is_skipped_and_never_reaches_the_weights(tmp_path, corpus_file, data_dir, monkeypatch):
+    real_forward, calls = GPT.forward, {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                loss = loss * float("nan")
+        return logits, loss
+
+    steps = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **k):
+        steps["n"] += 1
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    run = tmp_path / "skip"
+    summary = train(tiny_cfg(run, corpus_file, max_steps=5))
+    assert steps["n"] == 4 and summary["skipped_nonfinite"] == 1   # step 3's update never happened
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[2].get("skipped") == "nonfinite"
+    assert all(torch.isfinite(t).all() for t in final_params(run).values())
+
+    calls["n"] = 0
+    run = tmp_path / "stop"
+    with pytest.raises(NonFiniteError, match=r"step 3: .* \(train.nan_policy=stop\)"):
+        train(tiny_cfg(run, corpus_file, max_steps=5, nan_policy="stop", ckpt_interval=2))
+    assert [c.name for c in ckpt.list_checkpoints(run)] == ["step_000002.pt"]   # nothing after the NaN
+
+
+def test_guard_limits_and_spikes():
+    g = StepGuard("skip", max_skipped=1, spike_zscore=4.0, spike_window=10)
+    for i in range(10):
+        assert g.check(i, 3.0 + 0.01 * (i % 3), 1.0 + 0.01 * (i % 2)) == "ok"
+    assert g.check(11, 9.0, 1.0) == "spike"          # far outside the window's spread
+    assert g.check(12, float("inf"), 1.0) == "nonfinite"
+    with pytest.raises(NonFiniteError, match="max_skipped_steps=1"):
+        g.check(13, 3.0, float("nan"))
+
+
+def test_mfu_uses_the_device_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda", 0), bf16=True) == 989.4e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 PCIe")
+    assert peak_flops(torch.device("cuda", 0), bf16=False) == 51.2e12
+    assert peak_flops(torch.device("cpu"), bf16=False) is None
+    assert mfu(6e9, 1e4, 1e14) == pytest.approx(0.6)
+    model = GPT(ModelConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=32, block_size=16))
+    n = model.num_params(non_embedding=True) + 100 * 32       # tied lm_head counted once, as a matmul
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
+
+
+def test_wandb_offline_and_report_command(tmp_path, corpus_file, data_dir):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(run, corpus_file, max_steps=3, eval_interval=3, profile_interval=2)
+    cfg.logger.wandb = WandbConfig(mode="offline", project="minillm-test", tags=["test"])
+    summary = train(cfg)
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"fwd_ms", "bwd_ms", "opt_ms"} <= records[1].keys() and records[1]["fwd_ms"] > 0
+    assert records[0]["flops_per_sec"] > 0
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["step"] == 3 and saved["peak_memory_mb"] > 0 and saved["final_val_bpb"] == summary["final_val_bpb"]
+    (run / "curves.png").unlink()
+    r = subprocess.run([sys.executable, "-m", "minillm.report", str(run)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and json.loads(r.stdout)["best_val_loss"] == saved["best_val_loss"]
+    assert (run / "curves.png").stat().st_size > 10_000
