@@ -163,6 +163,8 @@ class TrainConfig:
     spike_zscore: float = 0.0          # skip updates whose loss or grad norm z-score exceeds this; 0: off
     spike_window: int = 100            # steps of history for the z-score
     profile_interval: int = 50         # time forward/backward/optimizer every N steps; 0: never
+    global_batch_tokens: Optional[int] = None  # if set, grad_accum_steps = this / (batch_size*block_size*world)
+    dist_timeout_s: float = 600.0      # a collective that waits longer than this fails instead of hanging
 
     def __post_init__(self) -> None:
         p = "train."
@@ -182,6 +184,9 @@ class TrainConfig:
         _check(self.spike_zscore >= 0, p + "spike_zscore", self.spike_zscore, "must be >= 0 (0 disables)")
         _check(self.spike_window >= 2, p + "spike_window", self.spike_window, "must be >= 2")
         _check(self.profile_interval >= 0, p + "profile_interval", self.profile_interval, "must be >= 0")
+        if self.global_batch_tokens is not None:
+            _check(self.global_batch_tokens >= 1, p + "global_batch_tokens", self.global_batch_tokens, "must be >= 1")
+        _check(self.dist_timeout_s > 0, p + "dist_timeout_s", self.dist_timeout_s, "must be > 0")
 
 
 @dataclass

@@ -38,16 +38,21 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(device_pref: str = "auto", timeout_s: float = 600.0) -> DistInfo:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    """Join torchrun's process group when WORLD_SIZE > 1: nccl on CUDA, gloo on CPU, or
+    $MINILLM_DIST_BACKEND. A collective waiting longer than ``timeout_s`` raises instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=timeout_s))
+        backend = os.environ.get("MINILLM_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, local_rank, world, device)
+
+
+def backend_name() -> str:
+    return dist.get_backend() if dist.is_initialized() else "none"
 
 
 def teardown() -> None:

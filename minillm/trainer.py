@@ -138,10 +138,26 @@ def autocast_for(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+def derive_grad_accum(global_batch_tokens: int, batch_size: int, block_size: int, world_size: int) -> int:
+    """grad_accum_steps that makes batch_size * block_size * world_size * accum == global_batch_tokens."""
+    per_micro = batch_size * block_size * world_size
+    if global_batch_tokens % per_micro:
+        raise RunError(f"train.global_batch_tokens={global_batch_tokens} is not a multiple of train.batch_size"
+                       f" x model.block_size x world size = {batch_size} x {block_size} x {world_size} = "
+                       f"{per_micro}; pick a multiple of {per_micro}")
+    return global_batch_tokens // per_micro
+
+
 def train(cfg: TrainJobConfig) -> dict:
     """Run training as configured; returns the run summary (also written to <out_dir>/summary.json)."""
-    info = dist.setup(cfg.device)
+    info = dist.setup(cfg.device, cfg.train.dist_timeout_s)
     try:
+        if cfg.train.global_batch_tokens is not None:
+            cfg.train.grad_accum_steps = derive_grad_accum(cfg.train.global_batch_tokens, cfg.train.batch_size,
+                                                           cfg.model.block_size, info.world_size)
+        if info.enabled:
+            log.info("distributed: %d processes (%s), global batch %d sequences", info.world_size,
+                     dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
         return _train(cfg, info)
     finally:
         dist.teardown()

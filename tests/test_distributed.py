@@ -1,0 +1,132 @@
+"""DDP with torchrun on CPU (gloo): equality with one process, two "nodes" on loopback, restarts."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_ARGS
+from minillm import checkpoint as ckpt
+from minillm.trainer import RunError, derive_grad_accum
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+COMMON = (*TINY_ARGS, "train.eval_interval=3", "device=cpu", "model.dropout=0.0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, env, extra_torchrun=(), nproc=2, wait=True):
+    cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", *extra_torchrun, str(ROOT / "train.py"), *args]
+    full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return err
+
+
+def single(args, env):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stderr
+
+
+def records(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(run):
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["model"]
+
+
+def assert_same_training(a, b):
+    # Same global batch, same seed: the gradients differ only in fp32 summation order (DDP's
+    # all-reduce of two half-batch means vs one mean over the full batch), ~1e-7 relative per step;
+    # AdamW turns that into parameter differences far below 1e-5 over a few steps.
+    la, lb = [r["train_loss"] for r in records(a)], [r["train_loss"] for r in records(b)]
+    assert len(la) == len(lb)
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-5)
+    pa, pb = params(a), params(b)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture
+def env(data_dir):
+    return {"MINILLM_DATA_DIR": str(data_dir)}
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, corpus_file, env):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single([f"data.path={corpus_file}", f"out_dir={one}", *COMMON, "train.max_steps=6", "train.batch_size=8"], env)
+    err = launch([f"data.path={corpus_file}", f"out_dir={two}", *COMMON, "train.max_steps=6",
+                  "train.batch_size=4"], env)
+    assert "distributed: 2 processes (gloo), global batch 8 sequences" in err
+    assert_same_training(one, two)
+    # A 2-process checkpoint continues in 1 process (with a warning) and finishes.
+    err = single([f"data.path={corpus_file}", f"out_dir={two}", *COMMON, "train.max_steps=9",
+                  "train.batch_size=8"], env)
+    assert "written by 2 processes, now 1" in err and records(two)[-1]["step"] == 9
+
+
+def test_two_nodes_on_loopback(tmp_path, corpus_file, env):
+    run, ref = tmp_path / "multinode", tmp_path / "ref"
+    port = free_port()
+    args = [f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=4", "train.batch_size=4"]
+    single([f"data.path={corpus_file}", f"out_dir={ref}", *COMMON, "train.max_steps=4", "train.batch_size=8"], env)
+    nodes = [launch(args, env, ("--nnodes=2", f"--node_rank={i}", "--rdzv_backend=c10d",
+                                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=minillm-test"), nproc=1, wait=False)
+             for i in (0, 1)]
+    for p in nodes:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert_same_training(ref, run)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env):
+    run = tmp_path / "run"
+    p = launch([f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=300",
+                "train.ckpt_interval=5", "train.eval_interval=0", "train.batch_size=4"], env,
+               ("--max-restarts=1", "--monitor-interval=0.2"), wait=False)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 12):
+        time.sleep(0.05)
+    workers = _children(p.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)                # one rank dies mid-run
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    steps = [r["step"] for r in records(run)]
+    assert steps == list(range(1, 301))                  # one consistent history after the restart
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["step"] == 300
+
+
+def test_global_batch_in_tokens():
+    assert derive_grad_accum(8 * 32 * 2 * 4, batch_size=8, block_size=32, world_size=2) == 4
+    with pytest.raises(RunError, match=r"train.global_batch_tokens=1000 is not a multiple of .* = 512"):
+        derive_grad_accum(1000, batch_size=8, block_size=32, world_size=2)
