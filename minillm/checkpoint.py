@@ -1,16 +1,22 @@
 """Checkpoints in a run folder: atomic save, a ``latest`` pointer, keep-last-k, careful load.
 
     <run>/ckpt/step_000600.pt   torch.save of a plain dict (see trainer.checkpoint_state)
-    <run>/ckpt/latest           the file name of the newest complete checkpoint
+    <run>/ckpt/step_000600/     a sharded (FSDP) checkpoint: model/ and optim/ written by every rank
+                                through torch.distributed.checkpoint, meta.pt (the rest) by rank 0
+    <run>/ckpt/latest           the name of the newest complete checkpoint
 
 A save writes ``.tmp``, fsyncs, renames, and only then moves ``latest``: a crash at any moment leaves
-the previous checkpoint intact and ``latest`` pointing at a complete file.
+the previous checkpoint intact and ``latest`` pointing at a complete one. A sharded checkpoint is
+written into ``step_N.tmp/`` and renamed after every rank has finished (DCP writes its .metadata
+last), so a folder named ``step_N`` is always complete.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CKPT_FORMAT_VERSION = 1
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)(\.pt)?$")
 
 
 class CheckpointError(ValueError):
@@ -68,9 +74,65 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int 
     path = d / f"step_{step:06d}.pt"
     _atomic_write_bytes(path, lambda f: torch.save({"format_version": CKPT_FORMAT_VERSION, **state}, f))
     _atomic_write_bytes(d / "latest", lambda f: f.write(path.name.encode()))
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    _prune(run_dir, keep_last)
     return path
+
+
+def _prune(run_dir: str | Path, keep_last: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model, optimizer, meta: dict, keep_last: int,
+                            is_main: bool, barrier) -> Path:
+    """Every rank writes its shards of model and optimizer; rank 0 adds meta.pt, renames, moves latest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    d = ckpt_dir(run_dir)
+    final, tmp = d / f"step_{step:06d}", d / f"step_{step:06d}.tmp"
+    if is_main:
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+    barrier()
+    dcp.save(get_model_state_dict(model), checkpoint_id=tmp / "model")
+    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optim")
+    barrier()  # every shard is on disk
+    if is_main:
+        _atomic_write_bytes(tmp / "meta.pt", lambda f: torch.save({"format_version": CKPT_FORMAT_VERSION,
+                                                                   "sharded": True, **meta}, f))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(d)
+        _atomic_write_bytes(d / "latest", lambda f: f.write(final.name.encode()))
+        _prune(run_dir, keep_last)
+    barrier()
+    return final
+
+
+def load_sharded_into(path: Path, model, optimizer=None) -> None:
+    """Load a sharded checkpoint's model (and optimizer) into a sharded model, any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    msd = get_model_state_dict(model)
+    dcp.load(msd, checkpoint_id=path / "model")
+    set_model_state_dict(model, msd)
+    if optimizer is not None:
+        osd = get_optimizer_state_dict(model, optimizer)
+        dcp.load(osd, checkpoint_id=path / "optim")
+        set_optimizer_state_dict(model, optimizer, osd)
+
+
+def _full_model_state(path: Path) -> dict:
+    """A sharded checkpoint's model as one plain state dict, in a single process (no process group)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path / "model", Path(tmp) / "model.pt")
+        return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -79,16 +141,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = d / "latest"
     if pointer.is_file():
         target = d / pointer.read_text().strip()
-        if target.is_file():
+        if target.name and (target.is_file() or (target / "meta.pt").is_file()):
             return target
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder (its latest checkpoint)."""
+    """A checkpoint file or sharded checkpoint folder, or a run folder (its latest checkpoint)."""
     p = Path(path).expanduser()
-    if p.is_file():
+    if p.is_file() or (p / "meta.pt").is_file():
         return p
     if p.is_dir():
         found = latest_checkpoint(p)
@@ -98,9 +160,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: no such checkpoint file or run folder")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and check a checkpoint; a truncated or foreign file is a CheckpointError naming it."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", full_model: bool = True) -> dict:
+    """Load and check a checkpoint; a truncated or foreign file is a CheckpointError naming it.
+
+    For a sharded checkpoint the result is its meta.pt plus, if ``full_model``, the whole model state
+    gathered into one dict (for sampling or a single-process resume).
+    """
     path = Path(path)
+    if path.is_dir():
+        state = load_checkpoint(path / "meta.pt", map_location)
+        if full_model:
+            try:
+                state["model"] = _full_model_state(path)
+            except Exception as e:
+                raise CheckpointError(f"{path}: the sharded model cannot be read ({type(e).__name__}: {e})") from e
+            if state["config"]["model"].get("tie_embeddings") and "lm_head.weight" not in state["model"]:
+                state["model"]["lm_head.weight"] = state["model"]["tok_emb.weight"]  # DCP stores it once
+        return state
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files

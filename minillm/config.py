@@ -165,6 +165,7 @@ class TrainConfig:
     profile_interval: int = 50         # time forward/backward/optimizer every N steps; 0: never
     global_batch_tokens: Optional[int] = None  # if set, grad_accum_steps = this / (batch_size*block_size*world)
     dist_timeout_s: float = 600.0      # a collective that waits longer than this fails instead of hanging
+    parallel: str = "ddp"              # with several processes: ddp (replicated) | fsdp (FSDP2, sharded)
 
     def __post_init__(self) -> None:
         p = "train."
@@ -187,6 +188,7 @@ class TrainConfig:
         if self.global_batch_tokens is not None:
             _check(self.global_batch_tokens >= 1, p + "global_batch_tokens", self.global_batch_tokens, "must be >= 1")
         _check(self.dist_timeout_s > 0, p + "dist_timeout_s", self.dist_timeout_s, "must be > 0")
+        _choice(p + "parallel", self.parallel, ("ddp", "fsdp"))
 
 
 @dataclass

@@ -6,7 +6,6 @@ trainer.py builds the pieces; TrainLoop runs them. Per step:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import resource
 import time
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from minillm import distributed as dist
 from minillm.flops import mfu, peak_flops
 from minillm.metrics import MetricsLogger
+from minillm.parallel import full_value, grad_sync
 from minillm.report import write_report
 from minillm.signals import GracefulStop, TrainingInterrupted
 
@@ -60,9 +60,7 @@ class TrainLoop:
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(accum):
             x, y = (t.to(info.device, non_blocking=True) for t in self.sampler.next_batch())
-            last = micro == accum - 1
-            sync = self.model.no_sync() if (info.enabled and not last) else contextlib.nullcontext()
-            with sync:
+            with grad_sync(self.model, last_micro_step=micro == accum - 1):
                 timer.mark()
                 with self.amp:
                     _, loss = self.model(x, y)
@@ -71,7 +69,7 @@ class TrainLoop:
                 timer.mark("bwd_ms")
             loss_sum += loss.detach()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
         loss_mean = dist.all_reduce_sum(loss_sum / accum, info) / info.world_size
         return loss_mean.item(), grad_norm.item()
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillm import checkpoint as ckpt
 from minillm import distributed as dist
@@ -29,6 +28,7 @@ from minillm.data import prepare
 from minillm.guards import NonFiniteError, StepGuard
 from minillm.loop import TrainLoop
 from minillm.model import GPT
+from minillm.parallel import local, shard_fsdp, wrap_ddp
 from minillm.rng import rng_state, seed_everything, set_rng_state
 from minillm.sampler import BatchSampler, eval_batches
 from minillm.tokenizer import Tokenizer
@@ -42,13 +42,14 @@ class RunError(RuntimeError):
     """The run cannot start as configured (existing run folder, incompatible checkpoint, ...)."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    fused: bool = True) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (linear and embedding weights) only, not on norms or biases."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+                             fused=fused and device.type == "cuda")
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -104,12 +105,12 @@ def _resume_candidates(cfg: TrainJobConfig, run_dir: Path) -> list[Path]:
     return [ckpt.resolve_checkpoint(mode)]
 
 
-def load_resume_state(cfg: TrainJobConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
+def load_resume_state(cfg: TrainJobConfig, run_dir: Path, full_model: bool = True) -> tuple[dict | None, Path | None]:
     """The checkpoint to continue from: with resume=auto a corrupt newest one falls back to the next."""
     candidates = _resume_candidates(cfg, run_dir)
     for i, path in enumerate(candidates):
         try:
-            state = ckpt.load_checkpoint(path)
+            state = ckpt.load_checkpoint(path, full_model=full_model)
         except ckpt.CheckpointError as e:
             if cfg.train.resume != "auto":
                 raise
@@ -125,9 +126,9 @@ def load_resume_state(cfg: TrainJobConfig, run_dir: Path) -> tuple[dict | None, 
     return None, None
 
 
-def checkpoint_state(model, optimizer, sampler, guard, step, tokens_seen, cfg, tok, best_val, world_size) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
+def run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, world_size) -> dict:
+    """Everything in a checkpoint but the model and optimizer tensors."""
+    return {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
             "rng": rng_state(), "config": json.loads(json.dumps(asdict(cfg))), "world_size": world_size,
             "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8), "best_val_loss": best_val}
 
@@ -186,30 +187,40 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
         raise RunError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                        f"{tok.vocab_size}; raise it or leave it unset")
 
-    state, resume_from = load_resume_state(cfg, run_dir)
+    tc = cfg.train
+    fsdp = info.enabled and tc.parallel == "fsdp"
+    state, resume_from = load_resume_state(cfg, run_dir, full_model=not fsdp)
     if state is not None:
         check_compatible(state["config"]["model"], cfg.model, resume_from)
         if state.get("world_size", 1) != info.world_size:
             log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
                         resume_from, state.get("world_size", 1), info.world_size)
-        if state["step"] >= cfg.train.max_steps:
+        if bool(state.get("sharded")) != fsdp:
+            raise RunError(f"{resume_from}: a {'sharded' if state.get('sharded') else 'full'} checkpoint resumes "
+                           f"only with train.parallel={'fsdp' if state.get('sharded') else 'ddp'} (any checkpoint "
+                           "loads in sample.py)")
+        if state["step"] >= tc.max_steps:
             log.info("%s already finished at step %d (train.max_steps=%d); nothing to do", run_dir,
-                     state["step"], cfg.train.max_steps)
+                     state["step"], tc.max_steps)
             summary = run_dir / "summary.json"
             return json.loads(summary.read_text()) if summary.exists() else {"step": state["step"]}
 
+    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and info.device.type == "cuda")
     model = GPT(cfg.model).to(info.device)
     log.info("model: %s, %.2fM parameters (%.2fM non-embedding)", cfg.model.name,
              model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)
-    optimizer = build_optimizer(model, cfg.optim, info.device)
-    sampler = BatchSampler(train_tokens, cfg.train.batch_size, cfg.model.block_size, cfg.seed,
-                           info.rank, info.world_size)
-    tc = cfg.train
+    if fsdp:
+        shard_fsdp(model, info, bf16)
+    optimizer = build_optimizer(model, cfg.optim, info.device, fused=not fsdp)
+    sampler = BatchSampler(train_tokens, tc.batch_size, cfg.model.block_size, cfg.seed, info.rank, info.world_size)
     guard = StepGuard(tc.nan_policy, tc.max_skipped_steps, tc.spike_zscore, tc.spike_window)
     start = {"step": 0, "tokens_seen": 0, "best_val": float("inf")}
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            ckpt.load_sharded_into(resume_from, model, optimizer)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])  # its position counts windows across all ranks
         guard.load_state_dict(state["guard"])
         set_rng_state(state["rng"])
@@ -220,20 +231,28 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         tok.save(run_dir / "tokenizer.model")
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    amp = autocast_for(info.device, cfg.train.dtype)
+    # FSDP's mixed-precision policy computes in bf16 itself; otherwise autocast does.
+    amp = autocast_for(info.device, "float32" if fsdp else tc.dtype)
 
     def save(step: int, tokens_seen: int, best_val: float) -> None:
+        finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in model.parameters()))])
+        if fsdp:  # each rank sees only its shards; all must agree before anyone raises
+            finite = dist.all_reduce_sum(finite.to(info.device), info).cpu() / info.world_size
+        if finite.item() < 1:
+            raise NonFiniteError(f"step {step}: parameters are not finite; refusing to checkpoint them")
+        meta = run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, info.world_size)
+        if fsdp:
+            ckpt.save_sharded_checkpoint(run_dir, step, model, optimizer, meta, tc.keep_last, info.is_main,
+                                         lambda: dist.barrier(info))
+            return
         if info.is_main:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise NonFiniteError(f"step {step}: parameters are not finite; refusing to checkpoint them")
-            ckpt.save_checkpoint(run_dir, step, checkpoint_state(
-                model, optimizer, sampler, guard, step, tokens_seen, cfg, tok, best_val, info.world_size),
-                tc.keep_last)
+            meta |= {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            ckpt.save_checkpoint(run_dir, step, meta, tc.keep_last)
         dist.barrier(info)
 
     wrapped = torch.compile(model) if tc.compile else model
-    if info.enabled:
-        wrapped = DDP(wrapped, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if info.enabled and not fsdp:
+        wrapped = wrap_ddp(wrapped, info)
     token_bytes = torch.from_numpy(tok.token_bytes()).to(info.device)
     loop = TrainLoop(cfg, info, model, wrapped, optimizer, sampler, guard, amp, run_dir,
                      lr_fn=lambda s: lr_at(s, cfg.optim, tc.max_steps),
