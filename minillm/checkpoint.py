@@ -71,6 +71,9 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int 
     """Write ``state`` as step_<step>.pt, point ``latest`` at it, delete all but the newest keep_last."""
     d = ckpt_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob("*.tmp"):  # left by a save that was killed
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
     path = d / f"step_{step:06d}.pt"
     _atomic_write_bytes(path, lambda f: torch.save({"format_version": CKPT_FORMAT_VERSION, **state}, f))
     _atomic_write_bytes(d / "latest", lambda f: f.write(path.name.encode()))
@@ -133,6 +136,23 @@ def _full_model_state(path: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path / "model", Path(tmp) / "model.pt")
         return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)
+
+
+def set_aside_newer(run_dir: str | Path, step: int) -> list[Path]:
+    """Move checkpoints of steps after ``step`` (an abandoned future: a corrupt one that was skipped,
+    or the rest of a run restarted from an earlier checkpoint) into ckpt/abandoned/, so that keep-last
+    and ``latest`` only ever see the history being continued. Returns the new paths."""
+    moved = []
+    for p in list_checkpoints(run_dir):
+        if int(_NAME.match(p.name).group(1)) > step:
+            dest = ckpt_dir(run_dir) / "abandoned" / p.name
+            dest.parent.mkdir(exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            os.replace(p, dest)
+            log.warning("warning: moved %s (after the resume point, step %d) to %s", p.name, step, dest.parent)
+            moved.append(dest)
+    return moved
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

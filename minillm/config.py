@@ -123,7 +123,7 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1          # matrices only; norms, biases and embeddings-as-vectors get 0
+    weight_decay: float = 0.1          # on matrices (linear and embedding weights); norms and biases get 0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -231,7 +231,7 @@ class TrainJobConfig:
         _check(self.out_dir.strip() != "", "out_dir", self.out_dir, "must name a folder")
         _choice("device", self.device, _DEVICES)
         _choice("kernels", self.kernels, _KERNELS)
-        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
 
 
 @dataclass
@@ -260,7 +260,7 @@ class SampleJobConfig:
         _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
-        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         _choice("device", self.device, _DEVICES)
         _choice("kernels", self.kernels, _KERNELS)
         _choice("dtype", self.dtype, ("float32", "bfloat16"))

@@ -31,7 +31,8 @@ class DistInfo:
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     """auto: CUDA (this rank's GPU) if present, else CPU."""
     if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda: no CUDA device is available; use device=cpu or device=auto")
+        from minillm.config import ConfigError
+        raise ConfigError("device='cuda': no CUDA device is available; use device=cpu or device=auto")
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -69,6 +70,21 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, info: DistInfo):

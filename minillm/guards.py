@@ -41,6 +41,7 @@ class StepGuard:
         self.loss_window, self.gnorm_window = _Window(spike_window), _Window(spike_window)
         self.skipped_nonfinite = 0
         self.skipped_spikes = 0
+        self.consecutive_spikes = 0
 
     def check(self, step: int, loss: float, grad_norm: float) -> str:
         """"ok", or the reason the update at ``step`` is skipped ("nonfinite" | "spike")."""
@@ -55,19 +56,26 @@ class StepGuard:
                                      "the data; the last checkpoint is intact")
             return "nonfinite"
         # Outlier detection in the spirit of llm.c's z-score guard: compare against the recent window.
-        if self.spike_zscore > 0 and (self.loss_window.zscore(loss) > self.spike_zscore
-                                      or self.gnorm_window.zscore(grad_norm) > self.spike_zscore):
-            self.skipped_spikes += 1
-            return "spike"
+        # The window takes every finite value, skipped or not, so a lasting level shift becomes the new
+        # normal instead of stalling the run; and no more than max_skipped spikes are skipped in a row.
+        spike = self.spike_zscore > 0 and (self.loss_window.zscore(loss) > self.spike_zscore
+                                           or self.gnorm_window.zscore(grad_norm) > self.spike_zscore)
         self.loss_window.push(loss)
         self.gnorm_window.push(grad_norm)
+        if spike and self.consecutive_spikes < self.max_skipped:
+            self.consecutive_spikes += 1
+            self.skipped_spikes += 1
+            return "spike"
+        self.consecutive_spikes = 0
         return "ok"
 
     def state_dict(self) -> dict:
         return {"skipped_nonfinite": self.skipped_nonfinite, "skipped_spikes": self.skipped_spikes,
+                "consecutive_spikes": self.consecutive_spikes,
                 "loss_window": list(self.loss_window.values), "gnorm_window": list(self.gnorm_window.values)}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_nonfinite, self.skipped_spikes = state["skipped_nonfinite"], state["skipped_spikes"]
+        self.consecutive_spikes = state.get("consecutive_spikes", 0)
         self.loss_window.values.extend(state["loss_window"])
         self.gnorm_window.values.extend(state["gnorm_window"])

@@ -53,9 +53,10 @@ class TrainLoop:
         self.flops_per_token = raw_model.flops_per_token()
         bf16 = self.tc.dtype == "bfloat16" or (self.tc.dtype == "auto" and info.device.type == "cuda")
         self.peak = peak_flops(info.device, bf16)
+        self.metrics = None
 
     def forward_backward(self, timer: _Timer) -> tuple[float, float]:
-        """grad_accum micro-batches; returns (mean loss over ranks, total grad norm after clipping)."""
+        """grad_accum micro-batches; returns (mean loss over ranks, total grad norm before clipping)."""
         accum, info = self.tc.grad_accum_steps, self.info
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(accum):
@@ -86,18 +87,19 @@ class TrainLoop:
         timer.mark("opt_ms")
         return loss, gnorm, verdict
 
-    def _stop_requested(self, stop: GracefulStop) -> bool:
+    def _stop_signal(self, stop: GracefulStop) -> int:
+        """The signal any rank received (0: none); every rank stops at the same step with it."""
         if not self.info.enabled:
-            return stop.requested
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.info.device)
-        return dist.all_reduce_sum(flag, self.info).item() > 0  # every rank stops at the same step
+            return stop.signum or 0
+        flag = torch.tensor([stop.signum or 0], dtype=torch.int64, device=self.info.device)
+        return int(dist.all_reduce_max(flag, self.info).item())
 
     def _record(self, step, loss, gnorm, verdict, tokens_seen, tps, t_start, timer) -> dict:
         rec = {"step": step, "train_loss": loss, "lr": self.lr_fn(step - 1), "grad_norm": gnorm,
                "tokens": tokens_seen, "tokens_per_sec": tps, "elapsed_s": round(time.time() - t_start, 3),
                "flops_per_sec": self.flops_per_token * tps}
         if self.peak:
-            rec["mfu"] = mfu(self.flops_per_token, tps, self.peak)
+            rec["mfu"] = mfu(self.flops_per_token, tps, self.peak * self.info.world_size)  # tps is global
         if timer.active:
             rec.update({k: round(v, 3) for k, v in timer.ms.items()})
         if verdict != "ok":
@@ -137,13 +139,13 @@ class TrainLoop:
                                       f"val bpb {last_val[1]:.4f}")
                     if self.metrics is not None and record is not None:
                         self.metrics.log({k: v for k, v in record.items() if v == v})  # drop NaN fields
-                    stopping = self._stop_requested(stop)
+                    stopping = self._stop_signal(stop)
                     every = tc.ckpt_interval
                     if (stopping or step == tc.max_steps or (every and step % every == 0)
                             or (every is None and record is not None and "val_loss" in record)):
                         self.save_fn(step, tokens_seen, best_val)
                     if stopping:
-                        raise TrainingInterrupted(stop.signum, step)
+                        raise TrainingInterrupted(stopping, step)
                     if record is not None:  # the throughput window counts training time only
                         t_win, tokens_win = time.time(), tokens_seen
         finally:

@@ -7,6 +7,19 @@ from pathlib import Path
 from minillm.config import WandbConfig
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line torn by a crash mid-write is skipped."""
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
+
+
 class MetricsLogger:
     """Appends records to ``<run>/metrics.jsonl`` and mirrors them to wandb when enabled.
 
@@ -17,11 +30,10 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, wandb_cfg: WandbConfig, config: dict, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+        kept = [] if resume_step is None else [r for r in read_records(self.path) if r["step"] <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
         self._f = open(self.path, "a")
         self.wandb = None
         if wandb_cfg.mode != "disabled":

@@ -169,6 +169,8 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by
         # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        if module is self.lm_head and self.cfg.tie_embeddings:
+            return  # the same tensor as tok_emb.weight: initialised once, as the embedding
         if isinstance(module, nn.Linear):
             std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual", False) else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -210,12 +212,13 @@ class GPT(nn.Module):
         return logits, (loss.view(B, T) if reduction == "none" else loss)
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 * (non-embedding params + lm_head) + attention scores/values.
+        """Training FLOPs per token: 6 per matmul weight + 12 * n_layer * n_embd * block_size for attention.
 
-        Kaplan et al. (2020) / PaLM appendix B: 6N for the matmuls (fwd 2N, bwd 4N), plus
-        12 * n_layer * n_embd * T for QK^T and AV at full context (causal halves the useful part;
-        counted at full, as PaLM does).
+        Kaplan et al. (2020) / PaLM appendix B: a weight costs 2 FLOPs per token forward and 4 backward
+        (the lm_head counts even when tied: it is a matmul either way; embedding lookups and norms are
+        not matmuls). QK^T and AV cost 2 * T * C each forward per token and layer, 3x for forward and
+        backward: counted at full context, as PaLM does (causal masking halves the useful part).
         """
         c = self.cfg
-        n = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size

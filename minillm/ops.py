@@ -15,6 +15,7 @@ cache, where query and key lengths differ, or a head dim over 128) falls through
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,10 @@ def configure(kernels: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if kernels not in ("auto", "torch", "triton"):
         raise ValueError(f"kernels={kernels!r}: must be auto, torch or triton")
+    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        from minillm.config import ConfigError
+        raise ConfigError(f"kernels='triton': the Triton kernels need a CUDA device (this run is on "
+                          f"{device.type}); use kernels=auto or torch (TRITON_INTERPRET=1 runs them slowly on CPU)")
     if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         _backend, _kernels = "torch", {}
         reason = "requested" if kernels == "torch" else f"device is {device.type}"

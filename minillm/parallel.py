@@ -29,7 +29,9 @@ def shard_fsdp(model: torch.nn.Module, info: DistInfo, bf16: bool) -> torch.nn.M
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank.
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+               broadcast_buffers=False)
 
 
 def grad_sync(model: torch.nn.Module, last_micro_step: bool):

@@ -11,10 +11,11 @@ import math
 import sys
 from pathlib import Path
 
+from minillm.metrics import read_records
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    return read_records(Path(run_dir) / "metrics.jsonl")
 
 
 def _series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:

@@ -58,12 +58,17 @@ def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_token
     """Consecutive windows covering every target of ``tokens[:max_tokens]`` exactly once.
 
     The last window is padded (inputs 0, targets -1, which the loss ignores). Windows are dealt to
-    ranks round-robin; together the ranks cover each target once.
+    ranks round-robin; together the ranks cover each target once. Every rank yields the same number
+    of batches (a rank short of windows gets one of all-ignored targets), because a sharded model's
+    forward is a collective that every rank must join.
     """
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
-    starts = list(range(0, n - 1, block_size))[rank::world_size]
-    for i in range(0, len(starts), batch_size):
-        x = torch.zeros(len(starts[i:i + batch_size]), block_size, dtype=torch.int64)
+    all_starts = list(range(0, n - 1, block_size))
+    starts = all_starts[rank::world_size]
+    n_batches = -(-len(all_starts[0::world_size]) // batch_size)  # rank 0 has the most windows
+    for b in range(n_batches):
+        i = b * batch_size
+        x = torch.zeros(max(1, len(starts[i:i + batch_size])), block_size, dtype=torch.int64)
         y = torch.full_like(x, -1)
         for row, s in enumerate(starts[i:i + batch_size]):
             chunk = torch.from_numpy(np.asarray(tokens[s:min(s + block_size + 1, n)]).astype(np.int64))

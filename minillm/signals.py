@@ -2,8 +2,8 @@
 
 Inside ``GracefulStop()`` the signals only set a flag; the trainer polls ``requested`` between steps.
 Schedulers (SLURM, Kubernetes) send SIGTERM before killing a job: the run then exits with 128 + 15 =
-143 after its checkpoint, which they report as preemption. A second Ctrl-C during the final save is
-ignored so the checkpoint completes.
+143 after its checkpoint, which they report as preemption. A second Ctrl-C aborts at once (the
+previous checkpoint stays the newest; a half-written one is never picked up).
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ class GracefulStop:
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
+        elif signum == signal.SIGINT:  # a second Ctrl-C: stop now, without the checkpoint
+            raise KeyboardInterrupt
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # handlers only install there

@@ -80,13 +80,15 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
     dist.all_reduce_sum(sums, info)
     model.train()
     nats, count, nbytes = sums.tolist()
-    return nats / max(count, 1), nats / math.log(2) / max(nbytes, 1)
+    if count == 0:
+        return float("nan"), float("nan")
+    return nats / count, nats / math.log(2) / max(nbytes, 1)
 
 
 def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
     """Refuse a checkpoint whose model differs from the configured one, naming the field."""
     for key, value in asdict(current).items():
-        if key != "name" and saved.get(key) != value:
+        if key not in ("name", "dropout") and saved.get(key) != value:  # dropout may change on resume
             raise RunError(f"{where}: checkpoint has model.{key}={saved.get(key)!r} but the config says "
                            f"{value!r}; use the same model settings or a new out_dir")
 
@@ -105,8 +107,22 @@ def _resume_candidates(cfg: TrainJobConfig, run_dir: Path) -> list[Path]:
     return [ckpt.resolve_checkpoint(mode)]
 
 
-def load_resume_state(cfg: TrainJobConfig, run_dir: Path, full_model: bool = True) -> tuple[dict | None, Path | None]:
-    """The checkpoint to continue from: with resume=auto a corrupt newest one falls back to the next."""
+def load_resume_state(cfg: TrainJobConfig, run_dir: Path, info: dist.DistInfo,
+                      full_model: bool = True) -> tuple[dict | None, Path | None]:
+    """The checkpoint to continue from: with resume=auto a corrupt newest one falls back to the next.
+
+    Rank 0 chooses; the other ranks load the checkpoint it chose (never one of their own choosing).
+    """
+    if info.enabled and not info.is_main:
+        chosen = dist.broadcast_object(None, info)
+        return (ckpt.load_checkpoint(chosen, full_model=full_model), Path(chosen)) if chosen else (None, None)
+    state, path = _choose_checkpoint(cfg, run_dir, full_model)
+    if info.enabled:
+        dist.broadcast_object(str(path) if path else "", info)
+    return state, path
+
+
+def _choose_checkpoint(cfg: TrainJobConfig, run_dir: Path, full_model: bool) -> tuple[dict | None, Path | None]:
     candidates = _resume_candidates(cfg, run_dir)
     for i, path in enumerate(candidates):
         try:
@@ -126,10 +142,11 @@ def load_resume_state(cfg: TrainJobConfig, run_dir: Path, full_model: bool = Tru
     return None, None
 
 
-def run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, world_size) -> dict:
-    """Everything in a checkpoint but the model and optimizer tensors."""
+def run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, info: dist.DistInfo) -> dict:
+    """Everything in a checkpoint but the model and optimizer tensors (collective: every rank calls it)."""
     return {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
-            "rng": rng_state(), "config": json.loads(json.dumps(asdict(cfg))), "world_size": world_size,
+            "rng": dist.all_gather_object(rng_state(), info),  # one entry per rank
+            "config": json.loads(json.dumps(asdict(cfg))), "world_size": info.world_size,
             "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8), "best_val_loss": best_val}
 
 
@@ -181,6 +198,9 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
     seed_everything(cfg.seed)
     ops.configure(cfg.kernels, info.device)
     prepared, tok, train_tokens, val_tokens = _load_data(cfg, info)
+    if len(val_tokens) < 2:
+        raise RunError(f"the validation split has {len(val_tokens)} tokens; it needs at least 2 "
+                       "(a larger corpus or data.val_fraction)")
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tok.vocab_size
     elif cfg.model.vocab_size < tok.vocab_size:
@@ -189,9 +209,12 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
 
     tc = cfg.train
     fsdp = info.enabled and tc.parallel == "fsdp"
-    state, resume_from = load_resume_state(cfg, run_dir, full_model=not fsdp)
+    state, resume_from = load_resume_state(cfg, run_dir, info, full_model=not fsdp)
     if state is not None:
         check_compatible(state["config"]["model"], cfg.model, resume_from)
+        if bytes(state["tokenizer"].numpy().tobytes()) != tok.proto:
+            raise RunError(f"{resume_from}: was trained with a different tokenizer than the tokenizer.* and "
+                           "data.* settings give now; use the run's settings or a new out_dir")
         if state.get("world_size", 1) != info.world_size:
             log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
                         resume_from, state.get("world_size", 1), info.world_size)
@@ -206,13 +229,17 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
             return json.loads(summary.read_text()) if summary.exists() else {"step": state["step"]}
 
     bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and info.device.type == "cuda")
-    model = GPT(cfg.model).to(info.device)
+    model = GPT(cfg.model).to(info.device)   # the same initial weights on every rank (same seed)
+    torch.manual_seed(cfg.seed + info.rank)  # from here, each rank's own stream (dropout)
     log.info("model: %s, %.2fM parameters (%.2fM non-embedding)", cfg.model.name,
              model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)
     if fsdp:
         shard_fsdp(model, info, bf16)
     optimizer = build_optimizer(model, cfg.optim, info.device, fused=not fsdp)
-    sampler = BatchSampler(train_tokens, tc.batch_size, cfg.model.block_size, cfg.seed, info.rank, info.world_size)
+    try:
+        sampler = BatchSampler(train_tokens, tc.batch_size, cfg.model.block_size, cfg.seed, info.rank, info.world_size)
+    except ValueError as e:
+        raise RunError(str(e)) from e
     guard = StepGuard(tc.nan_policy, tc.max_skipped_steps, tc.spike_zscore, tc.spike_window)
     start = {"step": 0, "tokens_seen": 0, "best_val": float("inf")}
     if state is not None:
@@ -223,7 +250,10 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
             optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])  # its position counts windows across all ranks
         guard.load_state_dict(state["guard"])
-        set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+        if info.is_main:
+            ckpt.set_aside_newer(run_dir, state["step"])
         start = {"step": state["step"], "tokens_seen": state["tokens_seen"], "best_val": state["best_val_loss"]}
         log.info("resuming from %s at step %d", resume_from, state["step"])
 
@@ -240,7 +270,7 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
             finite = dist.all_reduce_sum(finite.to(info.device), info).cpu() / info.world_size
         if finite.item() < 1:
             raise NonFiniteError(f"step {step}: parameters are not finite; refusing to checkpoint them")
-        meta = run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, info.world_size)
+        meta = run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, info)
         if fsdp:
             ckpt.save_sharded_checkpoint(run_dir, step, model, optimizer, meta, tc.keep_last, info.is_main,
                                          lambda: dist.barrier(info))
@@ -250,13 +280,13 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
             ckpt.save_checkpoint(run_dir, step, meta, tc.keep_last)
         dist.barrier(info)
 
-    wrapped = torch.compile(model) if tc.compile else model
-    if info.enabled and not fsdp:
-        wrapped = wrap_ddp(wrapped, info)
+    compiled = torch.compile(model) if tc.compile else model
+    wrapped = wrap_ddp(compiled, info) if info.enabled and not fsdp else compiled
     token_bytes = torch.from_numpy(tok.token_bytes()).to(info.device)
     loop = TrainLoop(cfg, info, model, wrapped, optimizer, sampler, guard, amp, run_dir,
                      lr_fn=lambda s: lr_at(s, cfg.optim, tc.max_steps),
-                     eval_fn=lambda: evaluate(wrapped, val_tokens, token_bytes, tc.batch_size,
+                     # DDP needs nothing for evaluation (no gradients), so it runs on the bare model
+                     eval_fn=lambda: evaluate(compiled, val_tokens, token_bytes, tc.batch_size,
                                               cfg.model.block_size, tc.eval_tokens, info, amp),
                      save_fn=save)
     try:

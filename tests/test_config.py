@@ -1,7 +1,7 @@
 """Config validation: bad keys, types and values fail at startup with one line naming them."""
 import pytest
 
-from conftest import run_entry
+from conftest import TINY_ARGS, run_entry
 from minillm.config import ConfigError, ModelConfig, OptimConfig, SampleJobConfig, TokenizerConfig, TrainConfig
 
 
@@ -61,3 +61,17 @@ def test_dataclass_validation_in_python():
     with pytest.raises(ConfigError, match="top_p"):
         SampleJobConfig(top_p=1.5)
     assert ModelConfig(n_head=8, n_kv_head=None, n_embd=64).n_kv_head == 8
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("device=cuda",), "device='cuda': no CUDA device is available"),
+    (("seed=4294967296",), "seed=4294967296: must be in [0, 2**32)"),
+    (("kernels=triton", "device=cpu"), "kernels='triton': the Triton kernels need a CUDA device"),
+    (("train.batch_size=100000",), "fewer than batch_size*world_size=100000 windows"),
+])
+def test_runtime_problems_are_one_line_errors(args, expected, tmp_path, corpus_file, data_dir):
+    env = {"MINILLM_DATA_DIR": str(data_dir), "TRITON_INTERPRET": "0"}
+    r = run_entry("train.py", f"data.path={corpus_file}", f"out_dir={tmp_path / 'run'}", *TINY_ARGS, *args, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in r.stderr

@@ -151,3 +151,22 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_round_trips(tmp_path, corpu
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={fsdp}", "max_new_tokens=10"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
     assert r.returncode == 0 and len(r.stdout) > 5, r.stderr
+
+
+def test_a_signal_to_one_rank_stops_all_with_143_and_uneven_eval_works(tmp_path, corpus_file, env):
+    run = tmp_path / "run"
+    # eval_tokens=40 with block_size 32: two windows, so the two ranks evaluate unequal shares.
+    p = launch([f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=100000",
+                "train.batch_size=4", "train.eval_tokens=40", "train.eval_interval=2", "train.dist_timeout_s=60"],
+               env, wait=False)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    workers = sorted(_children(p.pid))
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGTERM)              # only one rank hears it
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "exitcode  : 143" in err, err[-3000:]
+    last = records(run)[-1]["step"]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["step"] == last
+    assert all("val_bpb" in r for r in records(run) if r["step"] % 2 == 0)

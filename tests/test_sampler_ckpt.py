@@ -65,3 +65,26 @@ def test_corrupt_checkpoint_is_named(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no checkpoint in this folder"):
         resolve_checkpoint(tmp_path / "ckpt")
+
+
+def test_stale_temp_files_are_cleared_and_abandoned_future_set_aside(tmp_path):
+    from minillm.checkpoint import set_aside_newer
+    for step in (300, 400):
+        save_checkpoint(tmp_path, step, {"step": step})
+    (tmp_path / "ckpt" / "step_000500.pt.tmp").write_bytes(b"half a checkpoint")   # a killed save
+    set_aside_newer(tmp_path, 250)                  # resuming from step 250: 300 and 400 are its future
+    assert list_checkpoints(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "abandoned").iterdir()) == ["step_000300.pt", "step_000400.pt"]
+    save_checkpoint(tmp_path, 250, {"step": 250})
+    save_checkpoint(tmp_path, 260, {"step": 260})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000250.pt", "step_000260.pt"]
+    assert latest_checkpoint(tmp_path).name == "step_000260.pt"
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+
+
+def test_eval_batches_are_equal_in_number_on_every_rank():
+    tokens = np.arange(45, dtype=np.uint16)         # 5 windows of 10 over 2 ranks: 3 and 2
+    counts = [len(list(eval_batches(tokens, 1, 10, rank=r, world_size=2))) for r in range(2)]
+    assert counts == [3, 3]
+    ys = [y[y >= 0] for r in range(2) for _, y in eval_batches(tokens, 1, 10, rank=r, world_size=2)]
+    assert sorted(torch.cat(ys).tolist()) == list(range(1, 45))
