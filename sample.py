@@ -80,9 +80,9 @@ def run(cfg: SampleJobConfig) -> list[str]:
 
     prompts = None if cfg.interactive else read_prompts(cfg)
     device = pick_device(cfg.device)
-    ops.configure(cfg.kernels, device)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     loaded = load_run(cfg.ckpt if cfg.ckpt is not None else newest_run(cfg.out_root), device, dtype)
+    ops.configure(cfg.kernels, device)
     print(f"# {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
     if prompts is not None:
         return complete(loaded, cfg, prompts)

@@ -78,16 +78,18 @@ def _last_logits(model: GPT, rows: list[list[int]], cache: KVCache | None) -> to
     return logits[torch.arange(len(rows), device=device), torch.tensor(lens, device=device) - 1]
 
 
-def _decode_step(model: GPT, rows: list[list[int]], cache: KVCache, cached: list[int]) -> torch.Tensor:
-    """Feed each row's newest token through the cache; refill (alone) any row whose cache is full."""
+def _decode_step(model: GPT, rows: list[list[int]], nxt: torch.Tensor, cache: KVCache,
+                 cached: list[int]) -> torch.Tensor:
+    """Feed the new tokens nxt (B, 1) through the cache; first refill, alone, any row whose cache is full."""
     T_max, keep = model.cfg.block_size, model.cfg.block_size // 2
-    for b in [b for b in range(len(rows)) if cached[b] == T_max]:
+    full = [b for b in range(len(rows)) if cached[b] == T_max]
+    for b in full:
         if keep:  # the newest block_size//2 tokens before the new one, prefilled at positions 0..keep-1
             _last_logits(model, [rows[b][-keep - 1:-1]], cache.row(b))
         cached[b] = keep
-    cache.set_lengths(cached)
-    device = cache.k.device
-    logits, _ = model(torch.tensor([[r[-1]] for r in rows], device=device), kv_cache=cache)
+    if full:
+        cache.set_lengths(cached)
+    logits, _ = model(nxt, kv_cache=cache)
     for b in range(len(rows)):
         cached[b] += 1
     return logits[:, -1]
@@ -127,7 +129,7 @@ def generate_tokens(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
             r.append(t)
         yield ids
         if step + 1 < max_new_tokens:
-            logits = (_decode_step(model, rows, cache, cached) if cache is not None
+            logits = (_decode_step(model, rows, nxt, cache, cached) if cache is not None
                       else _last_logits(model, [r[-T_max:] for r in rows], None))
 
 
