@@ -8,6 +8,7 @@ rope, vocab 2048, block_size 256. 16 + 256 tokens pass block_size, so the cached
 window once and the uncached run slides for the last 16 steps: what a user sees. tokens/s counts
 new tokens of every row (batch x max_new_tokens) over the wall time of the whole generation,
 prefill included. Goal (CPU): the cache is >= 5x faster than no cache at 256 new tokens.
+    python benchmarks/bench_sample.py --threads 1   # steadier on a shared CPU (see --help)
 """
 from __future__ import annotations
 
@@ -40,7 +41,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, seconds on CPU")
     ap.add_argument("--out-dir", type=Path, default=None, help="where to write bench_sample.json")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's). On a shared, oversubscribed CPU, 1 thread keeps "
+                         "the many small ops of a decode step from waiting on each other")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -58,6 +64,7 @@ def main() -> None:
         rows[-2]["speedup_vs_no_cache"] = rows[-1]["speedup_vs_no_cache"] = ms[False] / ms[True]
     print_table(rows, ["batch", "kv_cache", "new_tokens", "ms", "tokens_per_s", "speedup_vs_no_cache"])
     write_results("bench_sample", rows, {"setup": setup, "quick": args.quick, "device": device,
+                                         "threads": torch.get_num_threads(),
                                          "environment_summary": environment()["device"]}, out_dir=args.out_dir)
 
 

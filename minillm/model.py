@@ -236,7 +236,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, reduction: str = "mean"):
         """idx (B, T) -> (logits (B, T, V), loss). loss is None without targets; a scalar for
-        reduction="mean", per-token nats (B, T) for "none". Targets of -1 are ignored."""
+        reduction="mean", per-token nats (B, T) for "none". Targets of -1 are ignored.
+        With a kv_cache, the T tokens of each row continue after that row's cached ones (positions and
+        attention per row, see KVCache); without one, every row is positions 0..T-1, causal."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.cfg.block_size:
