@@ -1,6 +1,8 @@
 """Generate text from a trained run: `python sample.py [ckpt=RUN_FOLDER] [prompt="..."] [key=value ...]`.
 
-With no ckpt, samples from the newest run under out/. Configuration: configs/sample.yaml.
+With no ckpt, samples from the newest run under out/. Prompts come from `prompt=`, from
+`prompt_file=` (prompts separated by blank lines, all sampled in one batch) or, with
+`interactive=true`, from stdin (one per line, until EOF). Configuration: configs/sample.yaml.
 """
 import sys
 from pathlib import Path
@@ -9,53 +11,96 @@ import hydra
 from omegaconf import DictConfig
 
 from minillm import cli
-from minillm.config import SampleJobConfig
+from minillm.config import ConfigError, SampleJobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 cli.register_schemas()
 
 
+def read_prompts(cfg: SampleJobConfig) -> list:
+    """The prompts of a non-interactive run; None stands for "start a fresh document"."""
+    if cfg.prompt_file is None:
+        return [cfg.prompt]
+    path = Path(cfg.prompt_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prompt_file={cfg.prompt_file!r}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompt_file={cfg.prompt_file!r}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    blocks = [b.strip("\n") for b in text.replace("\r\n", "\n").split("\n\n")]
+    prompts = [b for b in blocks if b.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt_file={cfg.prompt_file!r}: holds no prompt (the file is empty or blank)")
+    return prompts
+
+
+def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
+    """Sample cfg.num_samples continuations of each prompt in one batch; print (streaming row 0)
+    and return prompt + continuation for every row."""
+    from minillm.generate import SamplingParams, generate_text
+
+    tok, block_size = loaded.tokenizer, loaded.model.cfg.block_size
+    shown = ["" if p is None else p for p in prompts]
+    for i, p in enumerate(shown):
+        if (n := len(tok.encode(p))) > block_size:
+            print(f"# prompt {i + 1} is {n} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
+
+    def on_text(row: int, piece: str) -> None:
+        if row == 0 and cfg.stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    if cfg.stream:
+        sys.stdout.write(shown[0])
+        sys.stdout.flush()
+    params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+    stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop]
+    outs = generate_text(loaded.model, tok, ["\n" if p is None else p for p in prompts], cfg.max_new_tokens,
+                         params, cfg.seed, cfg.num_samples, stop, cfg.kv_cache, on_text)
+    texts = [shown[r // cfg.num_samples] + out for r, out in enumerate(outs)]
+    for r, text in enumerate(texts):
+        if r == 0 and cfg.stream:
+            sys.stdout.write("\n")
+            continue
+        i, j = divmod(r, cfg.num_samples)
+        label = f"sample {j + 1}" if len(prompts) == 1 else f"prompt {i + 1}, sample {j + 1}"
+        sys.stdout.write(("\n" if r else "") + f"--- {label}\n" + text + "\n")
+    sys.stdout.flush()
+    return texts
+
+
 def run(cfg: SampleJobConfig) -> list[str]:
-    """Print and return cfg.num_samples continuations of cfg.prompt."""
+    """Print and return the samples the config asks for (every prompt x num_samples)."""
     import torch
 
     from minillm import ops
     from minillm.distributed import pick_device
-    from minillm.generate import generate
     from minillm.run import load_run, newest_run
 
+    prompts = None if cfg.interactive else read_prompts(cfg)
     device = pick_device(cfg.device)
-    ops.configure(cfg.kernels, device)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     loaded = load_run(cfg.ckpt if cfg.ckpt is not None else newest_run(cfg.out_root), device, dtype)
-    tok, model = loaded.tokenizer, loaded.model
+    ops.configure(cfg.kernels, device)
     print(f"# {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
-    prompt = "\n" if cfg.prompt is None else cfg.prompt
-    ids = tok.encode(prompt)
-    if len(ids) > model.cfg.block_size:
-        print(f"# prompt is {len(ids)} tokens; keeping the last {model.cfg.block_size} (block_size)", file=sys.stderr)
-        ids = ids[-model.cfg.block_size:]
-    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    stream = tok.stream() if cfg.stream else None
-    if stream is not None:
-        sys.stdout.write(("" if cfg.prompt is None else prompt))
-        sys.stdout.flush()
-
-    def on_token(col: "torch.Tensor") -> None:
-        sys.stdout.write(stream.push(int(col[0])))
-        sys.stdout.flush()
-
-    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gen,
-                   kv_cache=cfg.kv_cache, on_token=on_token if stream is not None else None)
-    texts = [("" if cfg.prompt is None else prompt) + tok.decode(row[len(ids):].tolist()) for row in out]
-    for i, text in enumerate(texts):
-        if i == 0 and stream is not None:
-            sys.stdout.write(stream.flush() + "\n")
+    if prompts is not None:
+        return complete(loaded, cfg, prompts)
+    texts = []
+    for line in iter(_read_line, None):
+        if line.strip():
+            texts += complete(loaded, cfg, [line])
         else:
-            sys.stdout.write(("\n" if i else "") + f"--- sample {i + 1}\n" + text + "\n")
-    sys.stdout.flush()
+            print("# empty prompt skipped; type some text (EOF ends)", file=sys.stderr)
     return texts
+
+
+def _read_line():
+    """The next stdin line without its newline; None at EOF. Shows '> ' when a person is typing."""
+    if sys.stdin.isatty():
+        print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="sample")

@@ -8,7 +8,7 @@ A bad value raises :class:`ConfigError`, whose message is one line naming the ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 
 class ConfigError(ValueError):
@@ -240,12 +240,16 @@ class SampleJobConfig:
     ckpt: Optional[str] = None         # run folder or checkpoint file; None: newest run under out/
     out_root: str = "out"              # where to look for the newest run
     prompt: Optional[str] = None       # None: start a fresh document
+    prompt_file: Optional[str] = None  # prompts separated by blank lines, sampled as one batch
+    interactive: bool = False          # read prompts from stdin, one per line, until EOF
     max_new_tokens: int = 256
     temperature: float = 0.8           # 0 = greedy
     top_k: int = 200                   # 0 disables
     top_p: float = 1.0                 # nucleus sampling; 1.0 disables
-    seed: int = 1337
-    num_samples: int = 1
+    repetition_penalty: float = 1.0    # CTRL's penalty on tokens already present; 1.0 disables
+    stop: List[str] = field(default_factory=list)  # end a sample before any of these ("\n" = newline)
+    seed: int = 1337                   # sample j of every prompt draws from seed + j
+    num_samples: int = 1               # per prompt
     kv_cache: bool = True
     stream: bool = True                # print text as it is generated (first sample)
     device: str = "auto"
@@ -255,10 +259,19 @@ class SampleJobConfig:
     def __post_init__(self) -> None:
         _check(self.prompt is None or self.prompt != "", "prompt", self.prompt,
                "is empty; give some text, or leave prompt unset to start a fresh document")
+        given = [k for k in ("prompt", "prompt_file", "interactive") if getattr(self, k) not in (None, False)]
+        if len(given) > 1:
+            _check(False, given[1], getattr(self, given[1]),
+                   f"conflicts with {given[0]}; give prompts one way: prompt, prompt_file or interactive")
+        _check(self.prompt_file is None or self.prompt_file != "", "prompt_file", self.prompt_file, "is empty")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
         _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty,
+               "must be > 0 (1.0 disables, > 1 discourages repeats)")
+        for s in self.stop:
+            _check(s != "", "stop", list(self.stop), "holds an empty string, which would stop at once")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         _choice("device", self.device, _DEVICES)

@@ -55,24 +55,68 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim) each."""
+    """Preallocated keys/values for every layer, (n_layer, B, n_kv_head, max_len, head_dim) each.
+
+    Rows may hold different numbers of tokens (prompts of different lengths, right-padded, or rows
+    whose sliding window was refilled): row b's next token goes to slot lens[b], has position
+    lens[b], and attends to slots [0, lens[b]]. Slots past a row's length hold junk and are masked.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0          # tokens already cached
         self.max_len = max_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) after the cached ones; return all keys/values so far."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.reset()
 
     def reset(self) -> None:
-        self.pos = 0
+        self.lens = torch.zeros(self.k.shape[1], dtype=torch.long, device=self.k.device)  # tokens per row
+        self.pos = 0           # max(lens): slots in use by the longest row
+        self.ragged = False    # rows differ in length: attention needs a mask, writes go per row
+
+    def set_lengths(self, lens: list[int]) -> None:
+        """Declare how many written slots of each row are real (after a right-padded prefill)."""
+        self.lens = torch.tensor(lens, dtype=torch.long, device=self.k.device)
+        self.pos, self.ragged = max(lens), len(set(lens)) > 1
+
+    def row(self, b: int) -> "KVCache":
+        """An empty cache for row b alone that shares this cache's storage (to refill one row)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, b:b + 1], self.v[:, b:b + 1], self.max_len
+        view.reset()
+        return view
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T): the slot, and the position, of each of T new tokens in every row."""
+        return self.lens[:, None] + torch.arange(T, device=self.lens.device)
+
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """(B, 1, T, pos+T) bool, True where a new query may attend; None when no mask is needed
+        (equal rows: a prefill from slot 0 is plain causal, one new token sees every cached key)."""
+        if not self.ragged and (self.pos == 0 or T == 1):
+            return None
+        keys = torch.arange(self.pos + T, device=self.lens.device)
+        return (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) after each row's cached ones; return slots [0, pos+T)."""
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.pos} + {T} do not fit")
+        if self.ragged:  # per-row slots (B, T); the indexed view is (B, T, H_kv, D)
+            slots, rows = self.positions(T), torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        else:
+            self.k[layer, :, :, self.pos:self.pos + T] = k
+            self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        """Count T new tokens in every row (called by GPT.forward after all layers wrote them)."""
+        self.lens = self.lens + T
+        self.pos += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -95,16 +139,20 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:  # QK-norm (Dehghani et al., 2023): bounds attention logits
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope
+            if cos.dim() == 3:  # per-row positions, tables (B, T, D/2): rotate B*T tokens as one row
+                cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)
+                q = apply_rope(q.reshape(1, B * T, H, D), cos, sin).view(B, T, H, D)
+                k = apply_rope(k.reshape(1, B * T, Hkv, D), cos, sin).view(B, T, Hkv, D)
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        causal = True
+        mask = None
         if kv_cache is not None:
+            mask = kv_cache.attn_mask(T)  # before update: it reads the lengths before these T tokens
             k, v = kv_cache.update(layer, k, v)
-            # A prefill starts at position 0 (plain causal); a later call appends one token,
-            # which sees every cached key, so it needs no mask.
-            assert kv_cache.pos == 0 or T == 1, "KV cache: multi-token calls must start at position 0"
-            causal = T > 1
-        y = ops.attention(q, k, v, causal=causal)  # (B, H, T, D)
+        # No cache (training) or a prefill from slot 0: causal. One new token: sees every cached key.
+        y = ops.attention(q, k, v, causal=mask is None and T > 1, attn_mask=mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.drop(self.proj(y))
 
@@ -190,20 +238,27 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, reduction: str = "mean"):
         """idx (B, T) -> (logits (B, T, V), loss). loss is None without targets; a scalar for
-        reduction="mean", per-token nats (B, T) for "none". Targets of -1 are ignored."""
+        reduction="mean", per-token nats (B, T) for "none". Targets of -1 are ignored.
+        With a kv_cache, the T tokens of each row continue after that row's cached ones (positions and
+        attention per row, see KVCache); without one, every row is positions 0..T-1, causal."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
         x = self.tok_emb(idx)
+        if kv_cache is None:  # positions 0..T-1, shared by every row
+            pos = torch.arange(T, device=idx.device)
+            rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos == "rope" else None
+        else:  # (B, T): each row continues from its own cached length
+            pos = kv_cache.positions(T)
+            rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.pos == "rope" else None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.cfg.pos == "rope" else None
+            x = x + self.pos_emb(pos)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits, None

@@ -10,7 +10,8 @@ backends stand behind them:
 
 ``configure("auto", device)`` picks Triton on CUDA when the kernels import and the torch path
 otherwise; the choice is logged once. A call the Triton kernel cannot serve (attention with a KV
-cache, where query and key lengths differ, or a head dim over 128) falls through to the torch path.
+cache, where query and key lengths differ, with an explicit mask, or a head dim over 128) falls through
+to the torch path.
 """
 from __future__ import annotations
 
@@ -71,16 +72,22 @@ def backend() -> str:
     return _backend
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention. q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H % H_kv == 0.
 
     ``causal`` aligns the mask to the top-left, so it needs Tq == Tk; with a KV cache the caller
     passes causal=False for a single new query, which may attend to every cached key.
+    ``attn_mask`` (bool, broadcastable to (B, H, Tq, Tk), True = may attend) replaces ``causal``;
+    it serves a KV cache whose rows hold different lengths and always takes the torch path.
     """
+    enable_gqa = q.shape[1] != k.shape[1]
+    if attn_mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
     fn = _kernels.get("attention")
     if fn is not None and q.shape[2] == k.shape[2] and q.shape[-1] <= 128:
         return fn(q, k, v, causal=causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -36,8 +36,10 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     """Model (eval mode, on ``device``) and tokenizer from a run folder or checkpoint file."""
     ckpt_path = resolve_checkpoint(path)
     state = load_checkpoint(ckpt_path)
-    if "tokenizer" not in state or "config" not in state or "model" not in state:
-        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its model, config or tokenizer; it cannot be sampled")
+    missing = [k for k in ("model", "config", "tokenizer") if k not in state]
+    if missing:
+        raise CheckpointError(f"{ckpt_path}: the checkpoint has no {' or '.join(missing)}, so it cannot be "
+                              "sampled; use a run folder written by train.py")
     try:
         tok = Tokenizer(bytes(state["tokenizer"].numpy().tobytes()))
     except RuntimeError as e:

@@ -1,0 +1,133 @@
+"""sample.py as users meet it: prompts from the command line, a file or stdin; streaming output;
+notices; one-line errors for bad input; the sampling benchmark's --quick path."""
+import importlib.util
+import io
+import json
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from conftest import ROOT, make_corpus, run_entry
+from minillm.checkpoint import CheckpointError, save_checkpoint
+from minillm.config import ConfigError, ModelConfig, SampleJobConfig, TokenizerConfig
+from minillm.model import GPT
+from minillm.tokenizer import train_tokenizer
+
+spec = importlib.util.spec_from_file_location("sample_entry", ROOT / "sample.py")
+sample = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sample)
+
+
+def write_run(run_dir, tok=None, block_size=32):
+    """A run folder with one checkpoint in the format trainer.checkpoint_state writes (random weights)."""
+    cfg = ModelConfig(vocab_size=tok.vocab_size if tok else 400, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                      block_size=block_size)
+    torch.manual_seed(0)
+    state = {"model": GPT(cfg).state_dict(), "step": 3, "config": {"model": asdict(cfg)}}
+    if tok is not None:
+        state["tokenizer"] = torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)
+    save_checkpoint(run_dir, 3, state)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tok = train_tokenizer([make_corpus(600)], TokenizerConfig(vocab_size=400))
+    return write_run(tmp_path_factory.mktemp("sample") / "run", tok)
+
+
+def job(run, **kw) -> SampleJobConfig:
+    return SampleJobConfig(**{"ckpt": str(run), "max_new_tokens": 12, "device": "cpu", **kw})
+
+
+def test_streamed_stdout_is_the_prompt_and_its_continuation(run, capsys):
+    texts = sample.run(job(run, prompt="ROMEO:", num_samples=2, temperature=1.0))
+    out = capsys.readouterr().out
+    assert len(texts) == 2 and all(t.startswith("ROMEO:") for t in texts)
+    assert out == texts[0] + "\n\n--- sample 2\n" + texts[1] + "\n"
+    assert sample.run(job(run, prompt="ROMEO:", num_samples=2, temperature=1.0, stream=False)) == texts
+
+
+def test_prompt_file_is_one_batch_and_matches_single_prompts(run, tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("KING HENRY:\nthe\n\n\nJULIET: o\n")
+    texts = sample.run(job(run, prompt_file=str(f), temperature=0.0))
+    assert [t.split(":")[0] for t in texts] == ["KING HENRY", "JULIET"]
+    assert "--- prompt 2, sample 1\nJULIET: o" in capsys.readouterr().out
+    assert texts[1] == sample.run(job(run, prompt="JULIET: o", temperature=0.0))[0]
+    assert texts[0] == sample.run(job(run, prompt="KING HENRY:\nthe", temperature=0.0, kv_cache=False))[0]
+
+
+def test_interactive_reads_stdin_until_eof(run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the king\n\nROMEO:\n"))
+    texts = sample.run(job(run, interactive=True, temperature=0.0))
+    assert [t[:6] for t in texts] == ["the ki", "ROMEO:"]
+    assert "empty prompt skipped" in capsys.readouterr().err
+
+
+def test_long_prompt_is_cut_with_a_notice(run, capsys):
+    sample.run(job(run, prompt="the king and the queen " * 20, max_new_tokens=2))
+    assert "keeping the last 32 (block_size)" in capsys.readouterr().err
+
+
+def test_bfloat16_samples(run):
+    texts = sample.run(job(run, prompt="ROMEO:", dtype="bfloat16", temperature=0.0, max_new_tokens=20))
+    assert texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:")
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(top_p=0.0), "top_p=0.0: must be in (0, 1]"), (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k=-1), "top_k=-1"), (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(prompt=""), "prompt='': is empty"), (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
+    (dict(stop=["END", ""]), "stop=['END', '']"),
+    (dict(prompt="a", prompt_file="p.txt"), "prompt_file='p.txt': conflicts with prompt"),
+    (dict(prompt="a", interactive=True), "interactive=True: conflicts with prompt"),
+])
+def test_bad_settings_name_the_key_and_value(kw, message):
+    with pytest.raises(ConfigError) as e:
+        SampleJobConfig(**kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_inputs_are_one_clear_error(run, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a run")
+    no_tok = write_run(tmp_path / "no_tok", tok=None)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n")
+    cases = [(job(tmp_path / "missing"), CheckpointError, "no such checkpoint file or run folder"),
+             (job(foreign), CheckpointError, "no checkpoint in this folder"),
+             (job(foreign / "notes.txt"), CheckpointError, "cannot be read as a checkpoint"),
+             (job(no_tok), CheckpointError, "has no tokenizer, so it cannot be sampled"),
+             (job(run, prompt_file=str(tmp_path / "nope.txt")), ConfigError, "no such file"),
+             (job(run, prompt_file=str(blank)), ConfigError, "holds no prompt")]
+    for cfg, err, message in cases:
+        with pytest.raises(err, match=message):
+            sample.run(cfg)
+
+
+def test_cli_error_for_a_checkpoint_without_tokenizer_is_one_line(tmp_path):
+    r = run_entry("sample.py", f"ckpt={write_run(tmp_path / 'no_tok', tok=None)}")
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "tokenizer" in lines[0]
+
+
+def test_cli_stop_strings(run):
+    r = run_entry("sample.py", f"ckpt={run}", "prompt=ROMEO:", "temperature=0", "max_new_tokens=12")
+    assert r.returncode == 0, r.stderr
+    stop = r.stdout[8:10]
+    r2 = run_entry("sample.py", f"ckpt={run}", "prompt=ROMEO:", "temperature=0", "max_new_tokens=12",
+                   f"stop=[{json.dumps(stop)},'\\n\\n']")
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout == r.stdout[:r.stdout.find(stop, len("ROMEO:"))] + "\n"
+
+
+def test_bench_sample_quick(tmp_path):
+    r = run_entry("benchmarks/bench_sample.py", "--quick", "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "bench_sample.json").read_text())["rows"]
+    assert {(x["batch"], x["kv_cache"]) for x in rows} == {(1, True), (1, False), (2, True), (2, False)}
+    assert all(x["tokens_per_s"] > 0 and x["speedup_vs_no_cache"] > 0 for x in rows)
