@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from minillm.model import GPT, KVCache
+from minillm.kv_cache import KVCache
+from minillm.model import GPT
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 

@@ -10,7 +10,8 @@ from conftest import make_corpus
 from minillm.config import ModelConfig, TokenizerConfig
 from minillm.generate import (SamplingParams, TextStream, generate_text, generate_tokens, penalize_repeats,
                               sample_next)
-from minillm.model import GPT, KVCache
+from minillm.kv_cache import KVCache
+from minillm.model import GPT
 from minillm.tokenizer import train_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
