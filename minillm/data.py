@@ -324,8 +324,9 @@ def encode_segments(tok: Tokenizer, segments: Sequence[Segment], writer: TokenWr
     def emit(doc: int, n_bytes: int, ids: np.ndarray) -> None:
         nonlocal last_doc
         if doc != last_doc:
-            if last_doc >= 0:
-                writer is not None and writer.write(np.array([EOS_ID]))
+            if last_doc >= 0:  # a document boundary
+                if writer is not None:
+                    writer.write(np.array([EOS_ID]))
                 st["tokens"] += 1
             st["documents"] += 1
             last_doc = doc
@@ -451,11 +452,13 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
         tok.save(tmp / "tokenizer.model")
         meta = {"corpus": [str(f.path) for f in files], "skipped": [str(p) for p in sorted(set(paths) - {f.path for f in files})],
                 **settings, "vocab_size": tok.vocab_size, "tokenizer_train_seconds": round(tok.train_seconds, 3)}
+        stats = {}
         for split, segs in (("train", train_segs), ("val", val_segs)):
             with TokenWriter(tmp / f"{split}.bin", tok.vocab_size) as w:
-                st = encode_segments(tok, segs, w, workers, progress=progress, desc=f"encode {split}")
+                stats[split] = st = encode_segments(tok, segs, w, workers, progress=progress, desc=f"encode {split}")
             meta |= {f"{split}_tokens": st["tokens"], f"{split}_bytes": st["bytes"], f"{split}_documents": st["documents"]}
-        report = make_report(tok, tok_cfg.model_type, st["bytes"], st["text_tokens"], st["byte_tokens"])
+        v = stats["val"]
+        report = make_report(tok, tok_cfg.model_type, v["bytes"], v["text_tokens"], v["byte_tokens"])
         meta["tokenizer_report"] = asdict(report)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out.exists():  # a concurrent preparer won; keep theirs

@@ -58,6 +58,12 @@ def test_round_trip_any_text(tok, text):
     assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
     stream = tok.stream()
     assert "".join(stream.push(i) for i in ids) + stream.flush() == text
+    assert tok.encode_array(text).tolist() == ids      # the line-by-line fast path gives the same ids
+
+
+def test_encode_array_matches_encode_on_a_long_text(tok):
+    text = make_corpus(400, seed=5) + "\n\n  \r\n".join(HARD) + "\n"
+    assert tok.encode_array(text).tolist() == tok.encode(text)
 
 
 def test_streaming_multibyte_characters_emit_only_when_complete(tok):
@@ -125,3 +131,16 @@ def test_round_trip_hongloumeng():
     assert int(tok.token_bytes()[ids].sum()) == len(sample.encode("utf-8"))
     full = np.array(tok.encode(text))   # every private-use / bopomofo / long line of the whole book
     assert tok.decode(full) == text
+
+
+def test_bench_tokenizer_quick(tmp_path):
+    """The benchmark script's quick path works end to end (a benchmark is not a test: no timing asserted)."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_tokenizer.py", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "bench_tokenizer.json").read_text())["rows"]
+    enc = [r for r in rows if r["bench"] == "encode"]
+    assert [r["workers"] for r in enc] == [1, 2] and all(r["MB/s"] > 0 for r in enc)
+    train = [r for r in rows if r["bench"] == "train"]
+    assert {r["model"] for r in train} == {"bpe", "unigram", "char"}
+    assert all(1.0 <= r["bytes/token"] < 10 for r in train)
