@@ -129,8 +129,10 @@ def test_round_trip_hongloumeng():
     ids = tok.encode(sample)
     assert tok.decode(ids) == sample
     assert int(tok.token_bytes()[ids].sum()) == len(sample.encode("utf-8"))
-    full = np.array(tok.encode(text))   # every private-use / bopomofo / long line of the whole book
+    full = tok.encode_array(text)   # every private-use / bopomofo / long line of the whole book
     assert tok.decode(full) == text
+    head = text[:text.index("\n", 100_000) + 1]
+    assert tok.encode_array(head).tolist() == tok.encode(head)
 
 
 def test_bench_tokenizer_quick(tmp_path):
