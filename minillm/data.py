@@ -268,11 +268,15 @@ def iter_chunks(seg: Segment, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[
             carry, carry_off = buf[cut:], carry_off + cut
 
 
-def segment_texts(segments: Iterable[Segment], chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+def segment_texts(segments: Sequence[Segment], chunk_bytes: int = CHUNK_BYTES, progress: bool = False,
+                  desc: str = "read for tokenizer") -> Iterator[str]:
     """The text of the segments, streamed in newline-aligned pieces (for tokenizer training)."""
-    for seg in segments:
-        for off, data in iter_chunks(seg, chunk_bytes):
-            yield _decode(data, seg, off)
+    with tqdm(total=sum(s.size for s in segments), unit="B", unit_scale=True, desc=desc, leave=False,
+              disable=not progress) as bar:
+        for seg in segments:
+            for off, data in iter_chunks(seg, chunk_bytes):
+                bar.update(len(data))
+                yield _decode(data, seg, off)
 
 
 def _decode(data: bytes, seg: Segment, off: int) -> str:
@@ -444,7 +448,7 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
     else:
         train_segs, val_segs = whole_files(files), whole_files(val_files)
     log.info("training a %s tokenizer (vocab %d) on %s", tok_cfg.model_type, tok_cfg.vocab_size, source)
-    tok = train_tokenizer(segment_texts(train_segs), tok_cfg, source=source)
+    tok = train_tokenizer(segment_texts(train_segs, progress=progress), tok_cfg, source=source)
     workers = resolve_workers(data_cfg.num_workers)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
