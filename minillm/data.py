@@ -309,7 +309,7 @@ def resolve_workers(num_workers: int) -> int:
 
 
 def encode_segments(tok: Tokenizer, segments: Sequence[Segment], writer: TokenWriter | None,
-                    num_workers: int = 1, chunk_bytes: int = CHUNK_BYTES, progress: bool = False,
+                    num_workers: int = 1, chunk_bytes: int | None = None, progress: bool = False,
                     desc: str = "encode") -> dict:
     """Encode documents into ``writer`` (None: only count), eos between documents.
 
@@ -319,6 +319,7 @@ def encode_segments(tok: Tokenizer, segments: Sequence[Segment], writer: TokenWr
     Returns tokens (incl. eos), text_tokens, byte_tokens (byte-fallback), bytes, documents, and
     max_pending_bytes (most input bytes read but not yet written at any time).
     """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     total = sum(s.size for s in segments)
     is_byte = tok.byte_fallback_mask()
     st = {"tokens": 0, "text_tokens": 0, "byte_tokens": 0, "bytes": total, "documents": 0, "max_pending_bytes": 0}

@@ -239,3 +239,26 @@ def test_train_on_files_with_validation_input(tmp_path):
     assert report.val_bytes == val.stat().st_size
     assert report.val_tokens == len(tok.encode(val.read_text()))
     assert report.byte_fallback_share == pytest.approx(3 / report.val_tokens)   # 鬼 is three byte tokens
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, data_dir, monkeypatch):
+    corpus = write(tmp_path / "c.txt", make_corpus(3000))
+    calls = {"n": 0}
+    real = Tokenizer.encode_array
+
+    def flaky(self, text):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt   # the user presses Ctrl-C in the middle of encoding
+        return real(self, text)
+
+    monkeypatch.setattr(Tokenizer, "encode_array", flaky)
+    monkeypatch.setattr("minillm.data.CHUNK_BYTES", 8192)
+    cfg = DataConfig(path=str(corpus), num_workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, TOK_CFG, progress=False)
+    assert calls["n"] == 3 and list((data_dir / "prepared").iterdir()) == []
+    monkeypatch.setattr(Tokenizer, "encode_array", real)
+    p = prepare(cfg, TOK_CFG, progress=False)                   # the next run starts clean and completes
+    assert Tokenizer.load(p.tokenizer).decode(read_tokens(p.train)) + \
+        Tokenizer.load(p.tokenizer).decode(read_tokens(p.val)) == corpus.read_text()
