@@ -77,16 +77,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the corpus comes from. ``path`` (any UTF-8 text file) wins over the named dataset."""
+    """Where the corpus comes from. ``path`` wins over the named dataset (url/sha256/filename).
+
+    ``path`` and ``val_path`` take a file, a folder (every non-hidden file under it, sorted) or a glob
+    (``corpus/**/*.txt``). Each file is one document; documents are separated by eos in the token stream.
+    """
     name: str = "shakespeare"
     path: Optional[str] = None
     url: Optional[str] = None          # download source of a named dataset
     sha256: Optional[str] = None       # its checksum; a mismatch is an error
     filename: Optional[str] = None     # its file name in the cache folder
     val_fraction: float = 0.1          # the last fraction of the corpus bytes is validation
+    val_path: Optional[str] = None     # validation text (file, folder or glob); wins over val_fraction
+    skip_invalid: bool = False         # skip files that are not UTF-8 text (or are binary) instead of failing
+    num_workers: int = 0               # encoding processes; 0: one per CPU core, 1: in-process
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(self.path is None or str(self.path).strip() != "", "data.path", self.path,
+               "is empty; give a file, folder or glob (or leave it unset for the named dataset)")
+        _check(self.val_path is None or str(self.val_path).strip() != "", "data.val_path", self.val_path,
+               "is empty; give a file, folder or glob, or leave it unset to use data.val_fraction")
+        _check(isinstance(self.skip_invalid, bool), "data.skip_invalid", self.skip_invalid, "must be true or false")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "data.num_workers", self.num_workers,
+               "must be >= 0 (0: one per CPU core)")
 
 
 @dataclass
@@ -103,17 +117,18 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _choice("tokenizer.model_type", self.model_type, ("bpe", "unigram", "char"))
-        # 3 special tokens (<unk>, <s>, </s>) + 256 byte-fallback tokens need room.
-        floor = 3 + (256 if self.byte_fallback else 0) + 1
+        # 4 specials (<unk> <s> </s> <pad>) + "\n" + 256 byte-fallback pieces, and room for one more.
+        floor = 4 + 1 + (256 if self.byte_fallback else 0) + 1
         _check(self.vocab_size >= floor, "tokenizer.vocab_size", self.vocab_size,
-               f"must be >= {floor} (specials{' + 256 byte-fallback tokens' if self.byte_fallback else ''} + 1)")
+               f"must be >= {floor} (4 specials + newline{' + 256 byte-fallback pieces' if self.byte_fallback else ''}"
+               " + 1); raise it")
         _check(self.vocab_size <= 1 << 31, "tokenizer.vocab_size", self.vocab_size, "is too large")
         _check(0.0 < self.character_coverage <= 1.0, "tokenizer.character_coverage",
                self.character_coverage, "must be in (0, 1]")
         _check(self.max_sentence_length >= 1024, "tokenizer.max_sentence_length",
                self.max_sentence_length, "must be >= 1024")
-        _check(self.input_sentence_size >= 1, "tokenizer.input_sentence_size",
-               self.input_sentence_size, "must be >= 1")
+        _check(self.input_sentence_size > 100, "tokenizer.input_sentence_size",
+               self.input_sentence_size, "must be > 100 (sentencepiece samples at least 101 lines)")
         _check(self.num_threads >= 1, "tokenizer.num_threads", self.num_threads, "must be >= 1")
 
 

@@ -34,10 +34,10 @@ def test_download_checks_sha256_and_caches(http_dir, data_dir):
     body = "To be, or not to be\n" * 50
     (www / "c.txt").write_text(body)
     sha = hashlib.sha256(body.encode()).hexdigest()
-    path = resolve_corpus(named(f"{base}/c.txt", sha))
+    [path] = resolve_corpus(named(f"{base}/c.txt", sha))
     assert path == data_dir / "corpus.txt" and path.read_text() == body
     (www / "c.txt").unlink()  # second time it comes from the cache
-    assert resolve_corpus(named(f"{base}/c.txt", sha)) == path
+    assert resolve_corpus(named(f"{base}/c.txt", sha)) == [path]
 
 
 def test_download_with_wrong_checksum_leaves_nothing(http_dir, data_dir):
@@ -54,11 +54,11 @@ def test_offline_without_a_copy_says_where_to_put_the_file(data_dir):
 
 
 def test_explicit_path_errors(tmp_path, data_dir):
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="missing.txt: no such file or folder"):
         resolve_corpus(DataConfig(path=str(tmp_path / "missing.txt")))
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(invalid byte at offset 3\)"):
+    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(invalid byte 0xe9 at offset 3\).*data.skip_invalid=true"):
         prepare(DataConfig(path=str(bad)), TokenizerConfig(vocab_size=400))
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -97,7 +97,7 @@ def test_token_file_round_trip_and_validation(tmp_path):
         read_tokens(tmp_path / "flip.bin")
     with pytest.raises(TokenFileError, match="outside"):
         write_tokens(tmp_path / "x.bin", np.array([5]), 5)
-    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.tmp").exists()
+    assert not (tmp_path / "x.bin").exists() and not list(tmp_path.glob("x.bin*"))
 
 
 def test_prepare_encodes_both_splits_and_reuses_the_cache(corpus_file, data_dir):

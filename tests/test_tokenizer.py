@@ -1,15 +1,22 @@
-"""The tokenizer is lossless, counts bytes exactly, and streams exactly what decode gives."""
+"""The tokenizer is lossless, counts bytes exactly, streams exactly what decode gives, and trains
+from files on its own (python -m minillm.tokenizer)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_DATA, make_corpus
-from minillm.config import TokenizerConfig
-from minillm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError, train_tokenizer
+from conftest import ROOT, SHARED_DATA, make_corpus
+from minillm.config import ConfigError, TokenizerConfig
+from minillm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError, main, train_tokenizer
 
 HARD = ["红楼梦 第一回 甄士隐梦幻识通灵", "emoji 😀🎉👩‍👩‍👧", "combining e\u0301 a\u0308", "tabs\tand\t\ttabs",
         "runs of     spaces", "crlf\r\nline\r\n", "private use \ue000\U000f0000", "  leading and trailing  ",
-        "\n\n\nnewlines only\n", "ㄅㄆㄇ bopomofo", "digits 1234567890", "▁ literal sentencepiece marker"]
+        "\n\n\nnewlines only\n", "ㄅㄆㄇ bopomofo", "digits 1234567890", "▁ literal sentencepiece marker",
+        "▁▁ ▁", " ▁", "a\u2581b \u2581\n\u2581", "\u3000full-width\u3000space", "nul \x00 and del \x7f"]
 
 
 @pytest.fixture(scope="module", params=["bpe", "unigram", "char"])
@@ -21,30 +28,48 @@ def tok(request) -> Tokenizer:
 
 def test_special_ids_are_fixed(tok):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (BOS_ID, EOS_ID, PAD_ID) == (1, 2, 3)
-    assert tok.sp.id_to_piece(EOS_ID) == "</s>"
+    assert [tok.sp.id_to_piece(i) for i in range(5)] == ["<unk>", "<s>", "</s>", "<pad>", "\n"]
+    assert list(tok.token_bytes()[:4]) == [0, 0, 0, 0]   # specials cover no text
 
 
 @pytest.mark.parametrize("text", HARD)
 def test_round_trip_hard_cases(tok, text):
-    if "▁" in text:
-        pytest.xfail("sentencepiece maps a literal U+2581 to a space; tracked for the tokenizer issue")
     ids = tok.encode(text)
     assert tok.decode(ids) == text
+    assert tok.decode_bytes(ids) == text.encode("utf-8")
     assert sum(tok.token_bytes()[ids]) == len(text.encode("utf-8"))
 
 
+def test_literal_sentencepiece_space_is_three_byte_tokens(tok):
+    marker = [tok.sp.piece_to_id(p) for p in ("<0xE2>", "<0x96>", "<0x81>")]
+    ids = tok.encode("a\u2581b")
+    assert ids == tok.encode("a") + marker + tok.encode("b")
+    assert tok.encode("a b") != ids and tok.decode(tok.encode("a b")) == "a b"
+    assert tok.encode_batch(["x\u2581", "plain"]) == [tok.encode("x\u2581"), tok.encode("plain")]
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=60))
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60)
+       | st.lists(st.sampled_from(["\u2581", " ", "\n", "\r\n", "\t", "梦", "😀", "e\u0301", "ab", "1"]),
+                  max_size=30).map("".join))
 def test_round_trip_any_text(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
+    assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
     stream = tok.stream()
     assert "".join(stream.push(i) for i in ids) + stream.flush() == text
+    assert tok.encode_array(text).tolist() == ids      # the line-by-line fast path gives the same ids
+
+
+def test_encode_array_matches_encode_on_a_long_text(tok):
+    text = make_corpus(400, seed=5) + "\n\n  \r\n".join(HARD) + "\n"
+    assert tok.encode_array(text).tolist() == tok.encode(text)
 
 
 def test_streaming_multibyte_characters_emit_only_when_complete(tok):
     ids = tok.encode("鬼")  # not in the training text
     assert len(ids) == 3  # three byte-fallback tokens
+    assert tok.byte_fallback_mask()[ids].all()
     stream = tok.stream()
     assert [stream.push(i) for i in ids] == ["", "", "鬼"]
 
@@ -52,8 +77,48 @@ def test_streaming_multibyte_characters_emit_only_when_complete(tok):
 def test_vocab_larger_than_corpus_supports_is_a_clear_error():
     with pytest.raises(TokenizerError, match=r"tokenizer.vocab_size=5000 is more than tiny.txt supports \(at most \d+"):
         train_tokenizer(["just a few words here\n" * 5], TokenizerConfig(vocab_size=5000), source="tiny.txt")
-    with pytest.raises(TokenizerError, match="is smaller than the .* characters"):
+    with pytest.raises(TokenizerError, match=r"tokenizer.vocab_size=300 is smaller than the \d+ pieces corpus needs"):
         train_tokenizer(["".join(chr(0x4E00 + i) for i in range(400))], TokenizerConfig(vocab_size=300))
+
+
+def test_vocab_too_small_for_byte_fallback_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size=261: must be >= 262 .*byte-fallback"):
+        TokenizerConfig(vocab_size=261)
+    TokenizerConfig(vocab_size=100, byte_fallback=False)  # without byte fallback the floor is low
+
+
+def test_long_lines_and_sampling_keep_training_lossless():
+    line = ("梦" * 3000 + " x") * 3  # one 27 KB line, longer than max_sentence_length
+    cfg = TokenizerConfig(vocab_size=340, max_sentence_length=4096, input_sentence_size=200)
+    t = train_tokenizer([make_corpus(300), line], cfg)
+    assert t.decode(t.encode(line)) == line
+    assert "梦" in [t.sp.id_to_piece(i) for i in range(t.vocab_size)]   # the long line was seen, not skipped
+
+
+def test_cli_trains_from_a_glob_and_reports(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"part{i}.txt").write_text(make_corpus(300, seed=i) + ("鬼魅魍魉 ✓\n" if i == 2 else ""))
+    out = tmp_path / "tok.model"
+    rc = main(["--input", str(docs / "*.txt"), "--model-type", "unigram", "--vocab-size", "340",
+               "--val-fraction", "0.2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    tok = Tokenizer.load(out)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["vocab_size"] == tok.vocab_size == 340 and report["model_type"] == "unigram"
+    assert report["bytes_per_token"] == pytest.approx(report["val_bytes"] / report["val_tokens"])
+    assert 0 < report["byte_fallback_share"] < 0.1    # characters only in the held-out text fall back
+    assert report["val_bytes"] == pytest.approx(0.2 * sum(p.stat().st_size for p in docs.iterdir()), abs=4)
+    assert "bytes per token" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "minillm.tokenizer", "--input", str(tmp_path / "none/*.txt"),
+                           "--out", str(tmp_path / "t.model")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "matches no files" in proc.stderr and not (tmp_path / "t.model").exists()
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "hongloumeng.txt").exists(), reason="shared data not present")
@@ -61,4 +126,23 @@ def test_round_trip_hongloumeng():
     text = (SHARED_DATA / "hongloumeng.txt").read_text(encoding="utf-8")
     tok = train_tokenizer([text[:300_000]], TokenizerConfig(vocab_size=5000, character_coverage=0.9995))
     sample = text[-200_000:]
-    assert tok.decode(tok.encode(sample)) == sample
+    ids = tok.encode(sample)
+    assert tok.decode(ids) == sample
+    assert int(tok.token_bytes()[ids].sum()) == len(sample.encode("utf-8"))
+    full = tok.encode_array(text)   # every private-use / bopomofo / long line of the whole book
+    assert tok.decode(full) == text
+    head = text[:text.index("\n", 100_000) + 1]
+    assert tok.encode_array(head).tolist() == tok.encode(head)
+
+
+def test_bench_tokenizer_quick(tmp_path):
+    """The benchmark script's quick path works end to end (a benchmark is not a test: no timing asserted)."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_tokenizer.py", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "bench_tokenizer.json").read_text())["rows"]
+    enc = [r for r in rows if r["bench"] == "encode"]
+    assert [r["workers"] for r in enc] == [1, 2] and all(r["MB/s"] > 0 for r in enc)
+    train = [r for r in rows if r["bench"] == "train"]
+    assert {r["model"] for r in train} == {"bpe", "unigram", "char"}
+    assert all(1.0 <= r["bytes/token"] < 10 for r in train)
