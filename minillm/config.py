@@ -181,6 +181,8 @@ class TrainConfig:
     global_batch_tokens: Optional[int] = None  # if set, grad_accum_steps = this / (batch_size*block_size*world)
     dist_timeout_s: float = 600.0      # a collective that waits longer than this fails instead of hanging
     parallel: str = "ddp"              # with several processes: ddp (replicated) | fsdp (FSDP2, sharded)
+    init_from: Optional[str] = None    # fine-tune: start from this run folder's (or checkpoint's) weights
+                                       # and tokenizer, with a fresh optimizer and schedule
 
     def __post_init__(self) -> None:
         p = "train."
@@ -204,6 +206,7 @@ class TrainConfig:
             _check(self.global_batch_tokens >= 1, p + "global_batch_tokens", self.global_batch_tokens, "must be >= 1")
         _check(self.dist_timeout_s > 0, p + "dist_timeout_s", self.dist_timeout_s, "must be > 0")
         _choice(p + "parallel", self.parallel, ("ddp", "fsdp"))
+        _check(self.init_from != "", p + "init_from", self.init_from, "must name a run folder or checkpoint")
 
 
 @dataclass

@@ -419,8 +419,12 @@ class PreparedData:
     meta: dict
 
 
-def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = True) -> PreparedData:
+def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = True,
+            tokenizer: Tokenizer | None = None) -> PreparedData:
     """Train the tokenizer and encode the splits, or reuse a cached result for the same inputs.
+
+    With ``tokenizer`` (fine-tuning another run's model), that tokenizer encodes the corpus instead
+    of a newly trained one, and tok_cfg is not used.
 
     ``.train`` and ``.val`` are token files (read with ``minillm.tokens.read_tokens``); ``.meta`` holds
     train/val tokens, bytes and documents, the files used and skipped, and the tokenizer report.
@@ -434,7 +438,8 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
     settings = {"format": FORMAT_VERSION, "layout": 2, "corpus_sha256": [f.sha256 for f in files],
                 "val_sha256": [f.sha256 for f in val_files] if val_files is not None else None,
                 "val_fraction": data_cfg.val_fraction if val_files is None else None,
-                "tokenizer": asdict(tok_cfg) | {"num_threads": None}}
+                "tokenizer": asdict(tok_cfg) | {"num_threads": None} if tokenizer is None
+                else {"given_sha256": hashlib.sha256(tokenizer.proto).hexdigest()}}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     stem = files[0].path.stem if len(files) == 1 else data_cfg.name
     out = cache_dir() / "prepared" / f"{stem}-{key}"
@@ -448,8 +453,12 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
         train_segs, val_segs = split_segments(files, data_cfg.val_fraction, source)
     else:
         train_segs, val_segs = whole_files(files), whole_files(val_files)
-    log.info("training a %s tokenizer (vocab %d) on %s", tok_cfg.model_type, tok_cfg.vocab_size, source)
-    tok = train_tokenizer(segment_texts(train_segs, progress=progress), tok_cfg, source=source)
+    if tokenizer is None:
+        log.info("training a %s tokenizer (vocab %d) on %s", tok_cfg.model_type, tok_cfg.vocab_size, source)
+        tok = train_tokenizer(segment_texts(train_segs, progress=progress), tok_cfg, source=source)
+    else:
+        log.info("encoding %s with the given tokenizer (vocab %d)", source, tokenizer.vocab_size)
+        tok, tok.train_seconds = tokenizer, 0.0
     workers = resolve_workers(data_cfg.num_workers)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
@@ -463,7 +472,8 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
                 stats[split] = st = encode_segments(tok, segs, w, workers, progress=progress, desc=f"encode {split}")
             meta |= {f"{split}_tokens": st["tokens"], f"{split}_bytes": st["bytes"], f"{split}_documents": st["documents"]}
         v = stats["val"]
-        report = make_report(tok, tok_cfg.model_type, v["bytes"], v["text_tokens"], v["byte_tokens"])
+        kind = tok_cfg.model_type if tokenizer is None else "given"
+        report = make_report(tok, kind, v["bytes"], v["text_tokens"], v["byte_tokens"])
         meta["tokenizer_report"] = asdict(report)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out.exists():  # a concurrent preparer won; keep theirs

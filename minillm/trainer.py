@@ -181,13 +181,13 @@ def train(cfg: TrainJobConfig) -> dict:
         dist.teardown()
 
 
-def _load_data(cfg: TrainJobConfig, info: dist.DistInfo):
+def _load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | None):
     # Rank 0 prepares (tokenizer + token files); the others then find it in the cache.
     if info.is_main:
-        prepared = prepare(cfg.data, cfg.tokenizer)
+        prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     dist.barrier(info)
     if not info.is_main:
-        prepared = prepare(cfg.data, cfg.tokenizer)
+        prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     tok = Tokenizer.load(prepared.tokenizer)
     return prepared, tok, read_tokens(prepared.train, tok.vocab_size), read_tokens(prepared.val, tok.vocab_size)
 
@@ -197,7 +197,10 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
     run_dir = Path(cfg.out_dir)
     seed_everything(cfg.seed)
     ops.configure(cfg.kernels, info.device)
-    prepared, tok, train_tokens, val_tokens = _load_data(cfg, info)
+    # Fine-tuning: the source run's weights and tokenizer (which also encodes the new corpus).
+    source = ckpt.load_checkpoint(ckpt.resolve_checkpoint(cfg.train.init_from)) if cfg.train.init_from else None
+    source_tok = Tokenizer(bytes(source["tokenizer"].numpy().tobytes())) if source is not None else None
+    prepared, tok, train_tokens, val_tokens = _load_data(cfg, info, source_tok)
     if len(val_tokens) < 2:
         raise RunError(f"the validation split has {len(val_tokens)} tokens; it needs at least 2 "
                        "(a larger corpus or data.val_fraction)")
@@ -230,6 +233,11 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
 
     bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and info.device.type == "cuda")
     model = GPT(cfg.model).to(info.device)   # the same initial weights on every rank (same seed)
+    if source is not None and state is None:
+        check_compatible(source["config"]["model"], cfg.model, Path(tc.init_from))
+        model.load_state_dict(source["model"])
+        log.info("fine-tuning from %s (step %d of that run): fresh optimizer and schedule",
+                 tc.init_from, source["step"])
     torch.manual_seed(cfg.seed + info.rank)  # from here, each rank's own stream (dropout)
     log.info("model: %s, %.2fM parameters (%.2fM non-embedding)", cfg.model.name,
              model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)

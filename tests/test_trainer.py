@@ -257,3 +257,22 @@ def test_wandb_offline_and_report_command(tmp_path, corpus_file, data_dir):
     r = subprocess.run([sys.executable, "-m", "minillm.report", str(run)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and json.loads(r.stdout)["best_val_loss"] == saved["best_val_loss"]
     assert (run / "curves.png").stat().st_size > 10_000
+
+
+def test_init_from_fine_tunes_with_the_source_weights_and_tokenizer(tmp_path, corpus_file, data_dir, caplog):
+    from conftest import make_corpus
+    pre, fine, scratch = tmp_path / "pre", tmp_path / "fine", tmp_path / "scratch"
+    train(tiny_cfg(pre, corpus_file, max_steps=30))
+    domain = tmp_path / "domain.txt"
+    domain.write_text(make_corpus(600, seed=7))
+    caplog.set_level("INFO", logger="minillm")
+    train(tiny_cfg(fine, domain, max_steps=3, init_from=str(pre)))
+    assert "fine-tuning from" in caplog.text
+    assert (fine / "tokenizer.model").read_bytes() == (pre / "tokenizer.model").read_bytes()
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(fine))["step"] == 3   # a fresh schedule
+    train(tiny_cfg(scratch, domain, max_steps=3))
+    assert losses(fine)[0] < losses(scratch)[0] - 1.0      # it starts from the pretrained weights
+    cfg = tiny_cfg(tmp_path / "bad", domain, max_steps=3, init_from=str(pre))
+    cfg.model.n_layer = 3
+    with pytest.raises(RunError, match=r"has model.n_layer=2 but the config says 3"):
+        train(cfg)
