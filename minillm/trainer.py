@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillm import checkpoint as ckpt
 from minillm import distributed as dist
-from minillm import ops
+from minillm import muon, ops
 from minillm.config import ModelConfig, OptimConfig, TrainJobConfig
 from minillm.data import prepare
 from minillm.guards import NonFiniteError, StepGuard
@@ -42,13 +42,27 @@ class RunError(RuntimeError):
     """The run cannot start as configured (existing run folder, incompatible checkpoint, ...)."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (linear and embedding weights) only, not on norms or biases."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device):
+    """AdamW; weight decay on matrices (linear and embedding weights) only, not on norms or biases.
+
+    optim.name=muon: the blocks' 2-D weights go to Muon (minillm/muon.py), the rest to AdamW; both
+    are stepped as one optimizer whose Muon groups carry lr_mult = muon_lr / lr.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+    fused = device.type == "cuda" if cfg.fused is None else cfg.fused
+    muon_params = muon.hidden_matrices(model) if cfg.name == "muon" else []
+    taken = {id(p) for p in muon_params}
+    rest = [p for p in params if id(p) not in taken]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              eps=cfg.eps, fused=fused)
+    if not muon_params:
+        return adamw
+    ratio = cfg.muon_lr / cfg.lr if cfg.lr > 0 else 0.0
+    opt = muon.Muon([{"params": muon_params, "lr_mult": ratio}], lr=cfg.muon_lr,
+                    momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps)
+    return muon.CombinedOptimizer({"adamw": adamw, "muon": opt})
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
