@@ -40,6 +40,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     mlp: str = "swiglu"                # gelu | swiglu
     mlp_hidden: Optional[int] = None   # None: 4*n_embd for gelu, 8/3*n_embd (rounded to 64) for swiglu
+    gelu_approximate: str = "tanh"     # mlp=gelu: tanh (GPT-2) | none (exact erf, nanoGPT; ~3x cheaper on CPU)
     tie_embeddings: bool = True
     bias: bool = False
     qk_norm: bool = False
@@ -61,6 +62,7 @@ class ModelConfig:
         _choice(p + "norm", self.norm, ("layernorm", "rmsnorm"))
         _choice(p + "pos", self.pos, ("learned", "rope"))
         _choice(p + "mlp", self.mlp, ("gelu", "swiglu"))
+        _choice(p + "gelu_approximate", self.gelu_approximate, ("tanh", "none"))
         if self.pos == "rope":
             _check(self.head_dim % 2 == 0, p + "n_embd", self.n_embd,
                    f"rope needs an even head dim, got n_embd/n_head={self.head_dim}")

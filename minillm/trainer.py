@@ -98,8 +98,9 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
 
 def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
     """Refuse a checkpoint whose model differs from the configured one, naming the field."""
+    defaults = asdict(ModelConfig())  # a key added after the checkpoint was written has its default there
     for key, value in asdict(current).items():
-        if key != "name" and saved.get(key) != value:
+        if key != "name" and saved.get(key, defaults.get(key)) != value:
             raise RunError(f"{where}: checkpoint has model.{key}={saved.get(key)!r} but the config says "
                            f"{value!r}; use the same model settings or a new out_dir")
 
