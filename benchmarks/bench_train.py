@@ -27,6 +27,7 @@ Variants
     fused     eager, AdamW fused=True (one fused kernel for all parameters; works on CPU in torch 2.13)
     compile   torch.compile(model) (inductor; C++ codegen on CPU), AdamW fused
     compile_lean  compile, with the (unused on CPU) triton import blocked: -72 MiB peak RSS
+    fused_lean    fused, triton import blocked (torch.optim imports torch._dynamo, which imports triton)
     muon      eager, Muon for hidden matrices + fused AdamW for the rest
 
 Profile findings (nanogpt preset, eager, 2 threads, uncontended; see the README section "Benchmarks
@@ -61,6 +62,7 @@ PRESETS = {
 VARIANTS = {
     "eager": dict(compile=False, optim=dict(fused=False)),
     "fused": dict(compile=False, optim=dict(fused=True)),
+    "fused_lean": dict(compile=False, optim=dict(fused=True), block_triton=True),
     "compile": dict(compile=True, optim=dict(fused=True)),
     "compile_lean": dict(compile=True, optim=dict(fused=True), block_triton=True),
     "muon": dict(compile=False, optim=dict(fused=True, name="muon")),
@@ -196,6 +198,15 @@ def profile_steps(step, n: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- parent
+def statistics_median_row(rows: list[dict]) -> dict:
+    """One row from several rounds of the same config: numeric fields by median, the rest from the first."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in rows)
+    return out
+
+
 def run_in_subprocess(spec: dict) -> dict:
     """One row, measured in a fresh interpreter so peak memory is that row's alone."""
     env = dict(os.environ)
@@ -245,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows (median reported)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (compile happens here)")
+    p.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown to each row")
@@ -266,15 +278,26 @@ def main(argv=None) -> int:
         args.steps, args.repeats, args.warmup, args.threads = 5, 2, 2, 1
     else:
         presets, variants = args.preset.split(","), args.variants.split(",")
+    # Rounds interleave the variants (A B C A B C ...) so a change in machine load hits them alike;
+    # each row reports the median over rounds, and the spread of every window in every round.
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(args.rounds):
+        for preset in presets:
+            for variant in variants:
+                spec = spec_for(preset, variant) | {"device": device, "steps": args.steps, "repeats": args.repeats,
+                                                    "warmup": args.warmup, "threads": args.threads,
+                                                    "profile": args.profile}
+                runs.setdefault((preset, variant), []).append(run_in_subprocess(spec))
     rows = []
-    for preset in presets:
-        for variant in variants:
-            spec = spec_for(preset, variant) | {"device": device, "steps": args.steps, "repeats": args.repeats,
-                                                "warmup": args.warmup, "threads": args.threads,
-                                                "profile": args.profile}
-            rows.append(run_in_subprocess(spec))
-            base = next(r for r in rows if r["preset"] == preset)
-            rows[-1]["vs_first"] = rows[-1]["tokens_per_s"] / base["tokens_per_s"]
+    for (preset, variant), rs in runs.items():
+        row = dict(statistics_median_row(rs))
+        row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rs]
+        row["tokens_per_s_min"] = min(r["tokens_per_s_min"] for r in rs)
+        row["tokens_per_s_max"] = max(r["tokens_per_s_max"] for r in rs)
+        row["peak_mem_mib"] = max(r["peak_mem_mib"] for r in rs)
+        base = rows[0] if rows and rows[0]["preset"] == preset else row
+        row["vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
+        rows.append(row)
     cols = ["preset", "variant", "params_M", "B", "T", "tokens_per_s", "vs_first", "step_ms", "fwd_ms", "bwd_ms",
             "opt_ms", "flops_per_s"] + (["mfu"] if device == "cuda" else []) + ["peak_mem_mib", "warmup_s"]
     print_table(rows, cols)
