@@ -101,6 +101,28 @@ def bench_one(kind, impl, fn, M, N, dtype, device, reps, ref_out):
     return rows
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """GB/s against hidden size N: one panel per (norm, dtype, direction), one line per implementation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["norm"], r["dtype"], r["dir"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (norm, dtype, direction) in zip(axes[0], panels):
+        for impl in sorted({r["impl"] for r in rows}):
+            pts = sorted((r["N"], r["GB/s"]) for r in rows
+                         if (r["norm"], r["dtype"], r["dir"], r["impl"]) == (norm, dtype, direction, impl))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{norm} {dtype} {direction}", xlabel="N", ylabel="GB/s")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU run of the reference path")
@@ -146,8 +168,9 @@ def main(argv=None) -> int:
     cols = ["norm", "dtype", "M", "N", "impl", "dir", "ms", "GB/s", "%copy"] + (["%peak"] if peak else [])
     print_table(rows, cols + ["vs_torch"])
     print(f"device copy bandwidth: {copy:.1f} GB/s" + (f", spec peak {peak:.0f} GB/s" if peak else ""))
-    write_results("bench_norm", rows, extra={"copy_gbps": copy, "peak_gbps": peak, "quick": args.quick},
-                  out_dir=args.out_dir)
+    path = write_results("bench_norm", rows, extra={"copy_gbps": copy, "peak_gbps": peak, "quick": args.quick},
+                         out_dir=args.out_dir)
+    plot(rows, path.with_suffix(".png"))
     return 0
 
 

@@ -76,8 +76,8 @@ class TrainLoop:
 
     def train_step(self, step: int, timer: _Timer) -> tuple[float, float, str]:
         lr = self.lr_fn(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # lr_mult: Muon's groups (minillm/muon.py)
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         loss, gnorm = self.forward_backward(timer)
         verdict = self.guard.check(step + 1, loss, gnorm)
         timer.mark()
@@ -97,6 +97,7 @@ class TrainLoop:
     def _record(self, step, loss, gnorm, verdict, tokens_seen, tps, t_start, timer) -> dict:
         rec = {"step": step, "train_loss": loss, "lr": self.lr_fn(step - 1), "grad_norm": gnorm,
                "tokens": tokens_seen, "tokens_per_sec": tps, "elapsed_s": round(time.time() - t_start, 3),
+               "time": round(time.time(), 3),  # Unix time: lines up with clocks outside the process
                "flops_per_sec": self.flops_per_token * tps}
         if self.peak:
             rec["mfu"] = mfu(self.flops_per_token, tps, self.peak * self.info.world_size)  # tps is global
@@ -133,7 +134,9 @@ class TrainLoop:
                         best_val = min(best_val, last_val[0])
                         record = record or self._record(step, loss, gnorm, verdict, tokens_seen,
                                                         float("nan"), t_start, timer)
-                        record.update(val_loss=last_val[0], val_bpb=last_val[1])
+                        # stamped after the evaluation: when this validation number was known
+                        record.update(val_loss=last_val[0], val_bpb=last_val[1],
+                                      elapsed_s=round(time.time() - t_start, 3), time=round(time.time(), 3))
                         if info.is_main:
                             bar.write(f"step {step}: train loss {loss:.4f}, val loss {last_val[0]:.4f}, "
                                       f"val bpb {last_val[1]:.4f}")

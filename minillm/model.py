@@ -96,7 +96,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.kind = cfg.mlp
+        self.kind, self.approximate = cfg.mlp, cfg.gelu_approximate
         if cfg.mlp == "gelu":
             hidden = cfg.mlp_hidden or 4 * cfg.n_embd
             self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
@@ -110,7 +110,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.approximate)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up

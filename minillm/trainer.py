@@ -22,7 +22,7 @@ import torch
 
 from minillm import checkpoint as ckpt
 from minillm import distributed as dist
-from minillm import ops
+from minillm import muon, ops
 from minillm.config import ModelConfig, OptimConfig, TrainJobConfig
 from minillm.data import prepare
 from minillm.guards import NonFiniteError, StepGuard
@@ -42,14 +42,27 @@ class RunError(RuntimeError):
     """The run cannot start as configured (existing run folder, incompatible checkpoint, ...)."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
-                    fused: bool = True) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (linear and embedding weights) only, not on norms or biases."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, fused_ok: bool = True):
+    """AdamW; weight decay on matrices (linear and embedding weights) only, not on norms or biases.
+
+    optim.name=muon: the blocks' 2-D weights go to Muon (minillm/muon.py), the rest to AdamW; both
+    are stepped as one optimizer whose Muon groups carry lr_mult = muon_lr / lr.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused and device.type == "cuda")
+    fused = (device.type == "cuda" if cfg.fused is None else cfg.fused) and fused_ok
+    muon_params = muon.hidden_matrices(model) if cfg.name == "muon" else []
+    taken = {id(p) for p in muon_params}
+    rest = [p for p in params if id(p) not in taken]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              eps=cfg.eps, fused=fused)
+    if not muon_params:
+        return adamw
+    ratio = cfg.muon_lr / cfg.lr if cfg.lr > 0 else 0.0
+    opt = muon.Muon([{"params": muon_params, "lr_mult": ratio}], lr=cfg.muon_lr,
+                    momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps)
+    return muon.CombinedOptimizer({"adamw": adamw, "muon": opt})
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -87,8 +100,9 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
 
 def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
     """Refuse a checkpoint whose model differs from the configured one, naming the field."""
+    defaults = asdict(ModelConfig())  # a key added after the checkpoint was written has its default there
     for key, value in asdict(current).items():
-        if key not in ("name", "dropout") and saved.get(key) != value:  # dropout may change on resume
+        if key not in ("name", "dropout") and saved.get(key, defaults.get(key)) != value:  # dropout may change
             raise RunError(f"{where}: checkpoint has model.{key}={saved.get(key)!r} but the config says "
                            f"{value!r}; use the same model settings or a new out_dir")
 
@@ -243,7 +257,10 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
              model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)
     if fsdp:
         shard_fsdp(model, info, bf16)
-    optimizer = build_optimizer(model, cfg.optim, info.device, fused=not fsdp)
+    if fsdp and cfg.optim.name == "muon":
+        raise RunError("optim.name=muon with train.parallel=fsdp: Muon needs whole matrices, FSDP shards "
+                       "them; use optim=adamw with FSDP, or train.parallel=ddp")
+    optimizer = build_optimizer(model, cfg.optim, info.device, fused_ok=not fsdp)
     try:
         sampler = BatchSampler(train_tokens, tc.batch_size, cfg.model.block_size, cfg.seed, info.rank, info.world_size)
     except ValueError as e:

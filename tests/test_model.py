@@ -122,3 +122,19 @@ def test_per_token_loss_matches_mean_and_ignores_minus_one():
     _, mean = model(idx, y)
     assert per_tok.shape == (2, 16) and torch.all(per_tok[1, 8:] == 0)
     assert torch.allclose(per_tok[y >= 0].mean(), mean)
+
+
+def test_gelu_approximate_option():
+    """mlp=gelu with gelu_approximate=none is the exact erf GELU (nanoGPT's); tanh stays the default."""
+    import torch.nn.functional as F
+    from minillm.model import MLP
+    assert ModelConfig().gelu_approximate == "tanh"
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16)
+    for approx in ("none", "tanh"):
+        mlp = MLP(ModelConfig(n_embd=16, n_head=2, mlp="gelu", gelu_approximate=approx))
+        want = mlp.proj(F.gelu(mlp.fc(x), approximate=approx))
+        torch.testing.assert_close(mlp(x), want)
+    exact = MLP(ModelConfig(n_embd=16, n_head=2, mlp="gelu", gelu_approximate="none"))
+    h = exact.fc(x)
+    torch.testing.assert_close(exact(x), exact.proj(0.5 * h * (1 + torch.erf(h / 2 ** 0.5))))
