@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, timeit, write_results  # noqa: E402
+from benchmarks.common import bar_png, environment, print_table, timeit, write_results  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.generate import SamplingParams, generate_tokens  # noqa: E402
 from minillm.model import GPT  # noqa: E402
@@ -66,6 +66,9 @@ def main() -> None:
     write_results("bench_sample", rows, {"setup": setup, "quick": args.quick, "device": device,
                                          "threads": torch.get_num_threads(),
                                          "environment_summary": environment()["device"]}, out_dir=args.out_dir)
+    bar_png("bench_sample", [f"B={r['batch']} {'cache' if r['kv_cache'] else 'no cache'}" for r in rows],
+            [r["tokens_per_s"] for r in rows], "new tokens / s",
+            f"sampling {setup['new_tokens']} tokens after a {setup['prompt_len']}-token prompt", args.out_dir)
 
 
 if __name__ == "__main__":

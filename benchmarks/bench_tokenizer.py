@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, timeit, write_results  # noqa: E402
+from benchmarks.common import bar_png, environment, print_table, timeit, write_results  # noqa: E402
 from minillm.config import TokenizerConfig  # noqa: E402
 from minillm.data import Segment, encode_segments, train_on_files  # noqa: E402
 from minillm.tokenizer import TokenizerError, train_tokenizer  # noqa: E402
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     ratio = enc[-1]["speedup"] if len(enc) > 1 else None
     write_results("bench_tokenizer", enc + train, {"quick": a.quick, "speedup_last_vs_first": ratio,
                                                    "goal": "2 workers >= 1.7x one"}, out_dir=a.out_dir)
+    bar_png("bench_tokenizer", [f"{r['workers']} worker(s)" for r in enc], [r["MB/s"] for r in enc], "MB/s",
+            "encoding throughput", a.out_dir)
     return 0
 
 

@@ -96,3 +96,24 @@ def write_results(name: str, rows: Sequence[dict], extra: dict | None = None,
     os.replace(tmp, path)
     print(f"wrote {path}")
     return path
+
+
+def bar_png(name: str, labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
+            out_dir: Path | None = None) -> Path:
+    """A bar chart ``<out_dir>/<name>.png`` for benchmarks whose result is a handful of numbers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 4))
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
