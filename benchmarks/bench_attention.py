@@ -15,7 +15,6 @@ d=128, causal, T >= 4096.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, timeit, write_results  # noqa: E402
+from benchmarks.common import bench_parser, environment, print_table, save_figure, timeit, write_results  # noqa: E402
 
 PEAK_TFLOPS = {"H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 989, "H200": 989,
                "A100": 312, "L40S": 362, "4090": 165}
@@ -115,16 +114,11 @@ def plot(rows, path: Path) -> None:
             ax.set_xlabel("T")
             ax.set_ylabel("TFLOP/s")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny CPU run of the torch reference/SDPA path")
-    p.add_argument("--out-dir", type=Path, default=None, help="where bench_attention.json/.png go")
+    p = bench_parser(__doc__, "bench_attention", "tiny CPU run of the torch reference/SDPA path")
     p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--tokens", type=int, default=16384, help="B*T (B = tokens // T, at least 1)")

@@ -16,7 +16,6 @@ at N >= 4096, and never slower than torch eager.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, timeit, write_results  # noqa: E402
+from benchmarks.common import bench_parser, environment, print_table, save_figure, timeit, write_results  # noqa: E402
 
 # Spec HBM bandwidth in GB/s by device-name substring (vendor data sheets).
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800,
@@ -117,16 +116,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set(title=f"{norm} {dtype} {direction}", xlabel="N", ylabel="GB/s")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny CPU run of the reference path")
-    p.add_argument("--out-dir", type=Path, default=None, help="where bench_norm.json goes")
+    p = bench_parser(__doc__, "bench_norm", "tiny CPU run of the reference path")
     p.add_argument("--tokens", type=int, default=16384, help="rows M (batch*sequence) on GPU")
     p.add_argument("--sizes", default="512,1024,2048,4096,5120,8192,16384")
     p.add_argument("--dtypes", default="bf16,fp32")

@@ -21,7 +21,6 @@ Reference (nanoGPT README CPU recipe, measured on these 2-core machines): val lo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -88,6 +87,7 @@ def one_run(overrides: list[str], run_dir: Path, env: dict, target: float) -> di
 
 
 def plot(rows: list[dict], target: float, path: Path, reference: dict | None) -> Path:
+    from benchmarks.common import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,17 +107,13 @@ def plot(rows: list[dict], target: float, path: Path, reference: dict | None) ->
            ylim=(max(0.0, target - 1.0), target + 2.5))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
     return path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run on a generated corpus (mechanics only)")
-    p.add_argument("--out-dir", type=Path, default=None, help="where bench_recipe.json/.png go")
+    from benchmarks.common import bench_parser
+    p = bench_parser(__doc__, "bench_recipe", "tiny run on a generated corpus (mechanics only)")
     p.add_argument("--experiment", default="shakespeare_cpu")
     p.add_argument("--target", type=float, default=REFERENCE["val_bpb"], help="val_bpb to reach")
     p.add_argument("--repeats", type=int, default=2)
@@ -127,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
     args = p.parse_args(argv)
 
-    from benchmarks.common import RESULTS_DIR, environment, print_table, write_results
+    from benchmarks.common import RESULTS_DIR, print_table, write_results
 
     work = Path(tempfile.mkdtemp(prefix="bench_recipe-"))
     env = dict(os.environ)

@@ -17,7 +17,6 @@ Goal: 2 workers >= 1.7x one.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import resource
@@ -27,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import bar_png, environment, print_table, timeit, write_results  # noqa: E402
+from benchmarks.common import bar_png, bench_parser, print_table, timeit, write_results  # noqa: E402
 from minillm.config import TokenizerConfig  # noqa: E402
 from minillm.data import Segment, encode_segments, train_on_files  # noqa: E402
 from minillm.tokenizer import TokenizerError, train_tokenizer  # noqa: E402
@@ -110,9 +109,7 @@ def train_one(path: Path, model_type: str, vocab: int, coverage: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small generated corpus, seconds")
-    p.add_argument("--out-dir", type=Path, default=None, help="where bench_tokenizer.json goes")
+    p = bench_parser(__doc__, "bench_tokenizer", "small generated corpus, seconds")
     p.add_argument("--size-mb", type=float, default=50.0)
     p.add_argument("--workers", default="1,2")
     p.add_argument("--reps", type=int, default=2)

@@ -223,6 +223,7 @@ def run_in_subprocess(spec: dict) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
+    from benchmarks.common import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -243,17 +244,13 @@ def plot(rows: list[dict], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3, axis="x")
         ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
     return path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few steps of the nanogpt preset on CPU")
-    p.add_argument("--out-dir", type=Path, default=None, help="where bench_train.json/.png go")
+    from benchmarks.common import bench_parser
+    p = bench_parser(__doc__, "bench_train", "a few steps of the nanogpt preset on CPU")
     p.add_argument("--preset", default="nanogpt", help=f"comma list of {', '.join(PRESETS)}")
     p.add_argument("--variants", default="eager,fused,compile", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=100, help="steps per timed window")

@@ -98,6 +98,25 @@ def write_results(name: str, rows: Sequence[dict], extra: dict | None = None,
     return path
 
 
+def bench_parser(doc: str, name: str, quick_help: str):
+    """The flags every benchmark shares: --quick (its CPU path, seconds) and --out-dir."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out-dir", type=Path, default=None, help=f"where {name}.json/.png go")
+    return p
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> Path:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 def bar_png(name: str, labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
             out_dir: Path | None = None) -> Path:
     """A bar chart ``<out_dir>/<name>.png`` for benchmarks whose result is a handful of numbers."""
@@ -112,8 +131,4 @@ def bar_png(name: str, labels: Sequence[str], values: Sequence[float], ylabel: s
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / f"{name}.png")

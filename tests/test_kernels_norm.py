@@ -11,7 +11,6 @@ whose error grows like log2(N)*u ~ 1e-6; the observed max error is ~1.5e-6 at N=
 these tests exist for (a masked tail leaking into a sum, a missing term in dx, a partial row lost or
 added twice in dw) give errors of 1e-3 .. 1.
 """
-import math
 
 import pytest
 import torch
