@@ -1,4 +1,6 @@
 """Config validation: bad keys, types and values fail at startup with one line naming them."""
+import json
+
 import pytest
 
 from conftest import TINY_ARGS, run_entry
@@ -75,3 +77,13 @@ def test_runtime_problems_are_one_line_errors(args, expected, tmp_path, corpus_f
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in r.stderr
+
+
+def test_multirun_gives_each_job_its_own_run_folder(tmp_path, corpus_file, data_dir):
+    out = tmp_path / "sweep"
+    r = run_entry("train.py", "-m", "optim.lr=1e-3,3e-3", f"data.path={corpus_file}", f"out_dir={out}",
+                  *TINY_ARGS, "train.max_steps=2", env={"MINILLM_DATA_DIR": str(data_dir)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lrs = [json.loads((out / str(i) / "config.json").read_text())["optim"]["lr"] for i in (0, 1)]
+    assert lrs == [1e-3, 3e-3]
+    assert all((out / str(i) / "ckpt" / "latest").is_file() for i in (0, 1))
