@@ -173,3 +173,28 @@ def test_a_signal_to_one_rank_stops_all_with_143_and_uneven_eval_works(tmp_path,
     last = records(run)[-1]["step"]
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["step"] == last
     assert all("val_bpb" in r for r in records(run) if r["step"] % 2 == 0)
+
+
+@pytest.mark.slow  # waits out a collective timeout
+def test_a_hung_rank_becomes_an_error_after_the_timeout(tmp_path, corpus_file, env):
+    run = tmp_path / "run"
+    p = launch([f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=100000",
+                "train.batch_size=4", "train.eval_interval=0", "train.dist_timeout_s=10"], env, wait=False)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    workers = sorted(_children(p.pid))
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGSTOP)              # the rank hangs: alive, but never answers
+    start = time.time()
+    try:
+        _, err = p.communicate(timeout=240)
+    finally:
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert p.returncode != 0
+    assert time.time() - start < 200                  # an error after ~dist_timeout_s, not an endless wait
+    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
