@@ -58,6 +58,12 @@ def _atomic_write_bytes(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def step_of(path: Path) -> int:
+    """The step in a checkpoint's name (step_000123.pt or step_000123/); -1 for other names."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint files in the run folder, oldest first."""
     d = ckpt_dir(run_dir)

@@ -114,11 +114,18 @@ def _resume_candidates(cfg: TrainJobConfig, run_dir: Path) -> list[Path]:
             raise RunError(f"out_dir={run_dir} already holds a run; choose a new out_dir, or train.resume=auto "
                            "to continue it (nothing was overwritten)")
         return []
+    latest = ckpt.latest_checkpoint(run_dir)
     if mode == "auto":
-        latest = ckpt.latest_checkpoint(run_dir)
         older = [p for p in reversed(ckpt.list_checkpoints(run_dir)) if p != latest]
         return ([latest] if latest else []) + older
-    return [ckpt.resolve_checkpoint(mode)]
+    start = ckpt.resolve_checkpoint(mode)
+    if latest is not None and latest.resolve() != start.resolve() and ckpt.step_of(latest) > ckpt.step_of(start):
+        # This run already went past PATH (the same command relaunched, e.g. by torchrun
+        # --max-restarts): continue the run rather than throw its progress away.
+        log.warning("warning: %s holds a newer checkpoint (%s) than train.resume=%s; continuing from it",
+                    run_dir, latest.name, mode)
+        return [latest]
+    return [start]
 
 
 def load_resume_state(cfg: TrainJobConfig, run_dir: Path, info: dist.DistInfo,
@@ -196,11 +203,12 @@ def train(cfg: TrainJobConfig) -> dict:
 
 
 def _load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | None):
-    # Rank 0 prepares (tokenizer + token files); the others then find it in the cache.
-    if info.is_main:
+    # Local rank 0 of each node prepares (so a node-local cache works on every node; concurrent
+    # preparers on a shared cache are safe: each builds in a temporary folder, the first rename wins).
+    if info.local_rank == 0:
         prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     dist.barrier(info)
-    if not info.is_main:
+    if info.local_rank != 0:
         prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     tok = Tokenizer.load(prepared.tokenizer)
     return prepared, tok, read_tokens(prepared.train, tok.vocab_size), read_tokens(prepared.val, tok.vocab_size)

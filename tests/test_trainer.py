@@ -276,3 +276,15 @@ def test_init_from_fine_tunes_with_the_source_weights_and_tokenizer(tmp_path, co
     cfg.model.n_layer = 3
     with pytest.raises(RunError, match=r"has model.n_layer=2 but the config says 3"):
         train(cfg)
+
+
+def test_resume_path_is_not_reapplied_once_the_run_has_moved_on(tmp_path, corpus_file, data_dir, caplog):
+    base, run = tmp_path / "base", tmp_path / "run"
+    train(tiny_cfg(base, corpus_file, max_steps=4, ckpt_interval=2))
+    start = base / "ckpt" / "step_000002.pt"
+    train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2, resume=str(start)))
+    caplog.set_level("INFO", logger="minillm")
+    summary = train(tiny_cfg(run, corpus_file, max_steps=8, ckpt_interval=2, resume=str(start)))  # relaunched
+    assert "continuing from it" in caplog.text and "at step 6" in caplog.text
+    assert summary["step"] == 8
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == list(range(3, 9))
