@@ -194,6 +194,10 @@ class TrainConfig:
     init_from: Optional[str] = None    # fine-tune: start from this run folder's (or checkpoint's) weights
                                        # and tokenizer, with a fresh optimizer and schedule
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether training computes in bf16 on this device type (dtype auto: on CUDA only)."""
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
+
     def __post_init__(self) -> None:
         p = "train."
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_interval"):

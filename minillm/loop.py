@@ -51,8 +51,7 @@ class TrainLoop:
         self.lr_fn, self.eval_fn, self.save_fn = lr_fn, eval_fn, save_fn
         self.tokens_per_step = self.tc.batch_size * cfg.model.block_size * self.tc.grad_accum_steps * info.world_size
         self.flops_per_token = raw_model.flops_per_token()
-        bf16 = self.tc.dtype == "bfloat16" or (self.tc.dtype == "auto" and info.device.type == "cuda")
-        self.peak = peak_flops(info.device, bf16)
+        self.peak = peak_flops(info.device, self.tc.uses_bf16(info.device.type))
         self.metrics = None
 
     def forward_backward(self, timer: _Timer) -> tuple[float, float]:

@@ -171,10 +171,8 @@ def run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, info: dist.
             "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8), "best_val_loss": best_val}
 
 
-def autocast_for(device: torch.device, dtype: str):
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def derive_grad_accum(global_batch_tokens: int, batch_size: int, block_size: int, world_size: int) -> int:
@@ -253,7 +251,7 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
             summary = run_dir / "summary.json"
             return json.loads(summary.read_text()) if summary.exists() else {"step": state["step"]}
 
-    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and info.device.type == "cuda")
+    bf16 = tc.uses_bf16(info.device.type)
     model = GPT(cfg.model).to(info.device)   # the same initial weights on every rank (same seed)
     if source is not None and state is None:
         check_compatible(source["config"]["model"], cfg.model, Path(tc.init_from))
@@ -295,7 +293,7 @@ def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
         tok.save(run_dir / "tokenizer.model")
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     # FSDP's mixed-precision policy computes in bf16 itself; otherwise autocast does.
-    amp = autocast_for(info.device, "float32" if fsdp else tc.dtype)
+    amp = autocast_for(info.device, bf16 and not fsdp)
 
     def save(step: int, tokens_seen: int, best_val: float) -> None:
         finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in model.parameters()))])
