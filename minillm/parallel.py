@@ -8,6 +8,7 @@ reduces gradients in fp32 (so no autocast is needed); on CPU everything stays fp
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -29,9 +30,11 @@ def shard_fsdp(model: torch.nn.Module, info: DistInfo, bf16: bool) -> torch.nn.M
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank.
-    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-               broadcast_buffers=False)
+    # No buffer broadcast before every forward: the only buffers are the RoPE tables, identical on
+    # every rank. torch 2.13 renamed the flag (broadcast_buffers is deprecated there).
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None, **no_buffer_sync)
 
 
 def grad_sync(model: torch.nn.Module, last_micro_step: bool):

@@ -95,6 +95,58 @@ def test_two_nodes_on_loopback(tmp_path, corpus_file, env):
     assert_same_training(ref, run)
 
 
+def _attempt(store_port: int, world: int, budget_s: float, **env) -> list[str]:
+    """Start one "attempt" of ``world`` workers against a shared store, as a restarted torchrun does;
+    the output of each (None if it did not finish within ``budget_s``)."""
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store_port), "WORLD_SIZE": str(world),
+            "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1", **env}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "dist_worker.py")], cwd=ROOT, text=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(world)]
+    deadline, outs = time.time() + budget_s, []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(deadline - time.time(), 0.1))
+            outs.append(out if p.returncode == 0 else None)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            outs.append(None)
+    return outs
+
+
+def _agent_store() -> torch.distributed.TCPStore:
+    """A TCPStore like the one torchrun's agent holds for all attempts of a c10d-rendezvous job."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True)
+
+
+def test_a_restarted_attempt_ignores_the_keys_of_the_killed_one():
+    # torchrun's c10d rendezvous hands every attempt the same agent-held store, so a restart finds the
+    # keys of the attempt that died (pytorch/pytorch#135712). With rank 0 joining 3 s late, the other
+    # ranks would read its dead predecessor's address (see the negative control below); minillm's
+    # setup joins in a namespace of the attempt's own, also when the world size changes.
+    server = _agent_store()
+    assert _attempt(server.port, 2, 60, DIE="1") == ["sum 3\n"] * 2            # dies without teardown
+    assert _attempt(server.port, 3, 30, DIE="1", DELAY_RANK0="3") == ["sum 6\n"] * 3
+    assert _attempt(server.port, 2, 30, DELAY_RANK0="3") == ["sum 3\n"] * 2
+
+
+@pytest.mark.slow  # negative control for the test above, ~15-60 s
+def test_torch_alone_does_not_isolate_restarted_attempts():
+    # The same restarts joined with torch's own init_process_group. Whether a rank that read a stale
+    # address is the side that connects depends on the address order gloo picks, so one restart of
+    # 3 ranks fails with probability ~3/4 (measured); 5 restarts all passing would be ~0.1%. If this
+    # test fails, torch has fixed the bug and distributed.attempt_store can go.
+    server = _agent_store()
+    assert _attempt(server.port, 2, 60, DIE="1", PLAIN="1") == ["sum 3\n"] * 2
+    outcomes = []
+    for _ in range(5):
+        outcomes.append(_attempt(server.port, 3, 12, DIE="1", DELAY_RANK0="3", PLAIN="1") == ["sum 6\n"] * 3)
+        if not outcomes[-1]:
+            break
+    assert not all(outcomes), "torch now isolates restart attempts: remove distributed.attempt_store"
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -107,23 +159,33 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-@pytest.mark.slow  # passes on an idle machine; under heavy load gloo's re-rendezvous after the kill
-# sometimes fails ("connectFullMesh ... Connection refused") or stalls: tracked as its own issue.
-def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env):
-    run = tmp_path / "run"
-    p = launch([f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=300",
-                "train.ckpt_interval=5", "train.eval_interval=0", "train.batch_size=4"], env,
-               ("--max-restarts=3", "--monitor-interval=0.2", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=restart-test"), wait=False)
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
+def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env, nodes):
+    # Two ranks, on one torchrun or on two "nodes" (one torchrun each, c10d rendezvous on loopback;
+    # there the agents' restart counts differ after the kill, see distributed.attempt_store).
+    run, port = tmp_path / "run", free_port()
+    args = [f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=300",
+            "train.ckpt_interval=5", "train.eval_interval=0", "train.batch_size=4"]
+    rdzv = ("--max-restarts=3", "--monitor-interval=0.2", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=restart-test")
+    agents = [launch(args, env, (*rdzv, f"--nnodes={nodes}", f"--node_rank={i}"), nproc=2 // nodes, wait=False)
+              for i in range(nodes)]
     metrics, deadline = run / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 12):
         time.sleep(0.05)
-    workers = _children(p.pid)
-    assert len(workers) == 2, workers
+    workers = _children(agents[-1].pid)
+    assert len(workers) == 2 // nodes, workers
     os.kill(max(workers), signal.SIGKILL)                # one rank dies mid-run
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    assert "resuming from" in err
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in agents]
+    finally:
+        for p in agents:  # on a timeout, leave no workers behind
+            for pid in _children(p.pid):
+                os.kill(pid, signal.SIGKILL)
+            p.kill()
+    for p, err in zip(agents, errs):
+        assert p.returncode == 0, err[-3000:]
+    assert "resuming from" in errs[0]
     steps = [r["step"] for r in records(run)]
     assert steps == list(range(1, 301))                  # one consistent history after the restart
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["step"] == 300
