@@ -5,13 +5,13 @@ A plain ``python train.py`` is world size 1 and never touches torch.distributed.
 from __future__ import annotations
 
 import os
-import time
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from minillm.elastic_store import attempt_store
 
 
 @dataclass
@@ -52,60 +52,11 @@ def setup(device_pref: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         backend = os.environ.get("MINILLM_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
         timeout = timedelta(seconds=timeout_s)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            store = attempt_store(rank, world, timeout)
+            store = attempt_store(rank, world, timeout)  # see minillm/elastic_store.py
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)
     return DistInfo(rank, local_rank, world, device)
-
-
-def attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
-    """The torchrun agent's key-value store, seen through a namespace that is new in this attempt.
-
-    With c10d rendezvous (torchrun's default for --nnodes > 1 and --rdzv_backend=c10d) the workers
-    share one TCPStore held by the agent, and it outlives restarts: after `--max-restarts` relaunches
-    the workers, the keys the killed attempt wrote (each rank's gloo/NCCL address) are still there,
-    and torch puts no attempt number in the process group's keys (pytorch/pytorch#135712; still so
-    in torch 2.13). A rank that reads a dead peer's address fails with "connectFullMesh ... Connection
-    refused" or waits out its connect timeout. TORCHELASTIC_RESTART_COUNT cannot name the attempt:
-    each agent counts only its own restarts, so nodes disagree.
-
-    So the ranks agree on a fresh namespace by themselves. Global rank 0 draws a random id; every
-    other rank posts its own random id under a fixed key ``hello/<rank>`` (which may still hold a
-    dead attempt's id) and waits for the answer under ``ack/<rank>/<its id>``, a key no earlier
-    attempt can have written. Rank 0 answers every id it sees until each rank has confirmed under
-    ``confirm/<rank 0's id>/<rank>``, also a key only this attempt can write. Stale keys are read
-    at most once and answered harmlessly; nothing this attempt uses was written before it.
-    """
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                         is_master=False, timeout=timeout)
-    me = uuid.uuid4().hex
-    if rank == 0:
-        answered: dict[int, bytes] = {}
-        waiting, deadline = set(range(1, world)), time.monotonic() + timeout.total_seconds()
-        while waiting:
-            for r in sorted(waiting):
-                if base.check([f"minillm/confirm/{me}/{r}"]):
-                    waiting.discard(r)
-                elif base.check([f"minillm/hello/{r}"]):
-                    their = base.get(f"minillm/hello/{r}")
-                    if answered.get(r) != their:
-                        base.set(f"minillm/ack/{r}/{their.decode()}", me)
-                        answered[r] = their
-            if waiting and time.monotonic() > deadline:
-                raise TimeoutError(f"rank 0: ranks {sorted(waiting)} did not join within "
-                                   f"{timeout.total_seconds():.0f} s (train.dist_timeout_s)")
-            time.sleep(0.005 if waiting else 0)
-        attempt = me
-    else:
-        base.set(f"minillm/hello/{rank}", me)
-        try:
-            attempt = base.get(f"minillm/ack/{rank}/{me}").decode()  # waits up to the store's timeout
-        except dist.DistStoreError as e:
-            raise TimeoutError(f"rank {rank}: rank 0 did not answer within {timeout.total_seconds():.0f} s "
-                               "(train.dist_timeout_s)") from e
-        base.set(f"minillm/confirm/{attempt}/{rank}", "1")
-    return dist.PrefixStore(f"minillm/{attempt}/", base)
 
 
 def backend_name() -> str:

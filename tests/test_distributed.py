@@ -1,11 +1,14 @@
 """DDP with torchrun on CPU (gloo): equality with one process, two "nodes" on loopback, restarts."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 
 from conftest import ROOT, TINY_ARGS
 from minillm import checkpoint as ckpt
+from minillm.elastic_store import attempt_namespace
 from minillm.trainer import RunError, derive_grad_accum
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -95,56 +99,102 @@ def test_two_nodes_on_loopback(tmp_path, corpus_file, env):
     assert_same_training(ref, run)
 
 
-def _attempt(store_port: int, world: int, budget_s: float, **env) -> list[str]:
+def _attempt(store_port: int, world: int, budget_s: float, **env) -> list[str | None]:
     """Start one "attempt" of ``world`` workers against a shared store, as a restarted torchrun does;
-    the output of each (None if it did not finish within ``budget_s``)."""
+    each one's stdout, or None (and its stderr on ours) if it failed or did not finish in ``budget_s``."""
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store_port), "WORLD_SIZE": str(world),
             "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1", **env}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "dist_worker.py")], cwd=ROOT, text=True,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
+                              stderr=subprocess.PIPE) for r in range(world)]
     deadline, outs = time.time() + budget_s, []
-    for p in procs:
+    for r, p in enumerate(procs):
         try:
-            out, _ = p.communicate(timeout=max(deadline - time.time(), 0.1))
-            outs.append(out if p.returncode == 0 else None)
+            out, err = p.communicate(timeout=max(deadline - time.time(), 0.1))
         except subprocess.TimeoutExpired:
             p.kill()
-            p.communicate()
-            outs.append(None)
+            out, err = p.communicate()
+            err += "\n(killed: over the time budget)"
+        if p.returncode != 0:
+            print(f"rank {r} of {world}:\n{err[-2000:]}", file=sys.stderr)
+        outs.append(out if p.returncode == 0 else None)
     return outs
 
 
 def _agent_store() -> torch.distributed.TCPStore:
-    """A TCPStore like the one torchrun's agent holds for all attempts of a c10d-rendezvous job."""
+    """A TCPStore like the one torchrun's agent holds for all attempts of a job."""
     return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True)
 
 
-def test_a_restarted_attempt_ignores_the_keys_of_the_killed_one():
-    # torchrun's c10d rendezvous hands every attempt the same agent-held store, so a restart finds the
-    # keys of the attempt that died (pytorch/pytorch#135712). With rank 0 joining 3 s late, the other
-    # ranks would read its dead predecessor's address (see the negative control below); minillm's
-    # setup joins in a namespace of the attempt's own, also when the world size changes.
+def _namespaces(port: int, world: int, late: set[int], timeout_s: float = 10, ranks=None) -> tuple[dict, dict]:
+    """One attempt of attempt_namespace with a thread per rank (all, or those in ``ranks``); ranks in
+    ``late`` start 0.5 s late. Returns each rank's namespace and each failed rank's error."""
+    out, errors = {}, {}
+
+    def rank(r):
+        if r in late:
+            time.sleep(0.5)
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
+        try:
+            out[r] = attempt_namespace(store, r, world, timedelta(seconds=timeout_s), "127.0.0.1:%d" % port)
+        except TimeoutError as e:
+            errors[r] = str(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (range(world) if ranks is None else ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, errors
+
+
+def test_every_attempt_agrees_on_a_namespace_no_earlier_attempt_used():
+    server, used = _agent_store(), set()
+    for world, late in [(2, set()),        # a fresh store
+                        (3, {0}),          # rank 0 late: every hello is fresh when it reads them
+                        (3, {1, 2}),       # the others late: rank 0 first reads the dead attempt's hellos
+                        (2, {1})]:         # the world shrinks
+        out, errors = _namespaces(server.port, world, late)
+        assert not errors and sorted(out) == list(range(world)), (world, late, errors)
+        assert len(set(out.values())) == 1 and not used & set(out.values()), (world, late, out)
+        used |= set(out.values())
+
+
+def test_a_missing_rank_is_named_after_the_timeout():
+    server = _agent_store()
+    assert not _namespaces(server.port, 3, late=set())[1]        # an attempt that completes
+    # Rank 2 never comes back: its old hello is still there and gets answered, but never confirmed.
+    out, errors = _namespaces(server.port, 3, late=set(), timeout_s=1, ranks=(0, 1))
+    assert re.fullmatch(r"rank 0: ranks \[2\] did not join within 1 s .* at 127\.0\.0\.1:\d+", errors[0])
+    assert list(out) == [1]                                       # rank 1 was answered
+    # A store nobody else wrote to: rank 0 waits for the hellos themselves; rank 1 alone waits for rank 0.
+    empty = _agent_store()
+    _, errors = _namespaces(empty.port, 2, late=set(), timeout_s=1, ranks=(0,))
+    assert errors[0].startswith("rank 0: ranks [1] did not join within 1 s")
+    _, errors = _namespaces(empty.port, 2, late=set(), timeout_s=1, ranks=(1,))
+    assert errors[1].startswith("rank 1: rank 0 did not answer within 1 s")
+
+
+def test_a_restarted_process_group_ignores_the_keys_of_the_killed_one():
+    # The same through init_process_group in real processes: rank 0 joining 3 s late would make the
+    # others read its dead predecessor's gloo address (torch alone fails this ~3 times in 4).
     server = _agent_store()
     assert _attempt(server.port, 2, 60, DIE="1") == ["sum 3\n"] * 2            # dies without teardown
     assert _attempt(server.port, 3, 30, DIE="1", DELAY_RANK0="3") == ["sum 6\n"] * 3
     assert _attempt(server.port, 2, 30, DELAY_RANK0="3") == ["sum 3\n"] * 2
 
 
-@pytest.mark.slow  # negative control for the test above, ~15-60 s
-def test_torch_alone_does_not_isolate_restarted_attempts():
-    # The same restarts joined with torch's own init_process_group. Whether a rank that read a stale
-    # address is the side that connects depends on the address order gloo picks, so one restart of
-    # 3 ranks fails with probability ~3/4 (measured); 5 restarts all passing would be ~0.1%. If this
-    # test fails, torch has fixed the bug and distributed.attempt_store can go.
-    server = _agent_store()
-    assert _attempt(server.port, 2, 60, DIE="1", PLAIN="1") == ["sum 3\n"] * 2
-    outcomes = []
-    for _ in range(5):
-        outcomes.append(_attempt(server.port, 3, 12, DIE="1", DELAY_RANK0="3", PLAIN="1") == ["sum 6\n"] * 3)
-        if not outcomes[-1]:
-            break
-    assert not all(outcomes), "torch now isolates restart attempts: remove distributed.attempt_store"
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_torchrun_keeps_the_killed_attempts_keys(tmp_path, rdzv):
+    # The premise of minillm/elastic_store.py, checked on the installed torch: a restarted attempt
+    # sees the keys its predecessor wrote into the agent's store. If this fails, torch gives each
+    # attempt a clean store and minillm/elastic_store.py can go.
+    r = subprocess.run([*TORCHRUN, "--nproc_per_node=1", "--max-restarts=1", "--monitor-interval=0.1",
+                        f"--rdzv_backend={rdzv}", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+                        str(ROOT / "tests" / "store_probe.py")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "agent store True, stale key seen True" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
 def _children(pid: int) -> list[int]:
@@ -162,7 +212,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
 def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env, nodes):
     # Two ranks, on one torchrun or on two "nodes" (one torchrun each, c10d rendezvous on loopback;
-    # there the agents' restart counts differ after the kill, see distributed.attempt_store).
+    # there the agents' restart counts differ after the kill, see minillm/elastic_store.py).
     run, port = tmp_path / "run", free_port()
     args = [f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=300",
             "train.ckpt_interval=5", "train.eval_interval=0", "train.batch_size=4"]
