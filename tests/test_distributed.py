@@ -209,13 +209,15 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
-def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env, nodes):
+@pytest.mark.parametrize("nodes,parallel", [(1, "ddp"), (2, "ddp"), (1, "fsdp")],
+                         ids=["one-node", "two-nodes", "one-node-fsdp"])
+def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env, nodes, parallel):
     # Two ranks, on one torchrun or on two "nodes" (one torchrun each, c10d rendezvous on loopback;
-    # there the agents' restart counts differ after the kill, see minillm/elastic_store.py).
+    # there the agents' restart counts differ after the kill, see minillm/elastic_store.py); with
+    # FSDP the restart resumes from a sharded checkpoint.
     run, port = tmp_path / "run", free_port()
     args = [f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=300",
-            "train.ckpt_interval=5", "train.eval_interval=0", "train.batch_size=4"]
+            "train.ckpt_interval=5", "train.eval_interval=0", "train.batch_size=4", f"train.parallel={parallel}"]
     rdzv = ("--max-restarts=3", "--monitor-interval=0.2", "--rdzv_backend=c10d",
             f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=restart-test")
     agents = [launch(args, env, (*rdzv, f"--nnodes={nodes}", f"--node_rank={i}"), nproc=2 // nodes, wait=False)
