@@ -1,7 +1,7 @@
 """Generate text from a trained run: `python sample.py [ckpt=RUN_FOLDER] [prompt="..."] [key=value ...]`.
 
 With no ckpt, samples from the newest run under out/. Prompts come from `prompt=`, from
-`prompt_file=` (prompts separated by blank lines, all sampled in one batch) or, with
+`prompt_file=` (prompts separated by blank lines, sampled `batch_size` rows at a time) or, with
 `interactive=true`, from stdin (one per line, until EOF). Configuration: configs/sample.yaml.
 """
 import sys
@@ -36,9 +36,10 @@ def read_prompts(cfg: SampleJobConfig) -> list:
 
 
 def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
-    """Sample cfg.num_samples continuations of each prompt in one batch; print (streaming row 0)
-    and return prompt + continuation for every row."""
-    from minillm.generate import SamplingParams, generate_text
+    """Sample cfg.num_samples continuations of each prompt, cfg.batch_size rows (prompt x sample) per
+    batch; print them (streaming the first) as each batch ends and return prompt + continuation for
+    every row. A row's text depends on its prompt and seed only, not on how rows are batched."""
+    from minillm.generate import SamplingParams, generate_rows
 
     tok, block_size = loaded.tokenizer, loaded.model.cfg.block_size
     shown = ["" if p is None else p for p in prompts]
@@ -47,7 +48,7 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
             print(f"# prompt {i + 1} is {n} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
 
     def on_text(row: int, piece: str) -> None:
-        if row == 0 and cfg.stream:
+        if row == 0:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
@@ -56,17 +57,23 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
         sys.stdout.flush()
     params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop]
-    outs = generate_text(loaded.model, tok, ["\n" if p is None else p for p in prompts], cfg.max_new_tokens,
-                         params, cfg.seed, cfg.num_samples, stop, cfg.kv_cache, on_text)
-    texts = [shown[r // cfg.num_samples] + out for r, out in enumerate(outs)]
-    for r, text in enumerate(texts):
-        if r == 0 and cfg.stream:
-            sys.stdout.write("\n")
-            continue
-        i, j = divmod(r, cfg.num_samples)
-        label = f"sample {j + 1}" if len(prompts) == 1 else f"prompt {i + 1}, sample {j + 1}"
-        sys.stdout.write(("\n" if r else "") + f"--- {label}\n" + text + "\n")
-    sys.stdout.flush()
+    rows = [divmod(r, cfg.num_samples) for r in range(len(prompts) * cfg.num_samples)]  # (prompt, sample)
+    n_batches, texts = -(-len(rows) // cfg.batch_size), []
+    for k, start in enumerate(range(0, len(rows), cfg.batch_size)):
+        batch = rows[start:start + cfg.batch_size]
+        if n_batches > 1:
+            print(f"# batch {k + 1}/{n_batches}: rows {start + 1}-{start + len(batch)} of {len(rows)}", file=sys.stderr)
+        outs = generate_rows(loaded.model, tok, [("\n" if prompts[i] is None else prompts[i], cfg.seed + j)
+                                                 for i, j in batch], cfg.max_new_tokens, params, stop,
+                             cfg.kv_cache, on_text if cfg.stream and start == 0 else None)
+        for r, ((i, j), out) in enumerate(zip(batch, outs), start):
+            texts.append(shown[i] + out)
+            if r == 0 and cfg.stream:
+                sys.stdout.write("\n")
+                continue
+            label = f"sample {j + 1}" if len(prompts) == 1 else f"prompt {i + 1}, sample {j + 1}"
+            sys.stdout.write(("\n" if r else "") + f"--- {label}\n" + texts[-1] + "\n")
+        sys.stdout.flush()
     return texts
 
 

@@ -272,7 +272,7 @@ class SampleJobConfig:
     ckpt: Optional[str] = None         # run folder or checkpoint file; None: newest run under out/
     out_root: str = "out"              # where to look for the newest run
     prompt: Optional[str] = None       # None: start a fresh document
-    prompt_file: Optional[str] = None  # prompts separated by blank lines, sampled as one batch
+    prompt_file: Optional[str] = None  # prompts separated by blank lines
     interactive: bool = False          # read prompts from stdin, one per line, until EOF
     max_new_tokens: int = 256
     temperature: float = 0.8           # 0 = greedy
@@ -282,6 +282,7 @@ class SampleJobConfig:
     stop: List[str] = field(default_factory=list)  # end a sample before any of these ("\n" = newline)
     seed: int = 1337                   # sample j of every prompt draws from seed + j
     num_samples: int = 1               # per prompt
+    batch_size: int = 32               # rows (prompt x sample) generated together; bounds KV cache memory
     kv_cache: bool = True
     stream: bool = True                # print text as it is generated (first sample)
     device: str = "auto"
@@ -305,6 +306,7 @@ class SampleJobConfig:
         for s in self.stop:
             _check(s != "", "stop", list(self.stop), "holds an empty string, which would stop at once")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         _choice("device", self.device, _DEVICES)
         _choice("kernels", self.kernels, _KERNELS)

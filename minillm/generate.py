@@ -198,9 +198,18 @@ def generate_text(model: GPT, tokenizer, prompts: Sequence[str], max_new_tokens:
     A row ends at max_new_tokens, at the tokenizer's EOS, or just before a stop string.
     on_text(row, piece) is called with text as soon as it is final (streaming).
     """
-    ids = [tokenizer.encode(p) for p in prompts for _ in range(num_samples)]
+    rows = [(p, seed + j) for p in prompts for j in range(num_samples)]
+    return generate_rows(model, tokenizer, rows, max_new_tokens, params, stop, kv_cache, on_text)
+
+
+def generate_rows(model: GPT, tokenizer, rows: Sequence[tuple[str, int]], max_new_tokens: int,
+                  params: SamplingParams = SamplingParams(), stop: Sequence[str] = (), kv_cache: bool = True,
+                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """The continuation of each (prompt, seed) row, sampled as one batch; a row's text depends on its
+    prompt and seed only, so any split of the rows into batches gives the same texts."""
+    ids = [tokenizer.encode(p) for p, _ in rows]
     device = next(model.parameters()).device
-    gens = [torch.Generator(device=device).manual_seed(seed + j) for _ in prompts for j in range(num_samples)]
+    gens = [torch.Generator(device=device).manual_seed(s) for _, s in rows]
     streams = [TextStream(tokenizer, stop) for _ in ids]
 
     def emit(b: int, token: int | None) -> None:

@@ -50,7 +50,7 @@ def test_streamed_stdout_is_the_prompt_and_its_continuation(run, capsys):
     assert sample.run(job(run, prompt="ROMEO:", num_samples=2, temperature=1.0, stream=False)) == texts
 
 
-def test_prompt_file_is_one_batch_and_matches_single_prompts(run, tmp_path, capsys):
+def test_prompt_file_matches_single_prompts(run, tmp_path, capsys):
     f = tmp_path / "prompts.txt"
     f.write_text("KING HENRY:\nthe\n\n\nJULIET: o\n")
     texts = sample.run(job(run, prompt_file=str(f), temperature=0.0))
@@ -58,6 +58,22 @@ def test_prompt_file_is_one_batch_and_matches_single_prompts(run, tmp_path, caps
     assert "--- prompt 2, sample 1\nJULIET: o" in capsys.readouterr().out
     assert texts[1] == sample.run(job(run, prompt="JULIET: o", temperature=0.0))[0]
     assert texts[0] == sample.run(job(run, prompt="KING HENRY:\nthe", temperature=0.0, kv_cache=False))[0]
+
+
+def test_batch_size_splits_rows_without_changing_any_text(run, tmp_path, capsys):
+    # 3 prompts x 2 samples = 6 rows: one batch, or 3 batches of 2 / 2 / 2, or 2 batches splitting
+    # prompt 2's samples; every row's text depends on its prompt and seed only.
+    f = tmp_path / "prompts.txt"
+    f.write_text("KING HENRY:\n\nthe king\n\nJULIET: o\n")
+    kw = dict(prompt_file=str(f), num_samples=2, temperature=1.0, top_k=0)
+    one = sample.run(job(run, **kw, batch_size=6))
+    out_one, err_one = capsys.readouterr()
+    assert "# batch" not in err_one and len(set(one)) == 6
+    for size, batches in [(2, 3), (4, 2), (1, 6)]:
+        assert sample.run(job(run, **kw, batch_size=size)) == one
+        out, err = capsys.readouterr()
+        assert out == out_one                      # same text, labels and order on stdout
+        assert f"# batch {batches}/{batches}: rows {6 - (6 - 1) % size}-6 of 6" in err
 
 
 def test_interactive_reads_stdin_until_eof(run, monkeypatch, capsys):
@@ -84,6 +100,7 @@ def test_bfloat16_samples(run):
     (dict(stop=["END", ""]), "stop=['END', '']"),
     (dict(prompt="a", prompt_file="p.txt"), "prompt_file='p.txt': conflicts with prompt"),
     (dict(prompt="a", interactive=True), "interactive=True: conflicts with prompt"),
+    (dict(batch_size=0), "batch_size=0: must be >= 1"),
 ])
 def test_bad_settings_name_the_key_and_value(kw, message):
     with pytest.raises(ConfigError) as e:
