@@ -99,11 +99,14 @@ def _decode_step(model: GPT, rows: list[list[int]], nxt: torch.Tensor, cache: KV
 @torch.no_grad()
 def generate_tokens(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     params: SamplingParams = SamplingParams(), generator: Generators = None,
-                    kv_cache: bool = True) -> Iterator[list[int]]:
+                    kv_cache: bool = True, alive: list[bool] | None = None) -> Iterator[list[int | None]]:
     """Yield, for each of up to max_new_tokens steps, the new token of every row (a list of B ids).
 
     Prompts (non-empty, any lengths) longer than block_size keep their last block_size tokens.
-    Stop early by leaving the loop; nothing is computed ahead of what was yielded.
+    Stop early by leaving the loop; nothing is computed ahead of what was yielded. ``alive``, if
+    given, is read after every step: rows the caller has set to False leave the batch (their
+    entries are None from then on) and the generator ends when none is left. A row's tokens do not
+    change when others leave if every row has its own generator (or sampling is greedy).
     """
     model.eval()
     T_max, V = model.cfg.block_size, model.cfg.vocab_size
@@ -119,6 +122,7 @@ def generate_tokens(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
             seen[b, r] = True
     logits = _last_logits(model, rows, cache)
     cached = [len(r) for r in rows]
+    active = list(range(len(rows)))  # the original row of each batch slot
     for step in range(max_new_tokens):
         if seen is not None:
             logits = penalize_repeats(logits, seen, params.repetition_penalty)
@@ -128,10 +132,26 @@ def generate_tokens(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
         ids = nxt[:, 0].tolist()
         for r, t in zip(rows, ids):
             r.append(t)
-        yield ids
-        if step + 1 < max_new_tokens:
-            logits = (_decode_step(model, rows, nxt, cache, cached) if cache is not None
-                      else _last_logits(model, [r[-T_max:] for r in rows], None))
+        out: list[int | None] = [None] * len(prompts)
+        for b, t in zip(active, ids):
+            out[b] = t
+        yield out
+        if step + 1 == max_new_tokens:
+            break
+        if alive is not None and not all(alive[b] for b in active):
+            keep = [slot for slot, b in enumerate(active) if alive[b]]
+            if not keep:
+                break
+            index = torch.tensor(keep, device=nxt.device)
+            active, rows, cached = [active[s] for s in keep], [rows[s] for s in keep], [cached[s] for s in keep]
+            nxt = nxt[index]
+            seen = seen[index] if seen is not None else None
+            if isinstance(generator, (list, tuple)):
+                generator = [generator[s] for s in keep]
+            if cache is not None:
+                cache.keep_rows(index)
+        logits = (_decode_step(model, rows, nxt, cache, cached) if cache is not None
+                  else _last_logits(model, [r[-T_max:] for r in rows], None))
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
@@ -217,11 +237,12 @@ def generate_rows(model: GPT, tokenizer, rows: Sequence[tuple[str, int]], max_ne
         if piece and on_text is not None:
             on_text(b, piece)
 
-    for step_ids in generate_tokens(model, ids, max_new_tokens, params, gens, kv_cache):
+    alive = [True] * len(rows)  # a row that has ended leaves the batch
+    for step_ids in generate_tokens(model, ids, max_new_tokens, params, gens, kv_cache, alive):
         for b, t in enumerate(step_ids):
-            emit(b, t)
-        if all(s.done for s in streams):
-            break
+            if t is not None:
+                emit(b, t)
+                alive[b] = not streams[b].done
     for b in range(len(streams)):
         emit(b, None)
     return [s.text for s in streams]

@@ -35,6 +35,11 @@ class KVCache:
         self.lens = torch.tensor(lens, dtype=torch.long, device=self.k.device)
         self.pos, self.ragged = max(lens), len(set(lens)) > 1
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows in ``index`` (1-D, in order): finished rows stop costing compute and memory."""
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.set_lengths(self.lens[index].tolist())
+
     def row(self, b: int) -> "KVCache":
         """An empty cache for row b alone that shares this cache's storage (to refill one row)."""
         view = object.__new__(KVCache)

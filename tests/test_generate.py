@@ -8,8 +8,8 @@ import torch
 
 from conftest import make_corpus
 from minillm.config import ModelConfig, TokenizerConfig
-from minillm.generate import (SamplingParams, TextStream, generate_text, generate_tokens, penalize_repeats,
-                              sample_next)
+from minillm.generate import (SamplingParams, TextStream, generate_rows, generate_text, generate_tokens,
+                              penalize_repeats, sample_next)
 from minillm.kv_cache import KVCache
 from minillm.model import GPT
 from minillm.tokenizer import train_tokenizer
@@ -158,6 +158,28 @@ def test_stop_strings_and_eos_end_a_row(en_tok):
     eos_tok = train_tokenizer([make_corpus(600)], TokenizerConfig(vocab_size=400))
     eos_tok.eos_id = ids[k]
     assert generate_text(m, eos_tok, ["ROMEO:"], 30, hot, seed=0)[0] == en_tok.decode(ids[:k])
+
+
+@pytest.mark.parametrize("kv_cache,penalty", [(True, 1.0), (True, 1.3), (False, 1.0)])
+def test_finished_rows_leave_the_batch_and_the_others_do_not_change(en_tok, kv_cache, penalty):
+    # Stop strings end rows at different steps; the rows left keep their own generators, cache slots
+    # (one row crosses block_size 32 and refills its window) and repetition history.
+    m = model(vocab=en_tok.vocab_size, block_size=32)
+    with torch.no_grad():  # sharper than at init, so that a row's tokens depend on its cached context
+        for w in m.parameters():
+            w.mul_(3.0 if w.dim() == 2 else 1.0)
+    rows = [("ROMEO:", 1), ("the king", 2), ("JULIET: o", 3), ("NURSE:", 4), ("good night", 5)]
+    params, stop = SamplingParams(temperature=1.0, repetition_penalty=penalty), ["ea", "ng"]
+    batch_sizes = []
+    hook = m.register_forward_pre_hook(lambda mod, args, kw: batch_sizes.append(args[0].shape[0]), with_kwargs=True)
+    together = generate_rows(m, en_tok, rows, 40, params, stop, kv_cache)
+    hook.remove()
+    assert together == [generate_rows(m, en_tok, [r], 40, params, stop, kv_cache)[0] for r in rows]
+    unstopped = generate_rows(m, en_tok, rows, 40, params, (), kv_cache)
+    ended = [t != u for t, u in zip(together, unstopped)]
+    assert any(ended) and not all(ended), ended              # rows ended at different steps...
+    assert batch_sizes[0] == 5 and min(batch_sizes) < 5      # ...and stopped costing compute
+    assert batch_sizes == sorted(batch_sizes, reverse=True) or kv_cache  # (window refills run one row)
 
 
 @pytest.mark.parametrize("which", ["en", "zh"])
