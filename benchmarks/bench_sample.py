@@ -8,6 +8,10 @@ rope, vocab 2048, block_size 256. 16 + 256 tokens pass block_size, so the cached
 window once and the uncached run slides for the last 16 steps: what a user sees. tokens/s counts
 new tokens of every row (batch x max_new_tokens) over the wall time of the whole generation,
 prefill included. Goal (CPU): the cache is >= 5x faster than no cache at 256 new tokens.
+
+Rows that end early (a stop string, EOS) leave the batch. The "staggered" rows measure that at the
+largest batch B, with the cache: row b ends after (b + 1)/B of the new tokens, once with the ended
+rows leaving (what generate_rows does) and once kept in the batch until the last one ends.
     python benchmarks/bench_sample.py --threads 1   # steadier on a shared CPU (see --help)
 """
 from __future__ import annotations
@@ -30,11 +34,15 @@ QUICK = dict(model=dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=
              prompt_len=16, new_tokens=32, batches=(1, 2))
 
 
-def run_once(model: GPT, prompts: list[list[int]], new_tokens: int, kv_cache: bool) -> None:
+def run_once(model: GPT, prompts: list[list[int]], new_tokens: int, kv_cache: bool,
+             ends: list[int] | None = None, leave: bool = False) -> None:
+    """Generate; with ``ends``, row b is done after ends[b] tokens (and leaves the batch if ``leave``)."""
     params = SamplingParams(temperature=1.0, top_k=50)
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    for _ in generate_tokens(model, prompts, new_tokens, params, gens, kv_cache=kv_cache):
-        pass
+    alive = [True] * len(prompts) if leave else None
+    for step, _ in enumerate(generate_tokens(model, prompts, new_tokens, params, gens, kv_cache, alive), 1):
+        if alive is not None:
+            alive[:] = [step < e for e in ends]
 
 
 def main() -> None:
@@ -62,11 +70,21 @@ def main() -> None:
             rows.append({"batch": batch, "kv_cache": kv_cache, "new_tokens": setup["new_tokens"],
                          "ms": ms[kv_cache], "tokens_per_s": batch * setup["new_tokens"] / ms[kv_cache] * 1e3})
         rows[-2]["speedup_vs_no_cache"] = rows[-1]["speedup_vs_no_cache"] = ms[False] / ms[True]
-    print_table(rows, ["batch", "kv_cache", "new_tokens", "ms", "tokens_per_s", "speedup_vs_no_cache"])
+    B, n = max(setup["batches"]), setup["new_tokens"]
+    ends = [n * (b + 1) // B for b in range(B)]
+    prompts = torch.randint(0, setup["model"]["vocab_size"], (B, setup["prompt_len"])).tolist()
+    ms = {leave: timeit(lambda: run_once(model, prompts, n, True, ends, leave), warmup=1, reps=3, device=device)
+          for leave in (False, True)}
+    for leave in (False, True):
+        rows.append({"batch": B, "kv_cache": True, "new_tokens": n, "rows_end": "staggered, " + ("leave" if leave else "kept"),
+                     "ms": ms[leave], "tokens_per_s": sum(ends) / ms[leave] * 1e3, "speedup_vs_kept": ms[False] / ms[leave]})
+    print_table(rows, ["batch", "kv_cache", "new_tokens", "rows_end", "ms", "tokens_per_s", "speedup_vs_no_cache",
+                       "speedup_vs_kept"])
     write_results("bench_sample", rows, {"setup": setup, "quick": args.quick, "device": device,
                                          "threads": torch.get_num_threads(),
                                          "environment_summary": environment()["device"]}, out_dir=args.out_dir)
-    bar_png("bench_sample", [f"B={r['batch']} {'cache' if r['kv_cache'] else 'no cache'}" for r in rows],
+    bar_png("bench_sample", [f"B={r['batch']} {'cache' if r['kv_cache'] else 'no cache'}"
+                             + (f" {r['rows_end']}" if "rows_end" in r else "") for r in rows],
             [r["tokens_per_s"] for r in rows], "new tokens / s",
             f"sampling {setup['new_tokens']} tokens after a {setup['prompt_len']}-token prompt", args.out_dir)
 

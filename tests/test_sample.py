@@ -146,5 +146,8 @@ def test_bench_sample_quick(tmp_path):
     r = run_entry("benchmarks/bench_sample.py", "--quick", "--out-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "bench_sample.json").read_text())["rows"]
-    assert {(x["batch"], x["kv_cache"]) for x in rows} == {(1, True), (1, False), (2, True), (2, False)}
-    assert all(x["tokens_per_s"] > 0 and x["speedup_vs_no_cache"] > 0 for x in rows)
+    together, staggered = rows[:4], rows[4:]
+    assert {(x["batch"], x["kv_cache"]) for x in together} == {(1, True), (1, False), (2, True), (2, False)}
+    assert all(x["tokens_per_s"] > 0 and x["speedup_vs_no_cache"] > 0 for x in together)
+    assert [x["rows_end"] for x in staggered] == ["staggered, kept", "staggered, leave"]
+    assert all(x["batch"] == 2 and x["speedup_vs_kept"] > 0 for x in staggered)
