@@ -39,7 +39,7 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
     """Sample cfg.num_samples continuations of each prompt, cfg.batch_size rows (prompt x sample) per
     batch; print them (streaming the first) as each batch ends and return prompt + continuation for
     every row. A row's text depends on its prompt and seed only, not on how rows are batched."""
-    from minillm.generate import SamplingParams, generate_rows
+    from minillm.generate import SamplingParams, generate_rows, sample_rows
 
     tok, block_size = loaded.tokenizer, loaded.model.cfg.block_size
     shown = ["" if p is None else p for p in prompts]
@@ -57,16 +57,16 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
         sys.stdout.flush()
     params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop]
-    rows = [divmod(r, cfg.num_samples) for r in range(len(prompts) * cfg.num_samples)]  # (prompt, sample)
+    rows = sample_rows(["\n" if p is None else p for p in prompts], cfg.seed, cfg.num_samples)
     n_batches, texts = -(-len(rows) // cfg.batch_size), []
     for k, start in enumerate(range(0, len(rows), cfg.batch_size)):
         batch = rows[start:start + cfg.batch_size]
         if n_batches > 1:
             print(f"# batch {k + 1}/{n_batches}: rows {start + 1}-{start + len(batch)} of {len(rows)}", file=sys.stderr)
-        outs = generate_rows(loaded.model, tok, [("\n" if prompts[i] is None else prompts[i], cfg.seed + j)
-                                                 for i, j in batch], cfg.max_new_tokens, params, stop,
-                             cfg.kv_cache, on_text if cfg.stream and start == 0 else None)
-        for r, ((i, j), out) in enumerate(zip(batch, outs), start):
+        outs = generate_rows(loaded.model, tok, batch, cfg.max_new_tokens, params, stop, cfg.kv_cache,
+                             on_text if cfg.stream and start == 0 else None)
+        for r, out in enumerate(outs, start):
+            i, j = divmod(r, cfg.num_samples)
             texts.append(shown[i] + out)
             if r == 0 and cfg.stream:
                 sys.stdout.write("\n")

@@ -43,10 +43,10 @@ _NCCL_DUMP_FLAGS = ("exception_dump", "timeout_dump")
 
 def attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     """torchrun's agent store (MASTER_ADDR:MASTER_PORT) under a prefix new in this attempt."""
-    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    host, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    where = f"{host}:{port}"
     try:
-        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                             is_master=False, timeout=timeout)
+        base = dist.TCPStore(host, int(port), world, is_master=False, timeout=timeout)
     except dist.DistError as e:
         raise TimeoutError(f"rank {rank}: cannot reach torchrun's store at {where}: {e}") from e
     return dist.PrefixStore(f"minillm/{attempt_namespace(base, rank, world, timeout, where)}/", base)

@@ -218,8 +218,14 @@ def generate_text(model: GPT, tokenizer, prompts: Sequence[str], max_new_tokens:
     A row ends at max_new_tokens, at the tokenizer's EOS, or just before a stop string.
     on_text(row, piece) is called with text as soon as it is final (streaming).
     """
-    rows = [(p, seed + j) for p in prompts for j in range(num_samples)]
-    return generate_rows(model, tokenizer, rows, max_new_tokens, params, stop, kv_cache, on_text)
+    return generate_rows(model, tokenizer, sample_rows(prompts, seed, num_samples), max_new_tokens, params,
+                         stop, kv_cache, on_text)
+
+
+def sample_rows(prompts: Sequence[str], seed: int, num_samples: int) -> list[tuple[str, int]]:
+    """The (prompt, seed) rows of num_samples samples per prompt: row i * num_samples + j is prompt i's
+    sample j, drawn from seed + j."""
+    return [(p, seed + j) for p in prompts for j in range(num_samples)]
 
 
 def generate_rows(model: GPT, tokenizer, rows: Sequence[tuple[str, int]], max_new_tokens: int,
