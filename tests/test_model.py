@@ -8,7 +8,7 @@ import yaml
 
 from minillm.config import ModelConfig
 from minillm.generate import generate
-from minillm.model import GPT
+from minillm.model import GPT, apply_rope, rope_tables
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
@@ -138,3 +138,68 @@ def test_gelu_approximate_option():
     exact = MLP(ModelConfig(n_embd=16, n_head=2, mlp="gelu", gelu_approximate="none"))
     h = exact.fc(x)
     torch.testing.assert_close(exact(x), exact.proj(0.5 * h * (1 + torch.erf(h / 2 ** 0.5))))
+
+
+def _rope(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """x (B, T, H, D) rotated for positions 0..T-1."""
+    cos, sin = rope_tables(x.size(-1), x.size(1), theta)
+    return apply_rope(x, cos, sin)
+
+
+def test_rope_keeps_the_norm_of_every_head_vector():
+    """RoPE is a rotation: each (b, t, h) head vector keeps its length."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 3, 16)
+    y = _rope(x)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y[:, 1:], x[:, 1:], atol=1e-3)  # and it does rotate past position 0
+
+
+def test_rope_scores_depend_only_on_the_offset_between_positions():
+    """rotate(q at p+s) . rotate(k at p) is the same for every p, and changes with s."""
+    torch.manual_seed(0)
+    D, n_pos = 16, 96
+    q, k = torch.randn(D), torch.randn(D)
+    rq = _rope(q.expand(1, n_pos, 1, D).contiguous())[0, :, 0]  # (n_pos, D): q placed at every position
+    rk = _rope(k.expand(1, n_pos, 1, D).contiguous())[0, :, 0]
+    by_offset = {}
+    for s in (0, 1, 5, 17):
+        scores = torch.stack([rq[p + s] @ rk[p] for p in (0, 3, 10, 40, 71)])
+        torch.testing.assert_close(scores, scores[0].expand_as(scores), rtol=1e-5, atol=1e-4)
+        by_offset[s] = scores[0].item()
+    assert by_offset[0] == pytest.approx((q @ k).item(), abs=1e-4)  # offset 0: the plain dot product
+    assert len({round(v, 3) for v in by_offset.values()}) == 4    # non-trivial: each offset scores differently
+
+
+@pytest.mark.parametrize("D,theta", [(8, 500.0), (64, 10000.0)])
+def test_rope_equals_the_complex_number_reference(D, theta):
+    """Pair (x[i], x[i + D/2]) is multiplied by exp(1j * p * theta^(-2i/D)) (GPT-NeoX/Llama halves)."""
+    torch.manual_seed(0)
+    T, H = 50, 2
+    x = torch.randn(1, T, H, D, dtype=torch.float64)
+    i = torch.arange(D // 2, dtype=torch.float64)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-2 * i / D)    # (T, D/2)
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * torch.polar(torch.ones_like(angle), angle)[None, :, None]
+    want = torch.cat((z.real, z.imag), dim=-1)
+    cos, sin = rope_tables(D, T, theta)
+    torch.testing.assert_close(cos.double(), angle.cos(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(sin.double(), angle.sin(), rtol=0, atol=1e-7)
+    got = apply_rope(x, cos, sin)  # computes in float32, returns x's dtype
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
+
+
+def test_per_token_loss_equals_the_log_softmax_reference():
+    """reduction="none" is -log_softmax(logits)[target] per position (0 where ignored); the mean is over kept ones."""
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    idx = torch.randint(0, 61, (2, 16))
+    y = torch.randint(0, 61, (2, 16))
+    y[0, :3], y[1, 10:] = -1, -1
+    logits, per_tok = model(idx, y, reduction="none")
+    _, mean = model(idx, y)
+    keep = y >= 0
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    want = torch.where(keep, -logp.gather(-1, y.clamp(min=0)[..., None])[..., 0], torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(per_tok.double(), want, rtol=1e-5, atol=1e-5)
+    assert mean.item() == pytest.approx(want[keep].sum().item() / keep.sum().item(), rel=1e-5)
