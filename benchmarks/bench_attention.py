@@ -42,7 +42,7 @@ def flops(B: int, H: int, T: int, D: int, causal: bool, direction: str) -> float
 
 def implementations(device: str) -> dict:
     """name -> fn(q, k, v, causal) on (B, H, T, D) tensors. On CPU only the torch paths."""
-    from kernels.attention import attention_ref, flash_attention
+    from minillm.kernels.attention import attention_ref, flash_attention
 
     def sdpa(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         dims = [int(d) for d in args.head_dims.split(",")]
         tokens, hidden, dtype, reps = args.tokens, args.hidden, torch.bfloat16, 20
 
-    from kernels.attention import attention_ref
+    from minillm.kernels.attention import attention_ref
     env = environment()
     peak = peak_tflops(env["device"]) if device == "cuda" else None
     impls = implementations(device)

@@ -52,7 +52,7 @@ def torch_fn(kind):
 
 def implementations(kind: str, device: str) -> dict:
     """name -> fn(x, w, b). On CPU (--quick) only the torch paths; the Triton kernels need a GPU."""
-    from kernels import layernorm as ln
+    from minillm.kernels import layernorm as ln
     impls = {"torch": torch_fn(kind)}
     if device == "cuda":
         impls["minillm"] = ((lambda x, w, b: ln.layer_norm(x, w, b)) if kind == "layer"
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     env = environment()
     peak = peak_gbps(env["device"]) if device == "cuda" else None
     copy = copy_gbps(device, (1 << 20) if args.quick else (1 << 30), reps)
-    from kernels.layernorm import layer_norm_ref, rms_norm_ref
+    from minillm.kernels.layernorm import layer_norm_ref, rms_norm_ref
     rows = []
     for kind in ("layer", "rms"):
         ref = ((lambda x, w, b: layer_norm_ref(x, w, b)) if kind == "layer"

@@ -1,6 +1,6 @@
 """What the build report compiles: one entry per (kernel, configuration) the dispatcher can choose.
 
-Each kernel module exposes ``build_specs() -> list[KernelSpec]``; ``python -m kernels.build_report``
+Each kernel module exposes ``build_specs() -> list[KernelSpec]``; ``python -m minillm.kernels.build_report``
 compiles every spec for sm_80 and sm_90 without a GPU and reports registers, spills and shared memory.
 """
 from __future__ import annotations

@@ -120,7 +120,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._spec import KernelSpec
+from ._spec import KernelSpec
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -467,7 +467,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # --------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, max head dim). BLOCK_M is always the query tile, BLOCK_N
 # the key tile. "max head dim" is measured, not estimated: the largest head dim for which the build tier
-# (python -m kernels.build_report) compiles this configuration with 0 spill bytes on BOTH sm_80 and
+# (python -m minillm.kernels.build_report) compiles this configuration with 0 spill bytes on BOTH sm_80 and
 # sm_90 (the report compiles every listed configuration for both). Register use in Triton's output is
 # well above the naive count of accumulator tiles (e.g. dK/dV with a 64-row key tile and 4 warps spill
 # at d128 although 2 x 64 x 128 fp32 is "only" 128 registers/thread), so an estimate would lie.

@@ -1,6 +1,6 @@
 """Build report: compile every kernel configuration for real GPUs, on a machine without one.
 
-    python -m kernels.build_report [--arch 80,90] [--only NAME_SUBSTRING] [--json PATH]
+    python -m minillm.kernels.build_report [--arch 80,90] [--only NAME_SUBSTRING] [--json PATH]
 
 Each module in ``KERNEL_MODULES`` exposes ``build_specs() -> list[KernelSpec]`` (kernels/_spec.py):
 every (kernel, configuration) its dispatcher can choose. For each spec and each arch we run the full
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-KERNEL_MODULES = ["kernels.layernorm", "kernels.attention"]
+KERNEL_MODULES = ["minillm.kernels.layernorm", "minillm.kernels.attention"]
 
 # Per-SM hardware limits (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 # max_shared_per_cta is what one CTA may opt in to (the SM has 1 KiB more, reserved per CTA).

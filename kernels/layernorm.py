@@ -43,7 +43,7 @@ Configuration (one function, ``norm_config``, used by the wrapper and by ``build
   amortised over more bytes. This is what the per-row tutorial kernels lose at small N.
 * num_warps grows with the tile so each thread holds ~8-16 fp32 values: enough independent 16-byte
   loads in flight, few enough registers to keep >= 2 CTAs (or one 16-warp CTA) resident per SM.
-  The build report (``python -m kernels.build_report --only norm``) shows registers and that nothing
+  The build report (``python -m minillm.kernels.build_report --only norm``) shows registers and that nothing
   spills for every configuration chosen here.
 * Wider rows use a chunked variant (CHUNKED, one row per program): the forward re-reads the
   row chunk by chunk (the row is <= 64 KiB per program, so re-reads hit L1/L2, not DRAM); the backward
@@ -516,7 +516,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                    bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (rounded to x.dtype), y = layer_norm(h); returns (y, h) from one pass."""
+    """h = x + residual (rounded to x.dtype), y = layer_norm(h); returns (y, h) from one pass.
+
+    Where it is meant to be used: the residual stream of a pre-norm block, where a branch's output
+    is added to the residual and the sum is normalised at once for the next branch. In model.py's
+    Block, ``h = h + attn(norm1(h))`` then ``norm2(h)`` (and the MLP's add followed by the next block's
+    norm1, or the final norm) become ``y, h = add_layer_norm(branch_out, h, norm.weight, norm.bias)``.
+    One kernel reads the two inputs and writes h and y; the unfused add + norm also reads h back.
+    No model code calls it yet: wiring it into the Block (through minillm/ops.py) is part of the
+    GPU-tier work, where the saving can be measured. Tested against the unfused float64 reference.
+    """
     _check(x, weight, bias, residual, "add_layer_norm")
     y, h, _, _ = _norm_fwd_op(x, weight, bias, residual, float(eps), False)
     return y.view(x.shape), h.view(x.shape)
@@ -524,7 +533,13 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (rounded to x.dtype), y = rms_norm(h); returns (y, h) from one pass."""
+    """h = x + residual (rounded to x.dtype), y = rms_norm(h); returns (y, h) from one pass.
+
+    The RMSNorm twin of ``add_layer_norm`` (see there), for the same place: a pre-norm block's
+    residual add followed by the next norm, ``y, h = add_rms_norm(branch_out, h, norm.weight)``.
+    No model code calls it yet; it is to be wired into the Block (through minillm/ops.py) under the
+    GPU-tier work. Tested against the unfused float64 reference.
+    """
     _check(x, weight, None, residual, "add_rms_norm")
     y, h, _, _ = _norm_fwd_op(x, weight, None, residual, float(eps), True)
     return y.view(x.shape), h.view(x.shape)
@@ -576,7 +591,7 @@ def build_specs() -> list:
     is on (weight, bias for LayerNorm, residual), the variant with the most live registers; turning a
     flag off only removes loads and accumulators. Weight dtype = activation dtype here (an fp32
     weight with bf16 activations changes only the weight load)."""
-    from kernels._spec import KernelSpec
+    from ._spec import KernelSpec
 
     specs = []
     for dt in BUILD_DTYPES:

@@ -5,8 +5,9 @@ backends stand behind them:
 
 * ``torch``: F.scaled_dot_product_attention and F.layer_norm / F.rms_norm. Runs everywhere and is the
   reference the Triton kernels are tested against.
-* ``triton``: the fused kernels in the top-level ``kernels`` package (CUDA; on CPU only under
-  TRITON_INTERPRET=1, which is how the tests exercise it).
+* ``triton``: the fused kernels in ``minillm.kernels`` (the repository's top-level kernels/ folder,
+  installed under minillm's name; see pyproject.toml). CUDA; on CPU only under TRITON_INTERPRET=1,
+  which is how the tests exercise it.
 
 ``configure("auto", device)`` picks Triton on CUDA when the kernels import and the torch path
 otherwise; the choice is logged once. A call the Triton kernel cannot serve (attention with a KV
@@ -30,10 +31,10 @@ _kernels: dict = {}
 def _load_triton_kernels() -> dict:
     """Import the Triton kernels; raises ImportError if triton or a kernel module is missing."""
     found = {}
-    from kernels.layernorm import layer_norm as tl_layer_norm, rms_norm as tl_rms_norm
+    from minillm.kernels.layernorm import layer_norm as tl_layer_norm, rms_norm as tl_rms_norm
     found["layer_norm"], found["rms_norm"] = tl_layer_norm, tl_rms_norm
     try:
-        from kernels.attention import flash_attention
+        from minillm.kernels.attention import flash_attention
         found["attention"] = flash_attention
     except ImportError:
         pass

@@ -2,7 +2,7 @@
 
 The compiles run in a subprocess without TRITON_INTERPRET (pytest's conftest sets it, and an
 interpreted @triton.jit function cannot be compiled). The default test builds a few representative
-configurations; the full sweep of build_specs() through ``python -m kernels.build_report`` is slow.
+configurations; the full sweep of build_specs() through ``python -m minillm.kernels.build_report`` is slow.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r"""
 import json, sys
-from kernels import build_report as br
-import kernels.attention as A
+from minillm.kernels import build_report as br
+import minillm.kernels.attention as A
 wanted = json.loads(sys.argv[1])
 specs = {f"{s.name} {s.label}": s for s in A.build_specs()}
 rows = []
@@ -75,7 +75,7 @@ def test_full_build_report_for_attention_passes(tmp_path):
     SM, and every sm_90 forward uses wgmma."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "attn.json"
-    out = subprocess.run([sys.executable, "-m", "kernels.build_report", "--arch", "80,90", "--only",
+    out = subprocess.run([sys.executable, "-m", "minillm.kernels.build_report", "--arch", "80,90", "--only",
                           "attn_", "--json", str(report), "-q"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=7200)
     data = json.loads(report.read_text())

@@ -1,4 +1,4 @@
-"""The build tier: `python -m kernels.build_report` compiles kernels for sm_80/sm_90 without a GPU.
+"""The build tier: `python -m minillm.kernels.build_report` compiles kernels for sm_80/sm_90 without a GPU.
 
 The report runs in a subprocess: this pytest process imported the kernels under TRITON_INTERPRET=1,
 where @triton.jit functions cannot be compiled.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.build_report import ARCH_LIMITS, check_row, ctas_per_sm
+from minillm.kernels.build_report import ARCH_LIMITS, check_row, ctas_per_sm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,8 @@ def run_report(args, tmp_path, extra_path=None):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path or ""), str(ROOT),
                                                       env.get("PYTHONPATH", "")]))
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.build_report", "-q", "--json", str(out), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "minillm.kernels.build_report", "-q", "--json", str(out),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     rows = json.loads(out.read_text())["rows"] if out.exists() else None
     return proc, rows
 
@@ -52,7 +52,7 @@ def test_ctas_per_sm_limits():
 
 FAKE_MODULE = textwrap.dedent('''
     import triton, triton.language as tl
-    from kernels._spec import KernelSpec
+    from minillm.kernels._spec import KernelSpec
 
     @triton.jit
     def scale_rows(X, Y, N, BLOCK: tl.constexpr):
@@ -82,10 +82,10 @@ FAKE_MODULE = textwrap.dedent('''
 
 def test_report_detects_spills_wgmma_and_skips_missing_modules(tmp_path):
     (tmp_path / "fake_kernels_mod.py").write_text(FAKE_MODULE)
-    proc, rows = run_report(["--modules", "fake_kernels_mod,kernels.not_written_yet"], tmp_path,
+    proc, rows = run_report(["--modules", "fake_kernels_mod,minillm.kernels.not_written_yet"], tmp_path,
                             extra_path=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr   # the spilling config fails the tier
-    assert "skipping kernels.not_written_yet" in proc.stderr
+    assert "skipping minillm.kernels.not_written_yet" in proc.stderr
     by = {(r["config"], r["arch"]): r for r in rows}
     assert set(by) == {(c, a) for c in ("fits", "spills", "dot") for a in ("sm_80", "sm_90")}
     for arch in ("sm_80", "sm_90"):

@@ -11,7 +11,7 @@ construction (T = 1: O = V) and the kernel's log2-domain softmax is off by an ul
 
 The interpreter is slow, so the default grid is chosen rather than crossed: every T at d=64, every
 head dim at two T, the GQA ratios at one size; the full cross product is ``-m slow``. Under the
-interpreter the kernels use the fixed 32x16 / 16x32 tiles (kernels.attention.FIXED), so T = 17, 127,
+interpreter the kernels use the fixed 32x16 / 16x32 tiles (minillm.kernels.attention.FIXED), so T = 17, 127,
 130 hit partial tiles and T = 64, 256 hit exact multiples.
 
 GPU tier (bf16/fp16 against the same rule, autotuned configurations): on a CUDA machine run
@@ -26,8 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention as attn
-from kernels.attention import attention_ref, flash_attention
+from minillm.kernels import attention as attn
+from minillm.kernels.attention import attention_ref, flash_attention
 
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-3, torch.float16: 2e-4}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or attn._interpreting(),

@@ -15,9 +15,9 @@ added twice in dw) give errors of 1e-3 .. 1.
 import pytest
 import torch
 
-from kernels.layernorm import (add_layer_norm, add_rms_norm, bwd_grid, layer_norm,
-                               layer_norm_ref, norm_config, reachable_configs, rms_norm,
-                               rms_norm_ref)
+from minillm.kernels.layernorm import (add_layer_norm, add_rms_norm, bwd_grid, layer_norm,
+                                       layer_norm_ref, norm_config, reachable_configs, rms_norm,
+                                       rms_norm_ref)
 
 TOL = 1e-5
 
@@ -34,27 +34,30 @@ def assert_close64(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err <= TOL * scale, f"{what}: max abs error {err:.3g} > {TOL * scale:.3g}"
 
 
-def reference(kind, x, w, b, r, dy, dh):
-    """float64 forward and gradients of (y*dy + h*dh).sum() via autograd on the torch reference."""
+def reference(kind, x, w, b, r, dy, dh, eps=None):
+    """float64 forward and gradients of (y*dy + h*dh).sum() via autograd on the torch reference.
+    ``eps=None``: each function's default (the kernels' defaults are the same)."""
+    kw = {} if eps is None else {"eps": eps}
     leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, r)]
     xd, wd, bd, rd = leaves
     h = xd + rd if rd is not None else xd
-    y = layer_norm_ref(h, wd, bd) if kind == "layer" else rms_norm_ref(h, wd)
+    y = layer_norm_ref(h, wd, bd, **kw) if kind == "layer" else rms_norm_ref(h, wd, **kw)
     loss = (y * dy.double()).sum() + ((h * dh.double()).sum() if rd is not None else 0)
     loss.backward()
     return y.detach(), h.detach(), [t.grad if t is not None else None for t in leaves]
 
 
-def run_kernel(kind, x, w, b, r, dy, dh):
+def run_kernel(kind, x, w, b, r, dy, dh, eps=None):
+    kw = {} if eps is None else {"eps": eps}
     for t in (x, w, b, r):
         if t is not None:
             t.grad = None
     if r is None:
-        y = layer_norm(x, w, b) if kind == "layer" else rms_norm(x, w)
+        y = layer_norm(x, w, b, **kw) if kind == "layer" else rms_norm(x, w, **kw)
         h = None
         (y * dy).sum().backward()
     else:
-        y, h = add_layer_norm(x, r, w, b) if kind == "layer" else add_rms_norm(x, r, w)
+        y, h = add_layer_norm(x, r, w, b, **kw) if kind == "layer" else add_rms_norm(x, r, w, **kw)
         ((y * dy).sum() + (h * dh).sum()).backward()
     return y, h, [t.grad if t is not None else None for t in (x, w, b, r)]
 
@@ -71,9 +74,9 @@ def make(kind, N, M, affine, residual, seed=0):
     return x, w, b, r, dy, dh
 
 
-def check(kind, x, w, b, r, dy, dh):
-    y, h, grads = run_kernel(kind, x, w, b, r, dy, dh)
-    y_ref, h_ref, grads_ref = reference(kind, x, w, b, r, dy, dh)
+def check(kind, x, w, b, r, dy, dh, eps=None):
+    y, h, grads = run_kernel(kind, x, w, b, r, dy, dh, eps)
+    y_ref, h_ref, grads_ref = reference(kind, x, w, b, r, dy, dh, eps)
     assert y.dtype == x.dtype
     assert_close64(y, y_ref, "y")
     if r is not None:
@@ -97,6 +100,47 @@ def test_norm_matches_float64_reference(kind, affine, N, M):
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_fused_residual_matches_unfused_reference(kind, N, M):
     check(kind, *make(kind, N, M, "wb", residual=True))
+
+
+def small_variance_rows(N: int, seed: int = 0) -> torch.Tensor:
+    """Five rows whose variance (LayerNorm) or mean square (RMSNorm) is at most ~eps, so eps sets rstd.
+
+    0: all zeros (LayerNorm and RMSNorm: rstd = 1/sqrt(eps) exactly; without eps 0 * inf = NaN)
+    1: all 0.25 (LayerNorm: the variance is exactly 0, y = bias)
+    2: noise of scale 1e-3 (variance and mean square ~1e-6, a tenth of eps)
+    3: 1e-3 + noise 1e-3 (a tiny constant plus noise: RMSNorm's mean square ~2e-6)
+    4: 0.25 + noise 1e-3 (LayerNorm's centring must remove the constant; variance ~1e-6)
+    The offsets stay small because fp32 statistics of (c + noise) lose about |c| * 2^-24 to rounding,
+    which rstd ~ 300 magnifies: at c = 3 that alone is ~1e-4, above TOL; at 0.25 it is ~1e-6.
+    """
+    g = torch.Generator().manual_seed(seed)
+    noise = lambda: 1e-3 * torch.randn(N, generator=g)
+    return torch.stack([torch.zeros(N), torch.full((N,), 0.25), noise(), 1e-3 + noise(), 0.25 + noise()])
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "fused_residual"])
+@pytest.mark.parametrize("N", [100, 9000])       # whole-row and chunked (Chan-merge) kernels
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_eps_dominates_small_variance_rows(kind, N, residual):
+    """Rows whose variance is below eps, where rstd = 1/sqrt(var + eps) depends on eps more than on
+    the data: the forward and every gradient must match the float64 reference with the same eps. A
+    kernel that dropped eps (rstd = 1/sqrt(var)) gives NaN on the constant rows and a rstd ~3x too
+    large on the noisy ones. The other tests' randn rows have var ~1, where eps = 1e-5 moves y by a
+    relative 5e-6, under TOL: with eps dropped from the RMSNorm kernel or from the chunked (N > 8192)
+    kernel they all still passed (checked by planting each drop), and only LayerNorm's 1- and
+    7-wide rows caught it in the whole-row kernel."""
+    eps = 1e-5
+    g = torch.Generator().manual_seed(1)
+    rows = small_variance_rows(N)
+    if residual:   # h = x + r must equal the rows exactly: halves of an fp32 value add back exactly
+        x, r = (rows / 2).requires_grad_(), (rows / 2).requires_grad_()
+    else:
+        x, r = rows.clone().requires_grad_(), None
+    w = torch.randn(N, generator=g).requires_grad_()
+    b = torch.randn(N, generator=g).requires_grad_() if kind == "layer" else None
+    dy = torch.randn(rows.shape, generator=g)
+    dh = torch.randn(rows.shape, generator=g)
+    check(kind, x, w, b, r, dy, dh, eps=eps)
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
@@ -186,7 +230,7 @@ def test_backward_grid_covers_every_row_once(M, N):
 
 def test_opcheck_custom_ops():
     """torch.library.opcheck: schema, fake (meta) kernel vs real, autograd registration."""
-    import kernels.layernorm as ln
+    import minillm.kernels.layernorm as ln
     x = torch.randn(5, 33, requires_grad=True)
     w = torch.randn(33, requires_grad=True)
     b = torch.randn(33, requires_grad=True)

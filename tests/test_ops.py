@@ -21,12 +21,28 @@ def test_auto_picks_torch_on_cpu_and_forcing_triton_loads_kernels():
     assert ops.backend() == "triton"
 
 
-def test_our_kernels_package_is_the_one_imported():
-    import kernels
-    import kernels.layernorm
+def test_kernels_load_as_minillm_kernels_and_never_as_top_level_kernels():
+    """The kernels are minillm.kernels (this checkout's kernels/ folder here, where tests run from the
+    source tree). The name `kernels` belongs to Hugging Face's kernel hub: no module of ours may sit
+    under it, or a process holding both would load one file twice (and register its custom ops
+    twice) or hand the hub's users our folder."""
+    import sys
+
+    import minillm.kernels
+    import minillm.kernels.layernorm
+
     root = Path(__file__).resolve().parent.parent
-    assert Path(kernels.__file__).resolve().parent == root / "kernels"   # not PyPI's `kernels`
-    assert hasattr(kernels.layernorm, "rms_norm")
+    assert ops.configure("triton", "cpu") == "triton"
+    assert Path(minillm.kernels.__file__).resolve().parent == root / "kernels"
+    assert {fn.__module__ for fn in ops._kernels.values()} == {"minillm.kernels.layernorm",
+                                                               "minillm.kernels.attention"}
+    assert minillm.kernels.layernorm.rms_norm is ops._kernels["rms_norm"]
+    ours = root / "kernels"
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if file and Path(file).resolve().is_relative_to(ours):
+            assert name == "minillm.kernels" or name.startswith("minillm.kernels."), \
+                f"{name} loaded from {file}: our kernels imported under a second name"
 
 
 @pytest.mark.parametrize("norm,pos,n_kv_head,bias", [("rmsnorm", "rope", 2, False), ("layernorm", "learned", 4, True)])
