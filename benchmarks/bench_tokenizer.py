@@ -4,7 +4,7 @@
     python benchmarks/bench_tokenizer.py --quick      # a small generated corpus, a few seconds
 
 Encoding: a bpe tokenizer (vocab 1024, the default config) trained on tinyshakespeare encodes
-tinyshakespeare repeated to ``--size-mb`` into a token file through ``minillm.data.encode_segments``
+tinyshakespeare repeated to ``--size-mb`` into a token file through ``minillm.data.encode.encode_segments``
 (the path ``prepare`` uses), with 1 worker (in-process) and 2 worker processes. MB/s counts corpus
 bytes; each setting is timed ``--reps`` times, interleaved, and the median reported. Also recorded:
 CPU seconds used (this process and its workers), hence the cores the run actually got, and the load
@@ -28,9 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import bar_png, bench_parser, print_table, timeit, write_results  # noqa: E402
 from minillm.config import TokenizerConfig  # noqa: E402
-from minillm.data import Segment, encode_segments, train_on_files  # noqa: E402
-from minillm.tokenizer import TokenizerError, train_tokenizer  # noqa: E402
-from minillm.tokens import TokenWriter  # noqa: E402
+from minillm.data.corpus import Segment  # noqa: E402
+from minillm.data.encode import encode_segments  # noqa: E402
+from minillm.data.token_file import TokenWriter  # noqa: E402
+from minillm.errors import TokenizerError  # noqa: E402
+from minillm.tokenizer import train_tokenizer  # noqa: E402
+from minillm.train_tokenizer import train_on_files  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -8,7 +8,7 @@ achieved FLOP/s (and MFU on CUDA), peak memory.
 
 One row per (preset, variant). Each row runs in a fresh subprocess so its peak RSS (CPU) or peak
 allocated memory (CUDA) is its own, not inflated by the rows before it. A step is exactly what
-minillm/loop.py does: forward + loss, backward, clip_grad_norm_, optimizer.step(), zero_grad(), and
+Trainer.train_step (minillm/trainer.py) does: forward + loss, backward, clip_grad_norm_, optimizer.step(), zero_grad(), and
 ``.item()`` on the loss and the gradient norm. Inputs are random tokens (throughput does not depend on
 the text). tokens/s comes from steps timed back to back (median of --repeats windows); the fwd/bwd/opt
 split from separately timed steps (median per phase; synchronised on CUDA), so the three need not add up
@@ -109,7 +109,7 @@ def run_worker(spec: dict) -> dict:
     from minillm.config import ModelConfig, OptimConfig
     from minillm.flops import mfu, peak_flops
     from minillm.model import GPT
-    from minillm.trainer import build_optimizer
+    from minillm.optimizer import build_optimizer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

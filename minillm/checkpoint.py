@@ -1,6 +1,8 @@
 """Checkpoints in a run folder: atomic save, a ``latest`` pointer, keep-last-k, careful load.
 
-    <run>/ckpt/step_000600.pt   torch.save of a plain dict (see trainer.checkpoint_state)
+    <run>/ckpt/step_000600.pt   torch.save of a plain dict: the Trainer's components' state dicts by name
+                                (model, optimizer, batches, guard, rng, train_state; see
+                                Trainer.state_dict) plus config, tokenizer and world_size
     <run>/ckpt/step_000600/     a sharded (FSDP) checkpoint: model/ and optim/ written by every rank
                                 through torch.distributed.checkpoint, meta.pt (the rest) by rank 0
     <run>/ckpt/latest           the name of the newest complete checkpoint
@@ -21,14 +23,12 @@ from pathlib import Path
 
 import torch
 
+from minillm.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
-CKPT_FORMAT_VERSION = 1
+CKPT_FORMAT_VERSION = 2  # 2: components by name; 1 (step, tokens_seen, sampler at the top) is upgraded on load
 _NAME = re.compile(r"^step_(\d+)(\.pt)?$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names it and says what to do."""
 
 
 def ckpt_dir(run_dir: str | Path) -> Path:
@@ -210,7 +210,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); it is truncated or corrupt") from e
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a minillm checkpoint")
+    if state["format_version"] == 1:
+        state = upgrade_v1(state)
     if state["format_version"] != CKPT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {state['format_version']}, this minillm reads "
                               f"{CKPT_FORMAT_VERSION}")
+    return state
+
+
+def upgrade_v1(state: dict) -> dict:
+    """A format-1 checkpoint (step, tokens_seen, best_val_loss and sampler at the top level) in format 2."""
+    state = dict(state, format_version=2)
+    counters = {k: state.pop(k) for k in ("step", "tokens_seen", "best_val_loss") if k in state}
+    if counters:
+        state["train_state"] = counters
+    if "sampler" in state:
+        state["batches"] = state.pop("sampler")
     return state

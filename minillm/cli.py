@@ -7,7 +7,8 @@ It turns every configuration or input mistake into one line on stderr and a nonz
   wrong type as a multi-line block; here it becomes ``error: model.n_layr: unknown key ...``.
 * ``to_dataclass`` converts the composed config into the schema dataclass, whose ``__post_init__``
   validates values (n_embd divisible by n_head, lr >= 0, ...).
-* ``user_errors`` catches the library's input errors (missing corpus, bad checkpoint, ...).
+* ``user_errors`` catches the library's input errors (minillm.errors.UserError: missing corpus, bad
+  checkpoint, ...).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from minillm.config import ConfigError, SampleJobConfig, TrainJobConfig
+from minillm.config import SampleJobConfig, TrainJobConfig
+from minillm.errors import ConfigError, UserError
 
 T = TypeVar("T")
 EXIT_USER_ERROR = 2
@@ -125,15 +127,9 @@ def setup_logging(rank: int = 0) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's input errors into one line and a nonzero exit; bugs keep their traceback."""
-    # Imported here so the entry points start (and reject a bad config) without loading torch.
-    from minillm.checkpoint import CheckpointError
-    from minillm.data import DataError
-    from minillm.tokenizer import TokenizerError
-    from minillm.tokens import TokenFileError
-    from minillm.trainer import RunError
-
+    """Turn the library's input errors (minillm.errors.UserError) into one line and a nonzero exit;
+    bugs keep their traceback."""
     try:
         yield
-    except (ConfigError, DataError, TokenizerError, TokenFileError, CheckpointError, RunError) as e:
+    except UserError as e:
         fail(str(e))

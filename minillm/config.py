@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work. The message names the key, the value and what to do."""
+from minillm.errors import ConfigError
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:

@@ -6,6 +6,8 @@ import random
 import numpy as np
 import torch
 
+from minillm.distributed.process_group import DistInfo, all_gather_object
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -32,3 +34,22 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+class RngStreams:
+    """Every rank's generators as a checkpointed component.
+
+    ``state_dict()`` is a collective (every rank calls it): it gathers one entry per rank, so a resume
+    at the same world size restores each rank its own streams; at another world size each rank takes
+    rank 0's (the batch order changes then anyway, and the trainer warns).
+    """
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+
+    def state_dict(self) -> list[dict]:
+        return all_gather_object(rng_state(), self.info)
+
+    def load_state_dict(self, states: list[dict] | dict) -> None:
+        states = states if isinstance(states, list) else [states]
+        set_rng_state(states[self.info.rank] if len(states) == self.info.world_size else states[0])

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint
+from minillm.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+from minillm.errors import CheckpointError
 from minillm.config import ModelConfig
 from minillm.model import GPT
 from minillm.tokenizer import Tokenizer
@@ -50,4 +51,4 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     model = GPT(cfg)
     model.load_state_dict(state["model"])
     model.to(device=device, dtype=dtype).eval()
-    return LoadedRun(model, tok, ckpt_path, int(state["step"]), state["config"])
+    return LoadedRun(model, tok, ckpt_path, int(state["train_state"]["step"]), state["config"])

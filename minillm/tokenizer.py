@@ -15,36 +15,32 @@ Special ids (fixed, the same for every model type):
     2 </s>   (eos: separates documents)             3 <pad>
     4 "\\n"  (user-defined)                          5..260 <0x00>..<0xFF> (byte fallback)
 
-Train one on its own (see README, "Tokenizer and data"):
-    python -m minillm.tokenizer --input 'corpus/*.txt' --model-type bpe --vocab-size 8000 --out tok.model
+Train one on files from the command line with ``python -m minillm.train_tokenizer`` (its own module,
+minillm/train_tokenizer.py; this one reads no files and imports nothing from minillm.data).
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import io
 import itertools
-import json
 import os
 import re
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 
-from minillm.config import ConfigError, TokenizerConfig
+from minillm.config import TokenizerConfig
+from minillm.errors import TokenizerError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _SPACE = "\u2581"  # sentencepiece's visible space
 _SPACE_BYTES = _SPACE.encode("utf-8")  # b"\xe2\x96\x81"
 
 
-class TokenizerError(ValueError):
-    """Training or loading a tokenizer failed because of its input; the message says which."""
 
 
 class Tokenizer:
@@ -247,59 +243,3 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
     tok = Tokenizer(buf.getvalue())
     tok.train_seconds = time.time() - t0
     return tok
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m minillm.tokenizer",
-        description="Train a lossless sentencepiece tokenizer on UTF-8 text and report how it does on held-out text.")
-    p.add_argument("--input", action="append", required=True,
-                   help="a file, a folder (all files under it) or a quoted glob; repeat for several")
-    p.add_argument("--val-input", default=None, help="held-out text (file, folder or glob); default: the last "
-                   "--val-fraction of the input")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--out", required=True, help="where to write the .model file (a .json report goes beside it)")
-    d = TokenizerConfig()
-    p.add_argument("--model-type", default=d.model_type, choices=("bpe", "unigram", "char"))
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--character-coverage", type=float, default=d.character_coverage,
-                   help="1.0 for small alphabets, ~0.9995 for CJK")
-    p.add_argument("--no-split-digits", action="store_true")
-    p.add_argument("--max-sentence-length", type=int, default=d.max_sentence_length)
-    p.add_argument("--input-sentence-size", type=int, default=d.input_sentence_size,
-                   help="lines sampled for training (bounds memory)")
-    p.add_argument("--threads", type=int, default=d.num_threads)
-    p.add_argument("--skip-invalid", action="store_true", help="skip files that are not UTF-8 text instead of failing")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; user errors are one line on stderr and exit status 2."""
-    from minillm.data import DataError, train_on_files  # data imports this module; import late
-
-    args = _parser().parse_args(argv)
-    try:
-        cfg = TokenizerConfig(model_type=args.model_type, vocab_size=args.vocab_size,
-                              character_coverage=args.character_coverage, split_digits=not args.no_split_digits,
-                              max_sentence_length=args.max_sentence_length,
-                              input_sentence_size=args.input_sentence_size, num_threads=args.threads)
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise TokenizerError(f"--out {out}: folder {out.parent} does not exist; create it first")
-        tok, report = train_on_files(args.input, cfg, val_spec=args.val_input, val_fraction=args.val_fraction,
-                                     skip_invalid=args.skip_invalid)
-    except (ConfigError, DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tok.save(out)
-    rpath = out.with_suffix(".json")
-    rpath.write_text(json.dumps(asdict(report), indent=2) + "\n")
-    print(f"wrote {out} and {rpath}")
-    print("\n".join(report.lines()))
-    return 0
-
-
-if __name__ == "__main__":
-    # Run through the package module so error classes are the ones minillm.data raises.
-    from minillm.tokenizer import main as _main
-    sys.exit(_main())

@@ -1,178 +1,80 @@
-"""The training loop, as plain functions the entry point (train.py) calls with a validated config.
+"""The Trainer: one object that owns a run, from a validated config to the run's summary.
 
-    train(cfg) = set up -> prepare data -> build model/optimizer -> maybe resume -> loop -> report
+    train(cfg) = join the process group -> Trainer(cfg, info) -> trainer.fit() -> leave the group
 
-One step = grad_accum_steps micro-batches per process, then one optimizer update, unless a guard
-skips it (NaN/inf, loss spike). Evaluation reports validation loss (nats per token) and bits per byte
-of the raw text the predicted tokens cover. A checkpoint holds everything needed to continue
-bit-for-bit: model, optimizer, step, tokens seen, sampler position, every RNG, guard history.
+``Trainer(cfg, info)`` builds the data (tokenizer + token files), then the components of the run:
+
+    model        GPT (minillm/model.py), DDP- or FSDP-wrapped from outside for several processes
+    optimizer    AdamW, or Muon + AdamW (minillm/optimizer.py)
+    batches      the training batch source (minillm/data/batches.py): seed, epoch, position
+    guard        the StepGuard (minillm/guards.py): skipped-step counts, loss / grad-norm windows
+    rng          every rank's generators (minillm/rng.py)
+    train_state  step, tokens seen, best validation loss (minillm/train_state.py)
+
+Each has ``state_dict()`` / ``load_state_dict()``; a checkpoint is exactly those dicts by name
+(``Trainer.state_dict``), plus the config, tokenizer and world size that identify the run, so a
+resumed run continues bit for bit. ``train.resume`` chooses the checkpoint (minillm/resume.py).
+
+One step (``train_step``): grad_accum_steps micro-batches per process, each loss divided by
+grad_accum_steps before backward -> the total gradient norm, clipped to optim.grad_clip -> the guard
+-> optimizer.step(), or no update when the guard rejects the step (NaN/inf, loss spike; the step is
+counted and recorded). ``fit()`` repeats it to train.max_steps, logging, evaluating, checkpointing
+and stopping cleanly on SIGTERM/SIGINT; at the end it writes summary.json and curves.png.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from minillm import checkpoint as ckpt
-from minillm import distributed as dist
-from minillm import muon, ops
-from minillm.config import ModelConfig, OptimConfig, TrainJobConfig
-from minillm.data import prepare
+from minillm import ops
+from minillm.config import TrainJobConfig
+from minillm.data import BatchSource, PreparedData, prepare, read_tokens
+from minillm.device import autocast_for, peak_memory_mb
+from minillm.distributed import process_group as dist
+from minillm.distributed.wrapping import full_value, grad_sync, local, shard_fsdp, wrap_ddp
+from minillm.errors import RunError
+from minillm.evaluation import evaluate
+from minillm.flops import mfu, peak_flops
 from minillm.guards import NonFiniteError, StepGuard
-from minillm.loop import TrainLoop
+from minillm.metrics import MetricsLogger
 from minillm.model import GPT
-from minillm.parallel import local, shard_fsdp, wrap_ddp
-from minillm.rng import rng_state, seed_everything, set_rng_state
-from minillm.sampler import BatchSampler, eval_batches
+from minillm.optimizer import build_optimizer, lr_at
+from minillm.report import write_report
+from minillm.resume import check_compatible, check_resumable, load_resume_state
+from minillm.rng import RngStreams, seed_everything
+from minillm.signals import GracefulStop, TrainingInterrupted
 from minillm.tokenizer import Tokenizer
-from minillm.tokens import read_tokens
+from minillm.train_state import TrainState
 
 log = logging.getLogger(__name__)
-__all__ = ["train", "RunError", "NonFiniteError", "lr_at", "build_optimizer", "evaluate"]
+__all__ = ["train", "Trainer", "derive_grad_accum"]
 
 
-class RunError(RuntimeError):
-    """The run cannot start as configured (existing run folder, incompatible checkpoint, ...)."""
+def train(cfg: TrainJobConfig) -> dict:
+    """Run training as configured; returns the run summary (also written to <out_dir>/summary.json).
 
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, fused_ok: bool = True):
-    """AdamW; weight decay on matrices (linear and embedding weights) only, not on norms or biases.
-
-    optim.name=muon: the blocks' 2-D weights go to Muon (minillm/muon.py), the rest to AdamW; both
-    are stepped as one optimizer whose Muon groups carry lr_mult = muon_lr / lr.
+    Raises a UserError subclass for bad input, NonFiniteError when the guard stops the run, and
+    TrainingInterrupted after the checkpoint when a stop signal arrived.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = (device.type == "cuda" if cfg.fused is None else cfg.fused) and fused_ok
-    muon_params = muon.hidden_matrices(model) if cfg.name == "muon" else []
-    taken = {id(p) for p in muon_params}
-    rest = [p for p in params if id(p) not in taken]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                              eps=cfg.eps, fused=fused)
-    if not muon_params:
-        return adamw
-    ratio = cfg.muon_lr / cfg.lr if cfg.lr > 0 else 0.0
-    opt = muon.Muon([{"params": muon_params, "lr_mult": ratio}], lr=cfg.muon_lr,
-                    momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps)
-    return muon.CombinedOptimizer({"adamw": adamw, "muon": opt})
-
-
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warmup over warmup_steps, then cosine/linear/constant decay to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    shape = 0.5 * (1.0 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1.0 - frac
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, batch_size: int,
-             block_size: int, max_tokens: int | None, info: dist.DistInfo, amp) -> tuple[float, float]:
-    """(mean loss in nats per token, bits per byte) over the validation tokens, summed over ranks."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # nats, tokens, bytes
-    for x, y in eval_batches(tokens, batch_size, block_size, max_tokens, info.rank, info.world_size):
-        x, y = x.to(info.device), y.to(info.device)
-        with amp:
-            _, nll = model(x, y, reduction="none")
-        valid = y >= 0
-        sums[0] += nll[valid].double().sum()
-        sums[1] += valid.sum()
-        sums[2] += token_bytes[y[valid]].sum()
-    dist.all_reduce_sum(sums, info)
-    model.train()
-    nats, count, nbytes = sums.tolist()
-    if count == 0:
-        return float("nan"), float("nan")
-    return nats / count, nats / math.log(2) / max(nbytes, 1)
-
-
-def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
-    """Refuse a checkpoint whose model differs from the configured one, naming the field."""
-    defaults = asdict(ModelConfig())  # a key added after the checkpoint was written has its default there
-    for key, value in asdict(current).items():
-        if key not in ("name", "dropout") and saved.get(key, defaults.get(key)) != value:  # dropout may change
-            raise RunError(f"{where}: checkpoint has model.{key}={saved.get(key)!r} but the config says "
-                           f"{value!r}; use the same model settings or a new out_dir")
-
-
-def _resume_candidates(cfg: TrainJobConfig, run_dir: Path) -> list[Path]:
-    mode = cfg.train.resume
-    if mode == "never":
-        if ckpt.list_checkpoints(run_dir):
-            raise RunError(f"out_dir={run_dir} already holds a run; choose a new out_dir, or train.resume=auto "
-                           "to continue it (nothing was overwritten)")
-        return []
-    latest = ckpt.latest_checkpoint(run_dir)
-    if mode == "auto":
-        older = [p for p in reversed(ckpt.list_checkpoints(run_dir)) if p != latest]
-        return ([latest] if latest else []) + older
-    start = ckpt.resolve_checkpoint(mode)
-    if latest is not None and latest.resolve() != start.resolve() and ckpt.step_of(latest) > ckpt.step_of(start):
-        # This run already went past PATH (the same command relaunched, e.g. by torchrun
-        # --max-restarts): continue the run rather than throw its progress away.
-        log.warning("warning: %s holds a newer checkpoint (%s) than train.resume=%s; continuing from it",
-                    run_dir, latest.name, mode)
-        return [latest]
-    return [start]
-
-
-def load_resume_state(cfg: TrainJobConfig, run_dir: Path, info: dist.DistInfo,
-                      full_model: bool = True) -> tuple[dict | None, Path | None]:
-    """The checkpoint to continue from: with resume=auto a corrupt newest one falls back to the next.
-
-    Rank 0 chooses; the other ranks load the checkpoint it chose (never one of their own choosing).
-    """
-    if info.enabled and not info.is_main:
-        chosen = dist.broadcast_object(None, info)
-        return (ckpt.load_checkpoint(chosen, full_model=full_model), Path(chosen)) if chosen else (None, None)
-    state, path = _choose_checkpoint(cfg, run_dir, full_model)
-    if info.enabled:
-        dist.broadcast_object(str(path) if path else "", info)
-    return state, path
-
-
-def _choose_checkpoint(cfg: TrainJobConfig, run_dir: Path, full_model: bool) -> tuple[dict | None, Path | None]:
-    candidates = _resume_candidates(cfg, run_dir)
-    for i, path in enumerate(candidates):
-        try:
-            state = ckpt.load_checkpoint(path, full_model=full_model)
-        except ckpt.CheckpointError as e:
-            if cfg.train.resume != "auto":
-                raise
-            nxt = candidates[i + 1].name if i + 1 < len(candidates) else "none left"
-            log.warning("warning: %s; falling back to the previous checkpoint (%s)", e, nxt)
-            continue
-        if i > 0:
-            log.warning("warning: resuming from %s, the newest complete checkpoint", path)
-        return state, path
-    if candidates:
-        raise RunError(f"out_dir={run_dir}: no checkpoint there can be read; move the folder aside or "
-                       "use train.resume=never with a new out_dir")
-    return None, None
-
-
-def run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, info: dist.DistInfo) -> dict:
-    """Everything in a checkpoint but the model and optimizer tensors (collective: every rank calls it)."""
-    return {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
-            "rng": dist.all_gather_object(rng_state(), info),  # one entry per rank
-            "config": json.loads(json.dumps(asdict(cfg))), "world_size": info.world_size,
-            "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8), "best_val_loss": best_val}
-
-
-def autocast_for(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    info = dist.setup(cfg.device, cfg.train.dist_timeout_s)
+    try:
+        if cfg.train.global_batch_tokens is not None:
+            cfg.train.grad_accum_steps = derive_grad_accum(cfg.train.global_batch_tokens, cfg.train.batch_size,
+                                                           cfg.model.block_size, info.world_size)
+        if info.enabled:
+            log.info("distributed: %d processes (%s), global batch %d sequences", info.world_size,
+                     dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
+        return Trainer(cfg, info).fit()
+    finally:
+        dist.teardown()
 
 
 def derive_grad_accum(global_batch_tokens: int, batch_size: int, block_size: int, world_size: int) -> int:
@@ -185,146 +87,339 @@ def derive_grad_accum(global_batch_tokens: int, batch_size: int, block_size: int
     return global_batch_tokens // per_micro
 
 
-def train(cfg: TrainJobConfig) -> dict:
-    """Run training as configured; returns the run summary (also written to <out_dir>/summary.json)."""
-    info = dist.setup(cfg.device, cfg.train.dist_timeout_s)
-    try:
-        if cfg.train.global_batch_tokens is not None:
-            cfg.train.grad_accum_steps = derive_grad_accum(cfg.train.global_batch_tokens, cfg.train.batch_size,
-                                                           cfg.model.block_size, info.world_size)
-        if info.enabled:
-            log.info("distributed: %d processes (%s), global batch %d sequences", info.world_size,
-                     dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
-        return _train(cfg, info)
-    finally:
-        dist.teardown()
+@dataclass
+class RunData:
+    """The prepared corpus of a run: its tokenizer and both token streams (memmaps)."""
+    prepared: PreparedData
+    tokenizer: Tokenizer
+    train: np.ndarray
+    val: np.ndarray
 
 
-def _load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | None):
-    # Local rank 0 of each node prepares (so a node-local cache works on every node; concurrent
-    # preparers on a shared cache are safe: each builds in a temporary folder, the first rename wins).
+def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | None = None) -> RunData:
+    """Prepare (or reuse) the corpus. Local rank 0 of each node prepares first, so a node-local cache
+    works on every node; concurrent preparers on a shared cache are safe (the first rename wins)."""
     if info.local_rank == 0:
         prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     dist.barrier(info)
     if info.local_rank != 0:
         prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     tok = Tokenizer.load(prepared.tokenizer)
-    return prepared, tok, read_tokens(prepared.train, tok.vocab_size), read_tokens(prepared.val, tok.vocab_size)
-
-
-def _train(cfg: TrainJobConfig, info: dist.DistInfo) -> dict:
-    t_start = time.time()
-    run_dir = Path(cfg.out_dir)
-    seed_everything(cfg.seed)
-    ops.configure(cfg.kernels, info.device)
-    # Fine-tuning: the source run's weights and tokenizer (which also encodes the new corpus).
-    source = ckpt.load_checkpoint(ckpt.resolve_checkpoint(cfg.train.init_from)) if cfg.train.init_from else None
-    source_tok = Tokenizer(bytes(source["tokenizer"].numpy().tobytes())) if source is not None else None
-    prepared, tok, train_tokens, val_tokens = _load_data(cfg, info, source_tok)
-    if len(val_tokens) < 2:
-        raise RunError(f"the validation split has {len(val_tokens)} tokens; it needs at least 2 "
+    data = RunData(prepared, tok, read_tokens(prepared.train, tok.vocab_size), read_tokens(prepared.val, tok.vocab_size))
+    if len(data.val) < 2:
+        raise RunError(f"the validation split has {len(data.val)} tokens; it needs at least 2 "
                        "(a larger corpus or data.val_fraction)")
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tok.vocab_size
-    elif cfg.model.vocab_size < tok.vocab_size:
-        raise RunError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                       f"{tok.vocab_size}; raise it or leave it unset")
+    return data
 
-    tc = cfg.train
-    fsdp = info.enabled and tc.parallel == "fsdp"
-    state, resume_from = load_resume_state(cfg, run_dir, info, full_model=not fsdp)
-    if state is not None:
-        check_compatible(state["config"]["model"], cfg.model, resume_from)
-        if bytes(state["tokenizer"].numpy().tobytes()) != tok.proto:
-            raise RunError(f"{resume_from}: was trained with a different tokenizer than the tokenizer.* and "
-                           "data.* settings give now; use the run's settings or a new out_dir")
-        if state.get("world_size", 1) != info.world_size:
-            log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
-                        resume_from, state.get("world_size", 1), info.world_size)
-        if bool(state.get("sharded")) != fsdp:
-            raise RunError(f"{resume_from}: a {'sharded' if state.get('sharded') else 'full'} checkpoint resumes "
-                           f"only with train.parallel={'fsdp' if state.get('sharded') else 'ddp'} (any checkpoint "
-                           "loads in sample.py)")
-        if state["step"] >= tc.max_steps:
-            log.info("%s already finished at step %d (train.max_steps=%d); nothing to do", run_dir,
-                     state["step"], tc.max_steps)
-            summary = run_dir / "summary.json"
-            return json.loads(summary.read_text()) if summary.exists() else {"step": state["step"]}
 
-    bf16 = tc.uses_bf16(info.device.type)
-    model = GPT(cfg.model).to(info.device)   # the same initial weights on every rank (same seed)
-    if source is not None and state is None:
-        check_compatible(source["config"]["model"], cfg.model, Path(tc.init_from))
-        model.load_state_dict(source["model"])
-        log.info("fine-tuning from %s (step %d of that run): fresh optimizer and schedule",
-                 tc.init_from, source["step"])
-    torch.manual_seed(cfg.seed + info.rank)  # from here, each rank's own stream (dropout)
-    log.info("model: %s, %.2fM parameters (%.2fM non-embedding)", cfg.model.name,
-             model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)
-    if fsdp:
-        shard_fsdp(model, info, bf16)
-    if fsdp and cfg.optim.name == "muon":
-        raise RunError("optim.name=muon with train.parallel=fsdp: Muon needs whole matrices, FSDP shards "
-                       "them; use optim=adamw with FSDP, or train.parallel=ddp")
-    optimizer = build_optimizer(model, cfg.optim, info.device, fused_ok=not fsdp)
-    try:
-        sampler = BatchSampler(train_tokens, tc.batch_size, cfg.model.block_size, cfg.seed, info.rank, info.world_size)
-    except ValueError as e:
-        raise RunError(str(e)) from e
-    guard = StepGuard(tc.nan_policy, tc.max_skipped_steps, tc.spike_zscore, tc.spike_window)
-    start = {"step": 0, "tokens_seen": 0, "best_val": float("inf")}
-    if state is not None:
-        if fsdp:
-            ckpt.load_sharded_into(resume_from, model, optimizer)
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])  # its position counts windows across all ranks
-        guard.load_state_dict(state["guard"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-        if info.is_main:
-            ckpt.set_aside_newer(run_dir, state["step"])
-        start = {"step": state["step"], "tokens_seen": state["tokens_seen"], "best_val": state["best_val_loss"]}
-        log.info("resuming from %s at step %d", resume_from, state["step"])
+class StepTimer:
+    """Wall-clock phases of one step (fwd_ms, bwd_ms, opt_ms); synchronises CUDA only when active."""
 
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tok.save(run_dir / "tokenizer.model")
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    # FSDP's mixed-precision policy computes in bf16 itself; otherwise autocast does.
-    amp = autocast_for(info.device, bf16 and not fsdp)
+    def __init__(self, device: torch.device, active: bool):
+        self.device, self.active, self.ms = device, active, {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0}
+        self._t = 0.0
 
-    def save(step: int, tokens_seen: int, best_val: float) -> None:
-        finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in model.parameters()))])
-        if fsdp:  # each rank sees only its shards; all must agree before anyone raises
-            finite = dist.all_reduce_sum(finite.to(info.device), info).cpu() / info.world_size
+    def mark(self, phase: str | None = None) -> None:
+        """Add the time since the previous mark to ``phase`` (None: only start timing from now)."""
+        if not self.active:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if phase is not None:
+            self.ms[phase] += (now - self._t) * 1e3
+        self._t = now
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean training loss of the step over micro-batches and ranks (nats/token)
+    grad_norm: float     # total gradient norm before clipping
+    verdict: str         # "ok" (updated) | "nonfinite" | "spike" (skipped by the guard)
+    lr: float            # the scheduled learning rate of this step
+    timer: StepTimer
+
+
+class Trainer:
+    """Owns a run: built from a validated config (and the process group's DistInfo), run by ``fit()``."""
+
+    def __init__(self, cfg: TrainJobConfig, info: dist.DistInfo):
+        self.cfg, self.tc, self.info, self.run_dir = cfg, cfg.train, info, Path(cfg.out_dir)
+        self.t_start = time.time()
+        seed_everything(cfg.seed)
+        ops.configure(cfg.kernels, info.device)
+        # Fine-tuning: the source run's weights and tokenizer (which also encodes the new corpus).
+        source = ckpt.load_checkpoint(ckpt.resolve_checkpoint(self.tc.init_from)) if self.tc.init_from else None
+        self.data = load_data(cfg, info, Tokenizer(_proto(source)) if source is not None else None)
+        self._set_vocab_size()
+        self.fsdp = info.enabled and self.tc.parallel == "fsdp"
+        state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
+        if state is not None:
+            check_resumable(state, self.resumed_from, cfg, self.data.tokenizer.proto, info, self.fsdp)
+        self.bf16 = self.tc.uses_bf16(info.device.type)
+        self.model = self._build_model(source if state is None else None)
+        self.optimizer = build_optimizer(self.model, cfg.optim, info.device, fused_ok=not self.fsdp)
+        self.batches = BatchSource(self.data.train, self.tc.batch_size, cfg.model.block_size, cfg.seed,
+                                   info.rank, info.world_size)
+        self.guard = StepGuard(self.tc.nan_policy, self.tc.max_skipped_steps, self.tc.spike_zscore,
+                               self.tc.spike_window)
+        self.rng = RngStreams(info)
+        self.state = TrainState()
+        if state is not None:
+            self.load_state_dict(state)
+        self.amp = autocast_for(info.device, self.bf16 and not self.fsdp)  # FSDP's policy casts itself
+        self.compiled = torch.compile(self.model) if self.tc.compile else self.model
+        self.wrapped = wrap_ddp(self.compiled, info) if info.enabled and not self.fsdp else self.compiled
+        self.tokens_per_step = self.tc.batch_size * cfg.model.block_size * self.tc.grad_accum_steps * info.world_size
+        self.flops_per_token = self.model.flops_per_token()
+        self.peak_flops = peak_flops(info.device, self.bf16)
+        self.last_val = (float("nan"), float("nan"))
+        self.metrics: MetricsLogger | None = None
+        self._window = (self.t_start, self.state.tokens_seen)  # throughput window: (time, tokens) at its start
+
+    # ------------------------------------------------------------------ building
+    def _set_vocab_size(self) -> None:
+        mc, tok = self.cfg.model, self.data.tokenizer
+        if mc.vocab_size is None:
+            mc.vocab_size = tok.vocab_size
+        elif mc.vocab_size < tok.vocab_size:
+            raise RunError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's "
+                           f"{tok.vocab_size}; raise it or leave it unset")
+
+    def _build_model(self, source: dict | None) -> GPT:
+        """The model on this rank's device: the same initial weights on every rank (same seed), the
+        source run's weights when fine-tuning, sharded when FSDP."""
+        cfg, info = self.cfg, self.info
+        model = GPT(cfg.model).to(info.device)
+        if source is not None:
+            check_compatible(source["config"]["model"], cfg.model, Path(self.tc.init_from))
+            model.load_state_dict(source["model"])
+            log.info("fine-tuning from %s (step %d of that run): fresh optimizer and schedule",
+                     self.tc.init_from, source["train_state"]["step"])
+        torch.manual_seed(cfg.seed + info.rank)  # from here, each rank's own stream (dropout)
+        log.info("model: %s, %.2fM parameters (%.2fM non-embedding)", cfg.model.name,
+                 model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)
+        if self.fsdp:
+            if cfg.optim.name == "muon":
+                raise RunError("optim.name=muon with train.parallel=fsdp: Muon needs whole matrices, FSDP "
+                               "shards them; use optim=adamw with FSDP, or train.parallel=ddp")
+            shard_fsdp(model, info, self.bf16)
+        return model
+
+    # ------------------------------------------------------------------ state
+    def components(self) -> dict:
+        """The checkpointed components by name (see the module docstring)."""
+        return {"model": self.model, "optimizer": self.optimizer, "batches": self.batches, "guard": self.guard,
+                "rng": self.rng, "train_state": self.state}
+
+    def state_dict(self) -> dict:
+        """Every component's state dict by name, plus config, tokenizer and world size (a collective).
+        Under FSDP model and optimizer are left out: every rank writes its shards (checkpoint.py)."""
+        sharded = ("model", "optimizer") if self.fsdp else ()
+        out = {name: c.state_dict() for name, c in self.components().items() if name not in sharded}
+        return out | {"config": json.loads(json.dumps(asdict(self.cfg))), "world_size": self.info.world_size,
+                      "tokenizer": torch.frombuffer(bytearray(self.data.tokenizer.proto), dtype=torch.uint8)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore every component from a checkpoint's state (a sharded one is read from its folder)."""
+        if self.fsdp:
+            ckpt.load_sharded_into(self.resumed_from, self.model, self.optimizer)
+        for name, component in self.components().items():
+            if not (self.fsdp and name in ("model", "optimizer")):
+                component.load_state_dict(state[name])
+        log.info("resuming from %s at step %d", self.resumed_from, self.state.step)
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the run at the current step (a collective); refuses non-finite weights."""
+        finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in self.model.parameters()))])
+        if self.fsdp:  # each rank sees only its shards; all must agree before anyone raises
+            finite = dist.all_reduce_sum(finite.to(self.info.device), self.info).cpu() / self.info.world_size
         if finite.item() < 1:
-            raise NonFiniteError(f"step {step}: parameters are not finite; refusing to checkpoint them")
-        meta = run_state(sampler, guard, step, tokens_seen, cfg, tok, best_val, info)
-        if fsdp:
-            ckpt.save_sharded_checkpoint(run_dir, step, model, optimizer, meta, tc.keep_last, info.is_main,
-                                         lambda: dist.barrier(info))
+            raise NonFiniteError(f"step {self.state.step}: parameters are not finite; refusing to checkpoint them")
+        state, info = self.state_dict(), self.info
+        if self.fsdp:
+            ckpt.save_sharded_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, state,
+                                         self.tc.keep_last, info.is_main, lambda: dist.barrier(info))
             return
         if info.is_main:
-            meta |= {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-            ckpt.save_checkpoint(run_dir, step, meta, tc.keep_last)
+            ckpt.save_checkpoint(self.run_dir, self.state.step, state, self.tc.keep_last)
         dist.barrier(info)
 
-    compiled = torch.compile(model) if tc.compile else model
-    wrapped = wrap_ddp(compiled, info) if info.enabled and not fsdp else compiled
-    token_bytes = torch.from_numpy(tok.token_bytes()).to(info.device)
-    loop = TrainLoop(cfg, info, model, wrapped, optimizer, sampler, guard, amp, run_dir,
-                     lr_fn=lambda s: lr_at(s, cfg.optim, tc.max_steps),
-                     # DDP needs nothing for evaluation (no gradients), so it runs on the bare model
-                     eval_fn=lambda: evaluate(compiled, val_tokens, token_bytes, tc.batch_size,
-                                              cfg.model.block_size, tc.eval_tokens, info, amp),
-                     save_fn=save)
-    try:
-        summary = loop.run(**start, t_start=t_start, resumed=state is not None)
-        summary |= {"vocab_size": tok.vocab_size, "backend": ops.backend(), "val_bytes_per_token":
-                    prepared.meta.get("val_bytes", 0) / max(1, prepared.meta.get("val_tokens", 1))}
-        loop.finish(summary)
-    finally:
-        loop.close()
-    return summary
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> StepResult:
+        """One optimizer step (see the module docstring); advances the train state."""
+        tc = self.tc
+        timer = StepTimer(self.info.device, tc.profile_interval > 0 and (self.state.step + 1) % tc.profile_interval == 0)
+        lr = lr_at(self.state.step, self.cfg.optim, tc.max_steps)
+        for group in self.optimizer.param_groups:  # lr_mult: Muon's groups (minillm/optimizer.py)
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        loss, grad_norm = self._forward_backward(timer)
+        verdict = self.guard.check(self.state.step + 1, loss, grad_norm)
+        timer.mark()
+        if verdict == "ok":
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        timer.mark("opt_ms")
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+        return StepResult(loss, grad_norm, verdict, lr, timer)
+
+    def _forward_backward(self, timer: StepTimer) -> tuple[float, float]:
+        """grad_accum micro-batches; returns (mean loss over ranks, total grad norm before clipping)."""
+        accum, info = self.tc.grad_accum_steps, self.info
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(accum):
+            x, y = (t.to(info.device, non_blocking=True) for t in self.batches.next_batch())
+            with grad_sync(self.wrapped, last_micro_step=micro == accum - 1):
+                timer.mark()
+                with self.amp:
+                    _, loss = self.wrapped(x, y)
+                timer.mark("fwd_ms")
+                (loss / accum).backward()
+                timer.mark("bwd_ms")
+            loss_sum += loss.detach()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        loss_mean = dist.all_reduce_sum(loss_sum / accum, info) / info.world_size
+        return loss_mean.item(), grad_norm.item()
+
+    def evaluate(self) -> tuple[float, float]:
+        """(validation loss in nats per token, bits per byte); updates the best loss (a collective).
+        Runs on the unwrapped model: no gradients, so DDP has nothing to do."""
+        tok_bytes = torch.from_numpy(self.data.tokenizer.token_bytes()).to(self.info.device)
+        self.last_val = evaluate(self.compiled, self.data.val, tok_bytes, self.tc.batch_size,
+                                 self.cfg.model.block_size, self.tc.eval_tokens, self.info, self.amp)
+        self.state.best_val_loss = min(self.state.best_val_loss, self.last_val[0])
+        return self.last_val
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train to train.max_steps; returns the summary (also written to summary.json).
+        Raises TrainingInterrupted after checkpointing when SIGTERM/SIGINT arrived."""
+        if self.state.step >= self.tc.max_steps:
+            return self._already_finished()
+        self._start_run_files()
+        bar = tqdm(total=self.tc.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.info.is_main and self.cfg.logger.progress))
+        self._window = (time.time(), self.state.tokens_seen)  # throughput counts training time only
+        try:
+            with GracefulStop() as stop:
+                while self.state.step < self.tc.max_steps:
+                    result = self.train_step()
+                    bar.update(1)
+                    record = self._log_step(result, bar)
+                    self._checkpoint_or_stop(record, stop)
+            bar.close()
+            summary = self.summary()
+            self._finish(summary)
+        finally:
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return summary
+
+    def _log_step(self, r: StepResult, bar: tqdm) -> dict | None:
+        """Warn on a skipped step; evaluate when due; write the step's metrics record, if it has one."""
+        tc, step = self.tc, self.state.step
+        if r.verdict != "ok":
+            log.warning("warning: step %d skipped (%s): loss %.4g, grad norm %.4g", step, r.verdict, r.loss, r.grad_norm)
+        record = None
+        if step % tc.log_interval == 0 or step == tc.max_steps or r.verdict != "ok" or r.timer.active:
+            t0, tokens0 = self._window
+            record = self._record(r, (self.state.tokens_seen - tokens0) / max(time.time() - t0, 1e-9))
+            bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{record['tokens_per_sec']:,.0f}")
+        if step == tc.max_steps or (tc.eval_interval > 0 and step % tc.eval_interval == 0):
+            val_loss, val_bpb = self.evaluate()
+            record = record or self._record(r, float("nan"))
+            # stamped after the evaluation: when this validation number was known
+            record.update(val_loss=val_loss, val_bpb=val_bpb, elapsed_s=round(time.time() - self.t_start, 3),
+                          time=round(time.time(), 3))
+            if self.info.is_main:
+                bar.write(f"step {step}: train loss {r.loss:.4f}, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+        if self.metrics is not None and record is not None:
+            self.metrics.log({k: v for k, v in record.items() if v == v})  # drop NaN fields
+        return record
+
+    def _record(self, r: StepResult, tokens_per_sec: float) -> dict:
+        """The metrics.jsonl record of the step just taken."""
+        now = time.time()
+        rec = {"step": self.state.step, "train_loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+               "tokens": self.state.tokens_seen, "tokens_per_sec": tokens_per_sec,
+               "elapsed_s": round(now - self.t_start, 3), "time": round(now, 3),  # Unix time
+               "flops_per_sec": self.flops_per_token * tokens_per_sec}
+        if self.peak_flops:  # tokens_per_sec is global: the peak of every device
+            rec["mfu"] = mfu(self.flops_per_token, tokens_per_sec, self.peak_flops * self.info.world_size)
+        if r.timer.active:
+            rec.update({k: round(v, 3) for k, v in r.timer.ms.items()})
+        if r.verdict != "ok":
+            rec["skipped"] = r.verdict
+        return rec
+
+    def _checkpoint_or_stop(self, record: dict | None, stop: GracefulStop) -> None:
+        """Checkpoint when due (interval, evaluation, last step, a stop signal on any rank); then stop
+        by raising TrainingInterrupted if a signal arrived."""
+        stopping, step, every = self._stop_signal(stop), self.state.step, self.tc.ckpt_interval
+        if (stopping or step == self.tc.max_steps or (every and step % every == 0)
+                or (every is None and record is not None and "val_loss" in record)):
+            self.save_checkpoint()
+        if stopping:
+            raise TrainingInterrupted(stopping, step)
+        if record is not None:
+            self._window = (time.time(), self.state.tokens_seen)
+
+    def _stop_signal(self, stop: GracefulStop) -> int:
+        """The signal any rank received (0: none); every rank stops at the same step with it."""
+        if not self.info.enabled:
+            return stop.signum or 0
+        flag = torch.tensor([stop.signum or 0], dtype=torch.int64, device=self.info.device)
+        return int(dist.all_reduce_max(flag, self.info).item())
+
+    # ------------------------------------------------------------------ the run folder
+    def _start_run_files(self) -> None:
+        """Set aside checkpoints past the resume point; write tokenizer.model and config.json; open the
+        metrics log (which drops records past the resume point)."""
+        if not self.info.is_main:
+            return
+        if self.resumed_from is not None:
+            ckpt.set_aside_newer(self.run_dir, self.state.step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data.tokenizer.save(self.run_dir / "tokenizer.model")
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        self.metrics = MetricsLogger(self.run_dir, self.cfg.logger.wandb, asdict(self.cfg),
+                                     self.state.step if self.resumed_from is not None else None)
+
+    def _already_finished(self) -> dict:
+        log.info("%s already finished at step %d (train.max_steps=%d); nothing to do", self.run_dir,
+                 self.state.step, self.tc.max_steps)
+        summary = self.run_dir / "summary.json"
+        return json.loads(summary.read_text()) if summary.exists() else {"step": self.state.step}
+
+    def summary(self) -> dict:
+        """The run's summary: final and best validation, tokens, time, size, skipped steps, memory."""
+        meta = self.data.prepared.meta
+        return {"step": self.state.step, "tokens": self.state.tokens_seen, "final_val_loss": self.last_val[0],
+                "final_val_bpb": self.last_val[1], "best_val_loss": self.state.best_val_loss,
+                "wall_s": round(time.time() - self.t_start, 2), "params": self.model.num_params(),
+                "flops_per_token": self.flops_per_token, "skipped_nonfinite": self.guard.skipped_nonfinite,
+                "skipped_spikes": self.guard.skipped_spikes, "peak_memory_mb": peak_memory_mb(self.info.device),
+                "device": str(self.info.device), "world_size": self.info.world_size,
+                "vocab_size": self.data.tokenizer.vocab_size, "backend": ops.backend(),
+                "val_bytes_per_token": meta.get("val_bytes", 0) / max(1, meta.get("val_tokens", 1))}
+
+    def _finish(self, summary: dict) -> None:
+        """Write summary.json and curves.png, upload the checkpoint to wandb if asked."""
+        if not self.info.is_main:
+            return
+        write_report(self.run_dir, summary)
+        wandb_run = self.metrics.wandb if self.metrics is not None else None
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in summary.items() if v == v})
+            if self.cfg.logger.wandb.log_checkpoint:
+                self.metrics.log_checkpoint_artifact()
+        log.info("done: step %d, val loss %.4f, val bpb %.4f, %.1fs; run folder %s", summary["step"],
+                 summary["final_val_loss"], summary["final_val_bpb"], summary["wall_s"], self.run_dir)
+
+
+def _proto(state: dict) -> bytes:
+    """The sentencepiece model stored in a checkpoint."""
+    return bytes(state["tokenizer"].numpy().tobytes())

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from minillm import distributed as dist
+from minillm.distributed import process_group as dist
 
 rank = int(os.environ["RANK"])
 if rank == 0:

@@ -16,8 +16,9 @@ import torch
 
 from conftest import ROOT, TINY_ARGS
 from minillm import checkpoint as ckpt
-from minillm.elastic_store import attempt_namespace
-from minillm.trainer import RunError, derive_grad_accum
+from minillm.distributed.restart_store import attempt_namespace
+from minillm.errors import RunError
+from minillm.trainer import derive_grad_accum
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 COMMON = (*TINY_ARGS, "train.eval_interval=3", "device=cpu", "model.dropout=0.0")
@@ -186,9 +187,9 @@ def test_a_restarted_process_group_ignores_the_keys_of_the_killed_one():
 
 @pytest.mark.parametrize("rdzv", ["static", "c10d"])
 def test_torchrun_keeps_the_killed_attempts_keys(tmp_path, rdzv):
-    # The premise of minillm/elastic_store.py, checked on the installed torch: a restarted attempt
+    # The premise of minillm/distributed/restart_store.py, checked on the installed torch: a restarted attempt
     # sees the keys its predecessor wrote into the agent's store. If this fails, torch gives each
-    # attempt a clean store and minillm/elastic_store.py can go.
+    # attempt a clean store and minillm/distributed/restart_store.py can go.
     r = subprocess.run([*TORCHRUN, "--nproc_per_node=1", "--max-restarts=1", "--monitor-interval=0.1",
                         f"--rdzv_backend={rdzv}", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
                         str(ROOT / "tests" / "store_probe.py")],
@@ -213,7 +214,7 @@ def _children(pid: int) -> list[int]:
                          ids=["one-node", "two-nodes", "one-node-fsdp"])
 def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env, nodes, parallel):
     # Two ranks, on one torchrun or on two "nodes" (one torchrun each, c10d rendezvous on loopback;
-    # there the agents' restart counts differ after the kill, see minillm/elastic_store.py); with
+    # there the agents' restart counts differ after the kill, see minillm/distributed/restart_store.py); with
     # FSDP the restart resumes from a sharded checkpoint.
     run, port = tmp_path / "run", free_port()
     args = [f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=300",
@@ -240,7 +241,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env, nodes, par
     assert "resuming from" in errs[0]
     steps = [r["step"] for r in records(run)]
     assert steps == list(range(1, 301))                  # one consistent history after the restart
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["step"] == 300
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["train_state"]["step"] == 300
 
 
 def test_global_batch_in_tokens():
@@ -285,7 +286,7 @@ def test_a_signal_to_one_rank_stops_all_with_143_and_uneven_eval_works(tmp_path,
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "exitcode  : 143" in err, err[-3000:]
     last = records(run)[-1]["step"]
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["step"] == last
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["train_state"]["step"] == last
     assert all("val_bpb" in r for r in records(run) if r["step"] % 2 == 0)
 
 

@@ -3,15 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from minillm.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+from minillm.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint,
                                 resolve_checkpoint, save_checkpoint)
-from minillm.sampler import BatchSampler, eval_batches
+from minillm.data.batches import BatchSource, eval_batches
+from minillm.errors import CheckpointError, DataError
 
 
 def test_every_window_once_per_epoch_and_ranks_disjoint():
     tokens = np.arange(1000, dtype=np.uint16)
     T, B, world = 10, 3, 2
-    ranks = [BatchSampler(tokens, B, T, seed=5, rank=r, world_size=world) for r in range(world)]
+    ranks = [BatchSource(tokens, B, T, seed=5, rank=r, world_size=world) for r in range(world)]
     n = ranks[0].n_windows
     steps = n // (B * world)
     starts = []
@@ -29,15 +30,15 @@ def test_every_window_once_per_epoch_and_ranks_disjoint():
 
 def test_sampler_state_resumes_the_same_stream():
     tokens = np.arange(5000, dtype=np.uint16)
-    a = BatchSampler(tokens, 4, 16, seed=1)
+    a = BatchSource(tokens, 4, 16, seed=1)
     for _ in range(100):
         a.next_batch()
-    b = BatchSampler(tokens, 4, 16, seed=1)
+    b = BatchSource(tokens, 4, 16, seed=1)
     b.load_state_dict(a.state_dict())
     for _ in range(50):
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
-    with pytest.raises(ValueError, match="lower train.batch_size"):
-        BatchSampler(np.arange(20, dtype=np.uint16), 4, 16, seed=1)
+    with pytest.raises(DataError, match="lower train.batch_size"):
+        BatchSource(np.arange(20, dtype=np.uint16), 4, 16, seed=1)
 
 
 def test_eval_batches_cover_every_target_once():

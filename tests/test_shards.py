@@ -9,10 +9,13 @@ import pytest
 
 from conftest import make_corpus
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data import (DataError, Segment, check_files, encode_segments, iter_chunks, prepare,
-                          split_segments, train_on_files)
-from minillm.tokenizer import EOS_ID, Tokenizer, TokenizerError, train_tokenizer
-from minillm.tokens import HEADER_SIZE, MAGIC, TokenFileError, TokenWriter, read_tokens
+from minillm.data import prepare
+from minillm.data.corpus import Segment, check_files, iter_chunks, split_segments
+from minillm.data.encode import encode_segments
+from minillm.data.token_file import HEADER_SIZE, MAGIC, TokenWriter, read_tokens
+from minillm.errors import DataError, TokenFileError, TokenizerError
+from minillm.tokenizer import EOS_ID, Tokenizer, train_tokenizer
+from minillm.train_tokenizer import train_on_files
 
 TOK_CFG = TokenizerConfig(vocab_size=400)
 
@@ -186,7 +189,7 @@ def test_glob_skip_invalid_and_cache_key(tmp_path, data_dir):
 
 
 def test_utf8_error_offset_across_read_blocks(tmp_path, monkeypatch):
-    import minillm.data as data
+    import minillm.data.corpus as data
     monkeypatch.setattr(data, "_SCAN_BLOCK", 7)
     p = tmp_path / "x.txt"
     p.write_bytes("abcde梦".encode() + b"\xff" + b"zz")            # 梦 straddles the first block edge
@@ -253,7 +256,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, data_d
         return real(self, text)
 
     monkeypatch.setattr(Tokenizer, "encode_array", flaky)
-    monkeypatch.setattr("minillm.data.CHUNK_BYTES", 8192)
+    monkeypatch.setattr("minillm.data.encode.CHUNK_BYTES", 8192)
     cfg = DataConfig(path=str(corpus), num_workers=1)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, TOK_CFG, progress=False)

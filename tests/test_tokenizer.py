@@ -1,5 +1,5 @@
 """The tokenizer is lossless, counts bytes exactly, streams exactly what decode gives, and trains
-from files on its own (python -m minillm.tokenizer)."""
+from files on its own (python -m minillm.train_tokenizer)."""
 import json
 import subprocess
 import sys
@@ -9,8 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, SHARED_DATA, make_corpus
-from minillm.config import ConfigError, TokenizerConfig
-from minillm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError, main, train_tokenizer
+from minillm.config import TokenizerConfig
+from minillm.errors import ConfigError, TokenizerError
+from minillm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from minillm.train_tokenizer import main
 
 HARD = ["红楼梦 第一回 甄士隐梦幻识通灵", "emoji 😀🎉👩‍👩‍👧", "combining e\u0301 a\u0308", "tabs\tand\t\ttabs",
         "runs of     spaces", "crlf\r\nline\r\n", "private use \ue000\U000f0000", "  leading and trailing  ",
@@ -113,7 +115,7 @@ def test_cli_trains_from_a_glob_and_reports(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "minillm.tokenizer", "--input", str(tmp_path / "none/*.txt"),
+    proc = subprocess.run([sys.executable, "-m", "minillm.train_tokenizer", "--input", str(tmp_path / "none/*.txt"),
                            "--out", str(tmp_path / "t.model")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0

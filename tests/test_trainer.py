@@ -16,7 +16,8 @@ from minillm.config import (DataConfig, LoggerConfig, ModelConfig, OptimConfig, 
 from minillm.flops import mfu, peak_flops
 from minillm.guards import NonFiniteError, StepGuard
 from minillm.model import GPT
-from minillm.trainer import RunError, train
+from minillm.errors import RunError
+from minillm.trainer import train
 
 
 def tiny_cfg(run, corpus, **train_kw) -> TrainJobConfig:
@@ -61,7 +62,7 @@ def test_resume_is_bitwise_exact_and_needs_sampler_and_rng_state(tmp_path, corpu
     for name, t in final_params(straight).items():
         assert torch.equal(t, final_params(ok)[name]), name
     # Negative controls: the same comparison fails when sampler or RNG state is not restored.
-    no_sampler = resumed("no_sampler", lambda s: s["sampler"].update(pos=0, epoch=0))
+    no_sampler = resumed("no_sampler", lambda s: s["batches"].update(pos=0, epoch=0))
     assert losses(no_sampler)[4:] != losses(straight)[4:]
     no_rng = resumed("no_rng", lambda s: s["rng"][0].update(torch=torch.random.default_generator.manual_seed(99).get_state()))
     assert losses(no_rng)[4:] != losses(straight)[4:]
@@ -138,7 +139,7 @@ def test_signal_finishes_the_step_checkpoints_and_exits(sig, code, tmp_path, cor
     assert p.returncode == code, err[-2000:]
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
-    assert saved["step"] == last >= 3                          # the checkpoint is at the last finished step
+    assert saved["train_state"]["step"] == last >= 3                          # the checkpoint is at the last finished step
     assert "checkpoint saved" in err
 
 
@@ -269,7 +270,7 @@ def test_init_from_fine_tunes_with_the_source_weights_and_tokenizer(tmp_path, co
     train(tiny_cfg(fine, domain, max_steps=3, init_from=str(pre)))
     assert "fine-tuning from" in caplog.text
     assert (fine / "tokenizer.model").read_bytes() == (pre / "tokenizer.model").read_bytes()
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(fine))["step"] == 3   # a fresh schedule
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(fine))["train_state"]["step"] == 3   # a fresh schedule
     train(tiny_cfg(scratch, domain, max_steps=3))
     assert losses(fine)[0] < losses(scratch)[0] - 1.0      # it starts from the pretrained weights
     cfg = tiny_cfg(tmp_path / "bad", domain, max_steps=3, init_from=str(pre))

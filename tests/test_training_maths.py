@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from minillm.config import ModelConfig, OptimConfig
-from minillm.distributed import DistInfo
+from minillm.distributed.process_group import DistInfo
 from minillm.model import GPT
-from minillm.trainer import evaluate, lr_at
+from minillm.evaluation import evaluate
+from minillm.optimizer import lr_at
 
 # ---------------------------------------------------------------- learning-rate schedule
 # Documented: step is 0-based (the lr of the update of step index `step`); linear warmup

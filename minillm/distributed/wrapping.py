@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minillm.distributed import DistInfo
+from minillm.distributed.process_group import DistInfo
 
 
 def shard_fsdp(model: torch.nn.Module, info: DistInfo, bf16: bool) -> torch.nn.Module:

@@ -11,7 +11,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from minillm.elastic_store import attempt_store
+from minillm.device import pick_device
+
+from minillm.distributed.restart_store import attempt_store
 
 
 @dataclass
@@ -30,16 +32,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(pref: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA (this rank's GPU) if present, else CPU."""
-    if pref == "cuda" and not torch.cuda.is_available():
-        from minillm.config import ConfigError
-        raise ConfigError("device='cuda': no CUDA device is available; use device=cpu or device=auto")
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def setup(device_pref: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Join torchrun's process group when WORLD_SIZE > 1: nccl on CUDA, gloo on CPU, or
     $MINILLM_DIST_BACKEND. A collective waiting longer than ``timeout_s`` raises instead of hanging."""
@@ -52,7 +44,7 @@ def setup(device_pref: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         backend = os.environ.get("MINILLM_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
         timeout = timedelta(seconds=timeout_s)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            store = attempt_store(rank, world, timeout)  # see minillm/elastic_store.py
+            store = attempt_store(rank, world, timeout)  # see minillm/distributed/restart_store.py
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)

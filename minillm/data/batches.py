@@ -1,8 +1,8 @@
-"""Batches from a token stream: a resumable, rank-aware training sampler and evaluation windows.
+"""Batches from a token stream: the resumable, rank-aware training batch source and evaluation windows.
 
-Training draws windows of block_size + 1 tokens without replacement: each epoch shifts the window
+Training (BatchSource) draws windows of block_size + 1 tokens without replacement: each epoch shifts the window
 grid by a seeded offset in [0, block_size) and visits the windows in a seeded permutation, so every
-window is seen once per epoch, ranks never overlap, and the sampler's whole state is (seed, epoch, pos).
+window is seen once per epoch, ranks never overlap, and the source's whole state is (seed, epoch, pos).
 """
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from minillm.errors import DataError
 
-class BatchSampler:
+
+class BatchSource:
+    """Training batches for one rank: ``next_batch()`` -> (x, y); ``state_dict()`` resumes it exactly.
+
+    Raises DataError when the split holds fewer than batch_size * world_size windows.
+    """
+
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         self.tokens, self.B, self.T = tokens, batch_size, block_size
@@ -20,7 +27,7 @@ class BatchSampler:
         # Same count for every epoch offset: starts o + i*T with start + T + 1 <= N for all o < T.
         self.n_windows = max(0, (len(tokens) - block_size) // block_size)
         if self.n_windows < batch_size * world_size:
-            raise ValueError(f"training split has {len(tokens)} tokens: fewer than batch_size*world_size="
+            raise DataError(f"training split has {len(tokens)} tokens: fewer than batch_size*world_size="
                              f"{batch_size * world_size} windows of block_size+1={block_size + 1}; "
                              "use a larger corpus or lower train.batch_size / model.block_size")
         self.epoch, self.pos = 0, 0

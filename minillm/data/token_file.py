@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm.errors import TokenFileError
+
 MAGIC = b"MLLMTOK\0"
 FORMAT_VERSION = 1
 HEADER_SIZE = 64
@@ -32,8 +34,6 @@ _HEADER = struct.Struct("<8sIIIIQI")
 _VERIFY_CHUNK = 1 << 24  # tokens per step when checking a file: bounded memory on big files
 
 
-class TokenFileError(ValueError):
-    """A token file that cannot be used; the message names the file and what is wrong."""
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

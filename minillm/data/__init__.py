@@ -1,0 +1,16 @@
+"""Data: corpus files in, token files and training batches out. One concept per module:
+
+    corpus.py      finding the corpus (file, folder, glob, named download), checking it (UTF-8, binary),
+                   the validation split, reading it in newline-aligned pieces
+    encode.py      documents -> token ids (a process pool, in order, bounded memory), eos between them
+    token_file.py  the token-file format: header, checksum, atomic writer, verified memmap reader
+    prepare.py     corpus + tokenizer settings -> a cached folder of tokenizer.model, train.bin, val.bin
+    batches.py     the training batch source (rank-aware, resumable) and evaluation windows
+
+The tokenizer (minillm/tokenizer.py) imports nothing from here; this package uses it.
+"""
+from minillm.data.batches import BatchSource, eval_batches
+from minillm.data.prepare import PreparedData, prepare
+from minillm.data.token_file import read_tokens
+
+__all__ = ["BatchSource", "PreparedData", "eval_batches", "prepare", "read_tokens"]

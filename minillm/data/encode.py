@@ -1,0 +1,113 @@
+"""Encoding documents into a token file: newline-aligned chunks, optionally a process pool, in order.
+
+With ``num_workers`` > 1 the chunks go to a pool of worker processes; results are written in input
+order with at most ``2 * num_workers + 1`` chunks in flight, so memory is bounded by the chunk size,
+not the corpus size, and the ids do not depend on the number of workers. Documents are separated by
+the eos id and nothing else is added, so decoding a split gives its text back.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from typing import Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from minillm.data.corpus import CHUNK_BYTES, Segment, decode_chunk, iter_chunks
+from minillm.data.token_file import TokenWriter
+from minillm.errors import DataError
+from minillm.tokenizer import EOS_ID, Tokenizer
+
+_worker_tok: Tokenizer | None = None
+
+
+def _worker_init(proto: bytes) -> None:
+    global _worker_tok
+    _worker_tok = Tokenizer(proto)
+
+
+def _worker_encode(data: bytes) -> np.ndarray | UnicodeDecodeError:
+    try:
+        return _worker_tok.encode_array(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return e
+
+
+def resolve_workers(num_workers: int) -> int:
+    return num_workers if num_workers > 0 else (os.cpu_count() or 1)
+
+
+def encode_segments(tok: Tokenizer, segments: Sequence[Segment], writer: TokenWriter | None,
+                    num_workers: int = 1, chunk_bytes: int | None = None, progress: bool = False,
+                    desc: str = "encode") -> dict:
+    """Encode documents into ``writer`` (None: only count), eos between documents.
+
+    With ``num_workers`` > 1 the chunks go to a process pool; results are written in input order, and
+    at most ``2 * num_workers + 1`` chunks are in flight, so memory is bounded by the chunk size, not
+    the corpus size. The ids do not depend on the number of workers.
+    Returns tokens (incl. eos), text_tokens, byte_tokens (byte-fallback), bytes, documents, and
+    max_pending_bytes (most input bytes read but not yet written at any time).
+    """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    total = sum(s.size for s in segments)
+    is_byte = tok.byte_fallback_mask()
+    st = {"tokens": 0, "text_tokens": 0, "byte_tokens": 0, "bytes": total, "documents": 0, "max_pending_bytes": 0}
+    last_doc = -1
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=not progress)
+
+    def emit(doc: int, n_bytes: int, ids: np.ndarray) -> None:
+        nonlocal last_doc
+        if doc != last_doc:
+            if last_doc >= 0:  # a document boundary
+                if writer is not None:
+                    writer.write(np.array([EOS_ID]))
+                st["tokens"] += 1
+            st["documents"] += 1
+            last_doc = doc
+        if writer is not None:
+            writer.write(ids)
+        st["tokens"] += ids.size
+        st["text_tokens"] += ids.size
+        st["byte_tokens"] += int(np.count_nonzero(is_byte[ids]))
+        bar.update(n_bytes)
+
+    work = ((d, seg, off, data) for d, seg in enumerate(segments) for off, data in iter_chunks(seg, chunk_bytes))
+    workers = min(num_workers, total // chunk_bytes + 1)
+    try:
+        if workers <= 1:
+            for d, seg, off, data in work:
+                st["max_pending_bytes"] = max(st["max_pending_bytes"], len(data))
+                emit(d, len(data), tok.encode_array(decode_chunk(data, seg, off)))
+        else:
+            _encode_in_pool(tok, work, workers, emit, st)
+    finally:
+        bar.close()
+    return st
+
+
+def _encode_in_pool(tok: Tokenizer, work: Iterator, workers: int, emit, st: dict) -> None:
+    window = 2 * workers + 1  # enough to keep every worker busy while the main process writes
+    pending: deque = deque()
+    pending_bytes = 0
+
+    def take() -> None:
+        nonlocal pending_bytes
+        d, seg, off, n, res = pending.popleft()
+        ids = res.get()
+        if isinstance(ids, UnicodeDecodeError):
+            raise DataError(f"{seg.path}: not UTF-8 text at offset {off + ids.start} (did the file change during "
+                            "preparation?); fix the file and run again")
+        pending_bytes -= n
+        emit(d, n, ids)
+
+    with mp.get_context().Pool(workers, initializer=_worker_init, initargs=(tok.proto,)) as pool:
+        for d, seg, off, data in work:
+            pending.append((d, seg, off, len(data), pool.apply_async(_worker_encode, (data,))))
+            pending_bytes += len(data)
+            st["max_pending_bytes"] = max(st["max_pending_bytes"], pending_bytes)
+            if len(pending) >= window:
+                take()
+        while pending:
+            take()

@@ -1,0 +1,38 @@
+"""Validation: loss per token and bits per byte of the raw text, summed over ranks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from minillm.data.batches import eval_batches
+from minillm.distributed import process_group as dist
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, batch_size: int,
+             block_size: int, max_tokens: int | None, info: dist.DistInfo, amp) -> tuple[float, float]:
+    """(mean loss in nats per token, bits per byte) over every target of ``tokens[:max_tokens + 1]``.
+
+    tokens: the validation token stream; token_bytes (vocab_size,) int64: raw-text bytes each token
+    covers (0 for specials). Bits per byte = sum of target nats / ln 2 / sum of target bytes: the
+    text's cost under the model, comparable across tokenizers (as in Gao et al., 2020, The Pile).
+    Every rank calls this (a collective); each scores its share of the windows. NaN for no targets.
+    """
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # nats, tokens, bytes
+    for x, y in eval_batches(tokens, batch_size, block_size, max_tokens, info.rank, info.world_size):
+        x, y = x.to(info.device), y.to(info.device)
+        with amp:
+            _, nll = model(x, y, reduction="none")
+        valid = y >= 0
+        sums[0] += nll[valid].double().sum()
+        sums[1] += valid.sum()
+        sums[2] += token_bytes[y[valid]].sum()
+    dist.all_reduce_sum(sums, info)
+    model.train()
+    nats, count, nbytes = sums.tolist()
+    if count == 0:
+        return float("nan"), float("nan")
+    return nats / count, nats / math.log(2) / max(nbytes, 1)
