@@ -13,6 +13,7 @@ It turns every configuration or input mistake into one line on stderr and a nonz
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import sys
@@ -32,8 +33,29 @@ EXIT_USER_ERROR = 2
 
 def register_schemas() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainJobConfig)
-    cs.store(name="sample_schema", node=SampleJobConfig)
+    cs.store(name="train_schema", node=schema(TrainJobConfig))
+    cs.store(name="sample_schema", node=schema(SampleJobConfig))
+
+
+def schema(cls: type) -> DictConfig:
+    """The structured config of ``cls`` holding every field's declared default.
+
+    OmegaConf builds a nested dataclass default by calling its factory, which runs __post_init__; a
+    value derived there (model.n_kv_head = model.n_head when unset) would become a fixed default and
+    ignore overrides of the key it derives from. The declared defaults are put back here, so deriving
+    happens once, in the dataclass built from the composed config.
+    """
+    node = OmegaConf.structured(cls)
+    _declared_defaults(node, cls)
+    return node
+
+
+def _declared_defaults(node: DictConfig, cls: type) -> None:
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            node[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(sub := f.default_factory()):
+            _declared_defaults(node[f.name], type(sub))
 
 
 def fail(message: str) -> None:

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from conftest import TINY_ARGS, run_entry
-from minillm.config import ConfigError, ModelConfig, OptimConfig, SampleJobConfig, TokenizerConfig, TrainConfig
+from conftest import ROOT, TINY_ARGS, run_entry
+from minillm.config import DataConfig, ModelConfig, OptimConfig, SampleJobConfig, TokenizerConfig, TrainConfig, TrainJobConfig
+from minillm.errors import ConfigError
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -87,3 +88,36 @@ def test_multirun_gives_each_job_its_own_run_folder(tmp_path, corpus_file, data_
     lrs = [json.loads((out / str(i) / "config.json").read_text())["optim"]["lr"] for i in (0, 1)]
     assert lrs == [1e-3, 3e-3]
     assert all((out / str(i) / "ckpt" / "latest").is_file() for i in (0, 1))
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from minillm import cli
+    cli.register_schemas()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return OmegaConf.to_object(compose(config_name=name, overrides=overrides))
+
+
+def test_the_default_yaml_adds_nothing_to_the_dataclass_defaults():
+    """Every default lives once, in minillm/config.py: the composed default config is the dataclasses'
+    defaults, but for the dataset the data preset names and out_dir (derived from data and model names)."""
+    from dataclasses import asdict
+
+    import yaml
+    dataset = yaml.safe_load((ROOT / "configs" / "data" / "shakespeare.yaml").read_text())
+    assert set(dataset) == {"name", "url", "sha256", "filename"}
+    job = _compose("train", [])
+    assert asdict(job) == asdict(TrainJobConfig(out_dir="out/shakespeare-tiny", data=DataConfig(**dataset)))
+    assert asdict(_compose("sample", [])) == asdict(SampleJobConfig())
+
+
+@pytest.mark.parametrize("overrides, n_head, n_kv_head", [
+    ([], 4, 4), (["model.n_head=8"], 8, 8), (["model=gpt2-small"], 12, 12), (["model=llama-small"], 12, 4),
+    (["model=gpt2-small", "model.n_head=6"], 6, 6), (["model.n_kv_head=2"], 4, 2)])
+def test_n_kv_head_follows_n_head_unless_set(overrides, n_head, n_kv_head):
+    """An unset model.n_kv_head means multi-head attention for whatever n_head ends up being (the
+    schema must not freeze the value __post_init__ derives from the default n_head)."""
+    job = _compose("train", overrides)
+    assert (job.model.n_head, job.model.n_kv_head) == (n_head, n_kv_head)
