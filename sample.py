@@ -39,22 +39,17 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
     """Sample cfg.num_samples continuations of each prompt, cfg.batch_size rows (prompt x sample) per
     batch; print them (streaming the first) as each batch ends and return prompt + continuation for
     every row. A row's text depends on its prompt and seed only, not on how rows are batched."""
-    from minillm.generate import SamplingParams, generate_rows, sample_rows
+    from minillm.generation import Engine, SamplingParams, sample_rows
 
     tok, block_size = loaded.tokenizer, loaded.model.cfg.block_size
     shown = ["" if p is None else p for p in prompts]
     for i, p in enumerate(shown):
         if (n := len(tok.encode(p))) > block_size:
             print(f"# prompt {i + 1} is {n} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
-
-    def on_text(row: int, piece: str) -> None:
-        if row == 0:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
     if cfg.stream:
         sys.stdout.write(shown[0])
         sys.stdout.flush()
+    engine = Engine(loaded.model, tok)
     params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop]
     rows = sample_rows(["\n" if p is None else p for p in prompts], cfg.seed, cfg.num_samples)
@@ -63,18 +58,27 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
         batch = rows[start:start + cfg.batch_size]
         if n_batches > 1:
             print(f"# batch {k + 1}/{n_batches}: rows {start + 1}-{start + len(batch)} of {len(rows)}", file=sys.stderr)
-        outs = generate_rows(loaded.model, tok, batch, cfg.max_new_tokens, params, stop, cfg.kv_cache,
-                             on_text if cfg.stream and start == 0 else None)
+        outs = [""] * len(batch)
+        for event in engine.generate(batch, cfg.max_new_tokens, params, stop, cfg.kv_cache):
+            outs[event.row] += event.text
+            if cfg.stream and start + event.row == 0 and event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
         for r, out in enumerate(outs, start):
-            i, j = divmod(r, cfg.num_samples)
-            texts.append(shown[i] + out)
-            if r == 0 and cfg.stream:
-                sys.stdout.write("\n")
-                continue
-            label = f"sample {j + 1}" if len(prompts) == 1 else f"prompt {i + 1}, sample {j + 1}"
-            sys.stdout.write(("\n" if r else "") + f"--- {label}\n" + texts[-1] + "\n")
+            texts.append(shown[r // cfg.num_samples] + out)
+            print_sample(cfg, len(prompts), r, texts[-1])
         sys.stdout.flush()
     return texts
+
+
+def print_sample(cfg: SampleJobConfig, n_prompts: int, r: int, text: str) -> None:
+    """Write row r's text under its label (row 0, when streamed, is on stdout already: end its line)."""
+    if r == 0 and cfg.stream:
+        sys.stdout.write("\n")
+        return
+    i, j = divmod(r, cfg.num_samples)
+    label = f"sample {j + 1}" if n_prompts == 1 else f"prompt {i + 1}, sample {j + 1}"
+    sys.stdout.write(("\n" if r else "") + f"--- {label}\n" + text + "\n")
 
 
 def run(cfg: SampleJobConfig) -> list[str]:
@@ -82,7 +86,7 @@ def run(cfg: SampleJobConfig) -> list[str]:
     import torch
 
     from minillm import ops
-    from minillm.distributed import pick_device
+    from minillm.device import pick_device
     from minillm.run import load_run, newest_run
 
     prompts = None if cfg.interactive else read_prompts(cfg)

@@ -11,7 +11,8 @@ prefill included. Goal (CPU): the cache is >= 5x faster than no cache at 256 new
 
 Rows that end early (a stop string, EOS) leave the batch. The "staggered" rows measure that at the
 largest batch B, with the cache: row b ends after (b + 1)/B of the new tokens, once with the ended
-rows leaving (what generate_rows does) and once kept in the batch until the last one ends.
+rows leaving (what the Engine does: here each row has its own max_new_tokens) and once kept in the
+batch until the last one ends (every row runs all the new tokens; only (b + 1)/B of them are counted).
     python benchmarks/bench_sample.py --threads 1   # steadier on a shared CPU (see --help)
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import bar_png, environment, print_table, timeit, write_results  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.generate import SamplingParams, generate_tokens  # noqa: E402
+from minillm.generation import Engine, Row, SamplingParams  # noqa: E402
 from minillm.model import GPT  # noqa: E402
 
 FULL = dict(model=dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, block_size=256, vocab_size=2048),
@@ -36,13 +37,11 @@ QUICK = dict(model=dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=
 
 def run_once(model: GPT, prompts: list[list[int]], new_tokens: int, kv_cache: bool,
              ends: list[int] | None = None, leave: bool = False) -> None:
-    """Generate; with ``ends``, row b is done after ends[b] tokens (and leaves the batch if ``leave``)."""
-    params = SamplingParams(temperature=1.0, top_k=50)
-    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    alive = [True] * len(prompts) if leave else None
-    for step, _ in enumerate(generate_tokens(model, prompts, new_tokens, params, gens, kv_cache, alive), 1):
-        if alive is not None:
-            alive[:] = [step < e for e in ends]
+    """Generate; with ``ends`` and ``leave``, row b ends after ends[b] tokens and leaves the batch."""
+    limits = ends if leave else [None] * len(prompts)
+    rows = [Row(p, seed=i, max_new_tokens=n) for i, (p, n) in enumerate(zip(prompts, limits))]
+    for _ in Engine(model).generate(rows, new_tokens, SamplingParams(temperature=1.0, top_k=50), kv_cache=kv_cache):
+        pass
 
 
 def main() -> None:

@@ -76,8 +76,8 @@ and within shared memory; register counts below are from that tier, bf16, causal
   other's wgmma runs, which is where FA2-style kernels get their overlap without warp
   specialisation. BLOCK_N = 128 (fewer, longer wgmmas) builds cleanly on sm_90 at every head dim
   (229 registers at d128), but spills on sm_80 for d >= 64, and the build report compiles every
-  listed configuration for both archs, so it is listed for d32 only (see "remains undone" in the
-  issue note: a per-arch field in KernelSpec would allow it at d128 on sm_90). 4-warp 128-row tiles
+  listed configuration for both archs, so it is listed for d32 only (a per-arch field in
+  KernelSpec would allow it at d128 on sm_90). 4-warp 128-row tiles
   spill at d >= 96 (acc + S of a 128-row tile over 128 threads) and are pruned by head dim.
 * Forward, sm_80: mma.sync works on 16-row slices per warp, so 128 x 64 tiles with 8 warps (213
   registers at d128) or 64 x 64 / 64 x 32 with 4 warps, 2-3 stages in 164 KB.

@@ -75,7 +75,7 @@ torch.compile
 The launches live inside ``torch.library.custom_op`` ops ``minillm::norm_fwd`` / ``minillm::norm_bwd``
 with ``register_fake`` (shapes for tracing) and ``register_autograd``; a compiled model sees one opaque
 op per norm and does not graph-break. (``triton_op`` would let Inductor look inside, but it fails on
-CPU under the interpreter, where we test; see DESIGN.md.)
+CPU under the interpreter, where we test: "Cannot access data pointer of Tensor" on fake tensors.)
 """
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ class OptimConfig:
     schedule: str = "cosine"           # cosine | linear | constant (after warmup)
     grad_clip: float = 1.0             # 0 disables clipping
     fused: Optional[bool] = None       # AdamW's fused kernel; None: on CUDA only (true works on CPU too)
-    # optim.name=muon: Muon (minillm/muon.py) for the blocks' 2-D weights, AdamW for everything else
+    # optim.name=muon: Muon (torch.optim.Muon) for the blocks' 2-D weights, AdamW for everything else
     muon_lr: float = 0.02              # Muon's peak lr; the schedule scales it like lr
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5             # Newton-Schulz iterations

@@ -11,21 +11,20 @@ import torch
 
 from conftest import ROOT, make_corpus, run_entry
 from minillm.checkpoint import CheckpointError, save_checkpoint
-from minillm.config import ConfigError, ModelConfig, SampleJobConfig, TokenizerConfig
-from minillm.model import GPT
+from minillm.config import ConfigError, SampleJobConfig, TokenizerConfig
 from minillm.tokenizer import train_tokenizer
+from test_generate import model as random_model
 
 spec = importlib.util.spec_from_file_location("sample_entry", ROOT / "sample.py")
 sample = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sample)
 
 
-def write_run(run_dir, tok=None, block_size=32):
-    """A run folder with one checkpoint in the format trainer.checkpoint_state writes (random weights)."""
-    cfg = ModelConfig(vocab_size=tok.vocab_size if tok else 400, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
-                      block_size=block_size)
-    torch.manual_seed(0)
-    state = {"model": GPT(cfg).state_dict(), "step": 3, "config": {"model": asdict(cfg)}}
+def write_run(run_dir, tok=None, block_size=32, sharpen=False):
+    """A run folder with one checkpoint in the format trainer.checkpoint_state writes (random weights;
+    sharpen: weights whose greedy text varies, see test_generate.model)."""
+    m = random_model(tok.vocab_size if tok else 400, sharpen, n_head=2, n_kv_head=1, block_size=block_size)
+    state = {"model": m.state_dict(), "step": 3, "config": {"model": asdict(m.cfg)}}
     if tok is not None:
         state["tokenizer"] = torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)
     save_checkpoint(run_dir, 3, state)
@@ -33,9 +32,24 @@ def write_run(run_dir, tok=None, block_size=32):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tok = train_tokenizer([make_corpus(600)], TokenizerConfig(vocab_size=400))
+def tok():
+    return train_tokenizer([make_corpus(600)], TokenizerConfig(vocab_size=400))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tok):
     return write_run(tmp_path_factory.mktemp("sample") / "run", tok)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(tmp_path_factory, tok):
+    """For tests that compare greedy texts: a model whose greedy tokens vary (not one repeated)."""
+    return write_run(tmp_path_factory.mktemp("sample") / "greedy_run", tok, sharpen=True)
+
+
+def varied(tok, text: str, prompt: str) -> bool:
+    """The continuation holds more than 3 distinct tokens."""
+    return len(set(tok.encode(text[len(prompt):]))) > 3
 
 
 def job(run, **kw) -> SampleJobConfig:
@@ -50,14 +64,15 @@ def test_streamed_stdout_is_the_prompt_and_its_continuation(run, capsys):
     assert sample.run(job(run, prompt="ROMEO:", num_samples=2, temperature=1.0, stream=False)) == texts
 
 
-def test_prompt_file_matches_single_prompts(run, tmp_path, capsys):
+def test_prompt_file_matches_single_prompts(greedy_run, tok, tmp_path, capsys):
     f = tmp_path / "prompts.txt"
     f.write_text("KING HENRY:\nthe\n\n\nJULIET: o\n")
-    texts = sample.run(job(run, prompt_file=str(f), temperature=0.0))
+    texts = sample.run(job(greedy_run, prompt_file=str(f), temperature=0.0))
     assert [t.split(":")[0] for t in texts] == ["KING HENRY", "JULIET"]
     assert "--- prompt 2, sample 1\nJULIET: o" in capsys.readouterr().out
-    assert texts[1] == sample.run(job(run, prompt="JULIET: o", temperature=0.0))[0]
-    assert texts[0] == sample.run(job(run, prompt="KING HENRY:\nthe", temperature=0.0, kv_cache=False))[0]
+    assert texts[1] == sample.run(job(greedy_run, prompt="JULIET: o", temperature=0.0))[0]
+    assert texts[0] == sample.run(job(greedy_run, prompt="KING HENRY:\nthe", temperature=0.0, kv_cache=False))[0]
+    assert varied(tok, texts[0], "KING HENRY:\nthe") and varied(tok, texts[1], "JULIET: o")
 
 
 def test_batch_size_splits_rows_without_changing_any_text(run, tmp_path, capsys):
@@ -132,11 +147,12 @@ def test_cli_error_for_a_checkpoint_without_tokenizer_is_one_line(tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "tokenizer" in lines[0]
 
 
-def test_cli_stop_strings(run):
-    r = run_entry("sample.py", f"ckpt={run}", "prompt=ROMEO:", "temperature=0", "max_new_tokens=12")
+def test_cli_stop_strings(greedy_run, tok):
+    r = run_entry("sample.py", f"ckpt={greedy_run}", "prompt=ROMEO:", "temperature=0", "max_new_tokens=12")
     assert r.returncode == 0, r.stderr
+    assert varied(tok, r.stdout, "ROMEO:")
     stop = r.stdout[8:10]
-    r2 = run_entry("sample.py", f"ckpt={run}", "prompt=ROMEO:", "temperature=0", "max_new_tokens=12",
+    r2 = run_entry("sample.py", f"ckpt={greedy_run}", "prompt=ROMEO:", "temperature=0", "max_new_tokens=12",
                    f"stop=[{json.dumps(stop)},'\\n\\n']")
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout == r.stdout[:r.stdout.find(stop, len("ROMEO:"))] + "\n"

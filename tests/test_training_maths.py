@@ -154,7 +154,7 @@ def test_evaluate_with_a_real_model_matches_the_log_softmax_reference():
 
 
 # ---------------------------------------------------------------- gradient accumulation and clipping
-# The loop (minillm/loop.py) backpropagates loss / accum for each of accum micro-batches, then clips
+# Trainer.train_step (minillm/trainer.py) backpropagates loss / accum for each of accum micro-batches, then clips
 # the total gradient norm over the raw model's parameters. What that relies on from the model:
 
 def tiny_gpt(**kw) -> GPT:

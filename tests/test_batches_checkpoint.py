@@ -1,4 +1,4 @@
-"""The batch sampler's coverage and resumability; atomic checkpoints with a latest pointer."""
+"""The training batch source's coverage and resumability; atomic checkpoints with a latest pointer."""
 import numpy as np
 import pytest
 import torch
