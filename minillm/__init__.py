@@ -1,4 +1,13 @@
-"""minillm: train GPT-style language models from scratch. See README.md."""
+"""minillm: train GPT-style language models from scratch (README.md: use; its Layout section: every file).
+
+A run, from the outside in: train.py turns the Hydra config into ``config.TrainJobConfig`` and calls
+``trainer.train``. The ``trainer.Trainer`` prepares the corpus (``data``: corpus files -> tokenizer ->
+token files -> batches), builds ``model.GPT`` (kernels behind ``ops``), the ``optimizer``, the step
+guard, RNG streams and train state, resumes them from a ``checkpoint`` (``resume`` chooses which), and
+runs the loop (``evaluation`` for validation bits per byte). ``distributed`` applies DDP/FSDP2 from
+outside the single-device model. sample.py reads a run folder back (``run``) and drives the
+``generation`` engine. User mistakes raise ``errors.UserError``; the entry points print it as one line.
+"""
 __version__ = "0.1.0"
 
 
