@@ -223,7 +223,8 @@ def test_a_row_stops_at_its_own_limit_and_leaves_the_batch():
     # The repetition history of the rows left stays theirs (a strong penalty makes it decide every token).
     penalized = SamplingParams(temperature=0.0, repetition_penalty=1e3)
     rows = [Row(p, max_new_tokens=n) for p, n in zip(PROMPTS, limits)]
-    assert Engine(m).generate_ids(rows, 50, penalized) == [tokens(m, [p], n, penalized)[0] for p, n in zip(PROMPTS, limits)]
+    alone = [tokens(m, [p], n, penalized)[0] for p, n in zip(PROMPTS, limits)]
+    assert Engine(m).generate_ids(rows, 50, penalized) == alone
 
 
 @pytest.mark.parametrize("which", ["en", "zh"])
