@@ -87,7 +87,7 @@ def run(cfg: SampleJobConfig) -> list[str]:
 
     from minillm import ops
     from minillm.device import pick_device
-    from minillm.run import load_run, newest_run
+    from minillm.run_folder import load_run, newest_run
 
     prompts = None if cfg.interactive else read_prompts(cfg)
     device = pick_device(cfg.device)

@@ -5,7 +5,7 @@ A run, from the outside in: train.py turns the Hydra config into ``config.TrainJ
 token files -> batches), builds ``model.GPT`` (kernels behind ``ops``), the ``optimizer``, the step
 guard, RNG streams and train state, resumes them from a ``checkpoint`` (``resume`` chooses which), and
 runs the loop (``evaluation`` for validation bits per byte). ``distributed`` applies DDP/FSDP2 from
-outside the single-device model. sample.py reads a run folder back (``run``) and drives the
+outside the single-device model. sample.py reads a run folder back (``run_folder``) and drives the
 ``generation`` engine. User mistakes raise ``errors.UserError``; the entry points print it as one line.
 """
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ GQA/MQA, tie_embeddings, bias, qk_norm, dropout (on embeddings and residual bran
 norms go through minillm.ops so Triton kernels plug in without touching this file.
 
 Generation reuses past keys/values through a KVCache: prefill the prompt in one forward, then one
-token per step (see minillm/generate.py).
+token per step (see minillm/generation.py).
 """
 from __future__ import annotations
 

@@ -262,7 +262,7 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_round_trips(tmp_path, corpu
     assert "resuming from" in err and "step 4" in err
     assert_same_training(ddp, fsdp)   # sharded compute and a sharded resume give DDP's numbers
     # The sharded checkpoint loads in a single process for sampling, with DDP's weights.
-    from minillm.run import load_run
+    from minillm.run_folder import load_run
     loaded = load_run(fsdp)
     for name, t in loaded.model.state_dict().items():
         torch.testing.assert_close(t, params(ddp)[name], rtol=1e-4, atol=1e-5, msg=name)
