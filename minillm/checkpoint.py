@@ -226,4 +226,21 @@ def upgrade_v1(state: dict) -> dict:
         state["train_state"] = counters
     if "sampler" in state:
         state["batches"] = state.pop("sampler")
+    optimizer = state.get("optimizer")
+    if isinstance(optimizer, dict) and "muon" in optimizer:
+        state["optimizer"] = dict(optimizer, muon=_upgrade_v1_muon(optimizer["muon"]))
     return state
+
+
+def _upgrade_v1_muon(opt: dict) -> dict:
+    """Format 1's hand-written Muon state as torch.optim.Muon's. Its momentum buffer was a sum,
+    M <- mu M + G, where torch keeps an average, M <- mu M + (1 - mu) G: the same direction after
+    Newton-Schulz's normalisation once scaled by (1 - mu). Its groups lack the keys torch adds, which
+    held the values it used: the coefficients of Jordan et al. (2024), eps 1e-7, the sqrt(max(1, rows /
+    cols)) lr scale (torch's adjust_lr_fn=None)."""
+    groups = [dict(g, ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, adjust_lr_fn=None)
+              for g in opt["param_groups"]]
+    momentum = {i: g["momentum"] for g in groups for i in g["params"]}
+    states = {i: dict(st, momentum_buffer=st["momentum_buffer"] * (1 - momentum[i])) if "momentum_buffer" in st
+              else st for i, st in opt["state"].items()}
+    return {"state": states, "param_groups": groups}

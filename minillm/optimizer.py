@@ -9,6 +9,12 @@ biases. Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers in neur
 (coefficients 3.4445, -4.7750, 2.0315) and scales the step by sqrt(max(1, rows/cols)); embeddings, the
 output head, norms and biases stay with AdamW. One schedule drives both: each parameter group carries
 ``lr_mult`` and the trainer sets ``group["lr"] = lr_at(step) * lr_mult``.
+
+torch.optim.Muon replaced a hand-written fp32 Muon here. Differences, measured: torch runs Newton-Schulz
+in bf16 (update direction cosine 0.9999 with fp32; the recipe's val bpb 2.645 vs 2.650); its optimizer
+step costs the same on CPU (27.0 vs 27.6 ms for the recipe's 16 matrices, interleaved medians); its
+momentum buffer is an average, not a sum (the same direction after Newton-Schulz's normalisation; old
+checkpoints are converted, minillm/checkpoint.py).
 """
 from __future__ import annotations
 

@@ -96,3 +96,11 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
         kind, needs = ("sharded", "fsdp") if state.get("sharded") else ("full", "ddp")
         raise RunError(f"{where}: a {kind} checkpoint resumes only with train.parallel={needs} "
                        "(any checkpoint loads in sample.py)")
+
+
+def check_same_optimizer(state: dict, where: Path, cfg: TrainJobConfig) -> None:
+    """Refuse (RunError) to continue a run's optimizer state with another optimizer."""
+    saved = state["config"].get("optim", {}).get("name", cfg.optim.name)
+    if saved != cfg.optim.name:
+        raise RunError(f"{where}: was trained with optim.name={saved}, the config says {cfg.optim.name}; "
+                       f"resume with optim={saved}, or start from its weights with train.init_from and a new out_dir")

@@ -41,8 +41,6 @@ _SPACE = "\u2581"  # sentencepiece's visible space
 _SPACE_BYTES = _SPACE.encode("utf-8")  # b"\xe2\x96\x81"
 
 
-
-
 class Tokenizer:
     """A loaded sentencepiece model plus the byte table used for bits-per-byte and streaming."""
 
@@ -243,3 +241,10 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
     tok = Tokenizer(buf.getvalue())
     tok.train_seconds = time.time() - t0
     return tok
+
+
+if __name__ == "__main__":  # the command moved: say so instead of silently doing nothing
+    import sys
+    print("error: `python -m minillm.tokenizer` is now `python -m minillm.train_tokenizer` (same options)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -34,21 +34,22 @@ import torch
 from tqdm import tqdm
 
 from minillm import checkpoint as ckpt
-from minillm import ops
+from minillm import evaluation, ops
 from minillm.config import TrainJobConfig
-from minillm.data import BatchSource, PreparedData, prepare, read_tokens
+from minillm.data.batches import BatchSource
+from minillm.data.prepare import PreparedData, prepare
+from minillm.data.token_file import read_tokens
 from minillm.device import autocast_for, peak_memory_mb
 from minillm.distributed import process_group as dist
 from minillm.distributed.wrapping import full_value, grad_sync, local, shard_fsdp, wrap_ddp
 from minillm.errors import RunError
-from minillm.evaluation import evaluate
 from minillm.flops import mfu, peak_flops
 from minillm.guards import NonFiniteError, StepGuard
 from minillm.metrics import MetricsLogger
 from minillm.model import GPT
 from minillm.optimizer import build_optimizer, lr_at
 from minillm.report import write_report
-from minillm.resume import check_compatible, check_resumable, load_resume_state
+from minillm.resume import check_compatible, check_resumable, check_same_optimizer, load_resume_state
 from minillm.rng import RngStreams, seed_everything
 from minillm.signals import GracefulStop, TrainingInterrupted
 from minillm.tokenizer import Tokenizer
@@ -141,7 +142,10 @@ class StepResult:
 
 
 class Trainer:
-    """Owns a run: built from a validated config (and the process group's DistInfo), run by ``fit()``."""
+    """Owns a run: built from a validated config (and the process group's DistInfo), run by ``fit()``.
+
+    A run that has already reached train.max_steps builds no component: ``fit()`` returns its summary.
+    """
 
     def __init__(self, cfg: TrainJobConfig, info: dist.DistInfo):
         self.cfg, self.tc, self.info, self.run_dir = cfg, cfg.train, info, Path(cfg.out_dir)
@@ -156,17 +160,31 @@ class Trainer:
         state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
         if state is not None:
             check_resumable(state, self.resumed_from, cfg, self.data.tokenizer.proto, info, self.fsdp)
+        self.state = TrainState()
+        self.finished = state is not None and state["train_state"]["step"] >= self.tc.max_steps
+        if self.finished:  # nothing to train: fit() reports it; no component is built
+            self.state.load_state_dict(state["train_state"])
+            return
+        self._build(state, source)
+
+    # ------------------------------------------------------------------ building
+    def _build(self, state: dict | None, source: dict | None) -> None:
+        """The components, restored from ``state`` when the run continues, and what the loop needs."""
+        cfg, info = self.cfg, self.info
+        if state is not None:
+            check_same_optimizer(state, self.resumed_from, cfg)
         self.bf16 = self.tc.uses_bf16(info.device.type)
         self.model = self._build_model(source if state is None else None)
+        torch.manual_seed(cfg.seed + info.rank)  # after the weights exist: each rank's own stream (dropout)
         self.optimizer = build_optimizer(self.model, cfg.optim, info.device, fused_ok=not self.fsdp)
         self.batches = BatchSource(self.data.train, self.tc.batch_size, cfg.model.block_size, cfg.seed,
                                    info.rank, info.world_size)
         self.guard = StepGuard(self.tc.nan_policy, self.tc.max_skipped_steps, self.tc.spike_zscore,
                                self.tc.spike_window)
         self.rng = RngStreams(info)
-        self.state = TrainState()
         if state is not None:
-            self.load_state_dict(state)
+            self.load_state_dict(state, self.resumed_from if self.fsdp else None)
+            log.info("resuming from %s at step %d", self.resumed_from, self.state.step)
         self.amp = autocast_for(info.device, self.bf16 and not self.fsdp)  # FSDP's policy casts itself
         self.compiled = torch.compile(self.model) if self.tc.compile else self.model
         self.wrapped = wrap_ddp(self.compiled, info) if info.enabled and not self.fsdp else self.compiled
@@ -177,7 +195,6 @@ class Trainer:
         self.metrics: MetricsLogger | None = None
         self._window = (self.t_start, self.state.tokens_seen)  # throughput window: (time, tokens) at its start
 
-    # ------------------------------------------------------------------ building
     def _set_vocab_size(self) -> None:
         mc, tok = self.cfg.model, self.data.tokenizer
         if mc.vocab_size is None:
@@ -196,7 +213,6 @@ class Trainer:
             model.load_state_dict(source["model"])
             log.info("fine-tuning from %s (step %d of that run): fresh optimizer and schedule",
                      self.tc.init_from, source["train_state"]["step"])
-        torch.manual_seed(cfg.seed + info.rank)  # from here, each rank's own stream (dropout)
         log.info("model: %s, %.2fM parameters (%.2fM non-embedding)", cfg.model.name,
                  model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)
         if self.fsdp:
@@ -220,14 +236,14 @@ class Trainer:
         return out | {"config": json.loads(json.dumps(asdict(self.cfg))), "world_size": self.info.world_size,
                       "tokenizer": torch.frombuffer(bytearray(self.data.tokenizer.proto), dtype=torch.uint8)}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore every component from a checkpoint's state (a sharded one is read from its folder)."""
+    def load_state_dict(self, state: dict, sharded_dir: Path | None = None) -> None:
+        """Restore every component from a checkpoint's state; under FSDP, model and optimizer come from
+        the sharded checkpoint folder ``sharded_dir`` (every rank reads its shards)."""
         if self.fsdp:
-            ckpt.load_sharded_into(self.resumed_from, self.model, self.optimizer)
+            ckpt.load_sharded_into(sharded_dir, self.model, self.optimizer)
         for name, component in self.components().items():
             if not (self.fsdp and name in ("model", "optimizer")):
                 component.load_state_dict(state[name])
-        log.info("resuming from %s at step %d", self.resumed_from, self.state.step)
 
     def save_checkpoint(self) -> None:
         """Checkpoint the run at the current step (a collective); refuses non-finite weights."""
@@ -287,7 +303,7 @@ class Trainer:
         """(validation loss in nats per token, bits per byte); updates the best loss (a collective).
         Runs on the unwrapped model: no gradients, so DDP has nothing to do."""
         tok_bytes = torch.from_numpy(self.data.tokenizer.token_bytes()).to(self.info.device)
-        self.last_val = evaluate(self.compiled, self.data.val, tok_bytes, self.tc.batch_size,
+        self.last_val = evaluation.evaluate(self.compiled, self.data.val, tok_bytes, self.tc.batch_size,
                                  self.cfg.model.block_size, self.tc.eval_tokens, self.info, self.amp)
         self.state.best_val_loss = min(self.state.best_val_loss, self.last_val[0])
         return self.last_val
@@ -296,7 +312,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to train.max_steps; returns the summary (also written to summary.json).
         Raises TrainingInterrupted after checkpointing when SIGTERM/SIGINT arrived."""
-        if self.state.step >= self.tc.max_steps:
+        if self.finished:
             return self._already_finished()
         self._start_run_files()
         bar = tqdm(total=self.tc.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
@@ -307,7 +323,7 @@ class Trainer:
                 while self.state.step < self.tc.max_steps:
                     result = self.train_step()
                     bar.update(1)
-                    record = self._log_step(result, bar)
+                    record = self._log_and_evaluate(result, bar)
                     self._checkpoint_or_stop(record, stop)
             bar.close()
             summary = self.summary()
@@ -318,7 +334,7 @@ class Trainer:
                 self.metrics.close()
         return summary
 
-    def _log_step(self, r: StepResult, bar: tqdm) -> dict | None:
+    def _log_and_evaluate(self, r: StepResult, bar: tqdm) -> dict | None:
         """Warn on a skipped step; evaluate when due; write the step's metrics record, if it has one."""
         tc, step = self.tc, self.state.step
         if r.verdict != "ok":

@@ -107,3 +107,22 @@ def test_a_format_1_checkpoint_loads_in_format_2(tmp_path):
     torch.save({**v1, "format_version": 7}, tmp_path / "step_000041.pt")
     with pytest.raises(CheckpointError, match="checkpoint format 7, this minillm reads 2"):
         load_checkpoint(tmp_path / "step_000041.pt")
+
+
+def test_check_resumable_refuses_a_sharded_checkpoint_without_fsdp_and_the_reverse(tmp_path):
+    """A sharded (FSDP) checkpoint resumes only under train.parallel=fsdp, a full one only without it."""
+    from minillm.config import ModelConfig, TrainJobConfig
+    from minillm.distributed.process_group import DistInfo
+    from minillm.errors import RunError
+    from minillm.resume import check_resumable
+
+    cfg = TrainJobConfig(model=ModelConfig(vocab_size=300))
+    proto = b"tokenizer"
+    base = {"config": {"model": {**vars(cfg.model)}}, "tokenizer": torch.frombuffer(bytearray(proto), dtype=torch.uint8)}
+    check_resumable(base, tmp_path, cfg, proto, DistInfo(), fsdp=False)
+    with pytest.raises(RunError, match="a sharded checkpoint resumes only with train.parallel=fsdp"):
+        check_resumable(base | {"sharded": True}, tmp_path, cfg, proto, DistInfo(), fsdp=False)
+    with pytest.raises(RunError, match="a full checkpoint resumes only with train.parallel=ddp"):
+        check_resumable(base, tmp_path, cfg, proto, DistInfo(), fsdp=True)
+    with pytest.raises(RunError, match="different tokenizer"):
+        check_resumable(base, tmp_path, cfg, b"another", DistInfo(), fsdp=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data import prepare
+from minillm.data.prepare import prepare
 from minillm.data.corpus import resolve_corpus, split_corpus
 from minillm.data.token_file import HEADER_SIZE, read_tokens, write_tokens
 from minillm.errors import DataError, TokenFileError

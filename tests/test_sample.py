@@ -22,7 +22,7 @@ spec.loader.exec_module(sample)
 
 
 def write_run(run_dir, tok=None, block_size=32, sharpen=False):
-    """A run folder with one checkpoint in the format trainer.checkpoint_state writes (random weights;
+    """A run folder with one checkpoint in the format Trainer.state_dict writes (random weights;
     sharpen: weights whose greedy text varies, see test_generate.model)."""
     m = random_model(tok.vocab_size if tok else 400, sharpen, n_head=2, n_kv_head=1, block_size=block_size)
     state = {"model": m.state_dict(), "train_state": TrainState(step=3).state_dict(),

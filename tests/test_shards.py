@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_corpus
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data import prepare
+from minillm.data.prepare import prepare
 from minillm.data.corpus import Segment, check_files, iter_chunks, split_segments
 from minillm.data.encode import encode_segments
 from minillm.data.token_file import HEADER_SIZE, MAGIC, TokenWriter, read_tokens

@@ -147,3 +147,10 @@ def test_bench_tokenizer_quick(tmp_path):
     train = [r for r in rows if r["bench"] == "train"]
     assert {r["model"] for r in train} == {"bpe", "unigram", "char"}
     assert all(1.0 <= r["bytes/token"] < 10 for r in train)
+
+
+def test_the_old_tokenizer_command_says_where_it_moved():
+    """`python -m minillm.tokenizer` (before the data package) fails loudly instead of doing nothing."""
+    proc = subprocess.run([sys.executable, "-m", "minillm.tokenizer", "--input", "x.txt", "--out", "t.model"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "python -m minillm.train_tokenizer" in proc.stderr

@@ -117,3 +117,60 @@ def test_a_checkpoint_is_the_components_state_dicts_by_name(tmp_path, corpus_fil
     assert fresh.state.step == 3 and fresh.batches.state_dict() == trainer.batches.state_dict()
     for name, t in trainer.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[name], t), name
+
+
+def test_a_finished_run_builds_nothing_and_reports_itself(tmp_path, corpus_file, data_dir, caplog):
+    """Re-running a finished run says so and returns its summary, even with settings that could not
+    resume it (another optimizer): nothing is built, nothing in the folder changes."""
+    run = tmp_path / "run"
+    first = make_trainer(run, corpus_file, max_steps=3).fit()
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    caplog.set_level("INFO", logger="minillm")
+    again = make_trainer(run, corpus_file, optim=OptimConfig(name="muon"), max_steps=3)
+    assert again.finished and not hasattr(again, "model")
+    assert again.fit() == first
+    assert "already finished at step 3" in caplog.text and "resuming from" not in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resuming_with_another_optimizer_is_one_line(tmp_path, corpus_file, data_dir):
+    from minillm.errors import RunError
+
+    run = tmp_path / "run"
+    make_trainer(run, corpus_file, max_steps=2).fit()
+    with pytest.raises(RunError, match=r"optim.name=adamw, the config says muon; resume with optim=adamw"):
+        make_trainer(run, corpus_file, optim=OptimConfig(name="muon"), max_steps=4)
+
+
+def to_format_1(state: dict) -> dict:
+    """A format-2 checkpoint as the pre-Trainer code wrote it: counters and sampler at the top level, and
+    (optim.name=muon) its hand-written Muon's state: momentum as a sum, M = sum mu^k G, not torch's average,
+    and no ns_coefficients / eps / adjust_lr_fn in the groups."""
+    v1 = {k: v for k, v in state.items() if k not in ("train_state", "batches")}
+    v1 |= state["train_state"] | {"sampler": state["batches"], "format_version": 1}
+    muon = state["optimizer"]["muon"]
+    mu = {i: g["momentum"] for g in muon["param_groups"] for i in g["params"]}
+    old_groups = [{k: v for k, v in g.items() if k not in ("ns_coefficients", "eps", "adjust_lr_fn")}
+                  for g in muon["param_groups"]]
+    old_state = {i: {"momentum_buffer": st["momentum_buffer"] / (1 - mu[i])} for i, st in muon["state"].items()}
+    v1["optimizer"] = dict(state["optimizer"], muon={"state": old_state, "param_groups": old_groups})
+    return v1
+
+
+def test_a_format_1_muon_run_resumes_where_it_stopped(tmp_path, corpus_file, data_dir):
+    """A run written by the hand-written Muon (checkpoint format 1) continues under torch.optim.Muon as if
+    uninterrupted: the momentum sum becomes torch's average (x (1 - mu)) and the groups gain torch's keys."""
+    from minillm import checkpoint as ckpt
+
+    muon = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_steps=0, schedule="constant")
+    straight = make_trainer(tmp_path / "straight", corpus_file, optim=muon, max_steps=6)
+    straight.fit()
+    run = tmp_path / "run"
+    make_trainer(run, corpus_file, optim=muon, max_steps=3).fit()
+    path = ckpt.latest_checkpoint(run)
+    torch.save(to_format_1(torch.load(path, weights_only=True)), path)
+    resumed = make_trainer(run, corpus_file, optim=muon, max_steps=6)
+    assert resumed.state.step == 3
+    resumed.fit()
+    for name, t in params(straight).items():
+        torch.testing.assert_close(params(resumed)[name], t, rtol=1e-4, atol=1e-5, msg=name)

@@ -7,10 +7,7 @@
     prepare.py     corpus + tokenizer settings -> a cached folder of tokenizer.model, train.bin, val.bin
     batches.py     the training batch source (rank-aware, resumable) and evaluation windows
 
-The tokenizer (minillm/tokenizer.py) imports nothing from here; this package uses it.
+The tokenizer (minillm/tokenizer.py) imports nothing from here; this package uses it. Import from the
+modules themselves (``from minillm.data.prepare import prepare``): this file imports nothing, so reading a
+corpus or encoding it never loads torch (only batches.py needs it).
 """
-from minillm.data.batches import BatchSource, eval_batches
-from minillm.data.prepare import PreparedData, prepare
-from minillm.data.token_file import read_tokens
-
-__all__ = ["BatchSource", "PreparedData", "eval_batches", "prepare", "read_tokens"]

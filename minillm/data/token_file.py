@@ -34,8 +34,6 @@ _HEADER = struct.Struct("<8sIIIIQI")
 _VERIFY_CHUNK = 1 << 24  # tokens per step when checking a file: bounded memory on big files
 
 
-
-
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from minillm.device import pick_device
-
 from minillm.distributed.restart_store import attempt_store
 
 
