@@ -2,7 +2,8 @@
 
 With no ckpt, samples from the newest run under out/. Prompts come from `prompt=`, from
 `prompt_file=` (prompts separated by blank lines, sampled `batch_size` rows at a time) or, with
-`interactive=true`, from stdin (one per line, until EOF). Configuration: configs/sample.yaml.
+`interactive=true`, from stdin (one per line, until EOF; each line draws fresh seeds, see interact).
+Configuration: configs/sample.yaml.
 """
 import sys
 from pathlib import Path
@@ -97,12 +98,25 @@ def run(cfg: SampleJobConfig) -> list[str]:
     print(f"# {loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
     if prompts is not None:
         return complete(loaded, cfg, prompts)
-    texts = []
+    return interact(loaded, cfg)
+
+
+def interact(loaded, cfg: SampleJobConfig) -> list[str]:
+    """Sample each stdin line (until EOF) as a prompt. Prompt n (from 0; empty lines are skipped)
+    draws from seed s = cfg.seed + n * num_samples (sample j from s + j, as `prompt=LINE seed=s` would),
+    so every prompt gets fresh randomness and the same lines and seed give the same session again.
+    Its seed is noted on stderr."""
+    import dataclasses
+
+    texts, n = [], 0
     for line in iter(_read_line, None):
-        if line.strip():
-            texts += complete(loaded, cfg, [line])
-        else:
+        if not line.strip():
             print("# empty prompt skipped; type some text (EOF ends)", file=sys.stderr)
+            continue
+        seed = (cfg.seed + n * cfg.num_samples) % 2**32
+        print(f"# prompt {n + 1}: seed={seed}", file=sys.stderr)
+        texts += complete(loaded, dataclasses.replace(cfg, seed=seed), [line])
+        n += 1
     return texts
 
 

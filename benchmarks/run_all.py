@@ -6,8 +6,10 @@
 
 Benchmarks are discovered by file name, so a new bench_*.py that follows the convention (``--quick``,
 ``--out-dir``, writes ``<name>.json`` with an environment record and a PNG) is picked up without
-touching this file. Each runs in its own process; a failure is reported and the others still run. A
-summary (name, exit code, seconds, files written) is printed and saved as ``run_all.json``.
+touching this file. Each runs in its own process; a failure is reported and the others still run. As
+each one finishes (in name order), its own report (the table(s) it prints) is shown under a
+``== bench_x (exit 0, 12.3 s) ==`` line; then a summary (name, exit code, seconds, files written) is
+printed and saved as ``run_all.json``.
 """
 from __future__ import annotations
 
@@ -41,12 +43,19 @@ def run_one(script: Path, out_dir: Path, quick: bool, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
-        code, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+        code, tail, out = proc.returncode, (proc.stdout + proc.stderr)[-2000:], proc.stdout
     except subprocess.TimeoutExpired:
-        code, tail = -1, f"timed out after {timeout:.0f} s"
+        code, tail, out = -1, f"timed out after {timeout:.0f} s", ""
     files = sorted(p.name for p in out_dir.glob(f"{script.stem}*") if p.suffix in (".json", ".png"))
     return {"benchmark": script.stem, "exit_code": code, "seconds": time.perf_counter() - t0,
-            "files": " ".join(files), "log_tail": tail if code else ""}
+            "files": " ".join(files), "log_tail": tail if code else "", "stdout": out}
+
+
+def show_report(row: dict) -> None:
+    """Print one finished benchmark's own stdout (its tables) under a heading line."""
+    print(f"== {row['benchmark']} (exit {row['exit_code']}, {row['seconds']:.1f} s) ==")
+    print(row["stdout"].rstrip() or "(no output)")
+    print(flush=True)
 
 
 def main(argv=None) -> int:
@@ -65,8 +74,11 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     scripts = discover(args.only.split(",") if args.only else None)
     timeout = args.timeout or (600.0 if args.quick else None)
+    rows = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(lambda s: run_one(s, out_dir, args.quick, timeout), scripts))
+        for row in pool.map(lambda s: run_one(s, out_dir, args.quick, timeout), scripts):
+            show_report(row)
+            rows.append({k: v for k, v in row.items() if k != "stdout"})
     print_table(rows, ["benchmark", "exit_code", "seconds", "files"])
     for r in rows:
         if r["exit_code"]:

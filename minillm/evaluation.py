@@ -19,13 +19,22 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
     covers (0 for specials). Bits per byte = sum of target nats / ln 2 / sum of target bytes: the
     text's cost under the model, comparable across tokenizers (as in Gao et al., 2020, The Pile).
     Every rank calls this (a collective); each scores its share of the windows. NaN for no targets.
+
+    A model vocabulary padded past the tokenizer's (model.vocab_size > len(token_bytes)) has ids no
+    text can hold, which sampling never draws (generation.Engine cuts them off). So when the logits are
+    wider than token_bytes, a target's nats are -log softmax(logits[:len(token_bytes)])[target]: the
+    cost of the text under the model restricted to the tokenizer's ids (the padding ids' probability
+    mass renormalized away), which is what the sampler draws from. Without padding this is the
+    model's own per-token loss, unchanged.
     """
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # nats, tokens, bytes
     for x, y in eval_batches(tokens, batch_size, block_size, max_tokens, info.rank, info.world_size):
         x, y = x.to(info.device), y.to(info.device)
         with amp:
-            _, nll = model(x, y, reduction="none")
+            logits, nll = model(x, y, reduction="none")
+        if logits.size(-1) > len(token_bytes):  # padded vocabulary: the tokenizer's ids only
+            nll = restricted_nll(logits, y, len(token_bytes))
         valid = y >= 0
         sums[0] += nll[valid].double().sum()
         sums[1] += valid.sum()
@@ -36,3 +45,10 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
     if count == 0:
         return float("nan"), float("nan")
     return nats / count, nats / math.log(2) / max(nbytes, 1)
+
+
+def restricted_nll(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, T) nats of each target under softmax over the first ``vocab`` logits; 0 where target is -1."""
+    flat = logits[..., :vocab].float().reshape(-1, vocab)
+    nll = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=-1, reduction="none")
+    return nll.view(targets.shape)

@@ -148,10 +148,24 @@ class _RowState:
 
 
 class Engine:
-    """Continues rows with one model (and, for text, its tokenizer): see the module docstring."""
+    """Continues rows with one model (and, for text, its tokenizer): see the module docstring.
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None):
+    Only ids below ``vocab_limit`` are ever sampled, so none past the tokenizer's is streamed or
+    decoded: the logits are cut to the first vocab_limit ids (the same as setting the others to -inf)
+    before the repetition penalty, temperature, top-k and top-p; a padded model therefore draws, seed
+    for seed, the tokens of the same weights without the padding rows (tested). The limit is
+    ``vocab_limit`` if given (at most the tokenizer's), else the tokenizer's vocab_size (a model
+    vocabulary padded past it, e.g. to a multiple of 64, has ids no piece stands for), else the
+    model's vocab_size.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, vocab_limit: int | None = None):
         self.model, self.tokenizer = model, tokenizer
+        most = min(model.cfg.vocab_size, tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size)
+        limit = most if vocab_limit is None else vocab_limit
+        if not 0 < limit <= most:
+            raise ValueError(f"Engine: vocab_limit={limit} is not in 1..{most} (the model's and tokenizer's ids)")
+        self.vocab_limit = limit
 
     @torch.no_grad()
     def generate(self, rows: Sequence[Row], max_new_tokens: int, params: SamplingParams = SamplingParams(),
@@ -234,9 +248,11 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, states: list[_RowState], seen: torch.Tensor | None,
                 params: SamplingParams) -> torch.Tensor:
-        """logits (B, V) -> next ids (B, 1), each row drawing from its own generator; records them in seen."""
+        """logits (B, V) -> next ids (B, 1), each row drawing from its own generator; records them in seen.
+        Only the first vocab_limit logits take part: the ids past them are never drawn."""
+        logits = logits[:, :self.vocab_limit]
         if seen is not None:
-            logits = penalize_repeats(logits, seen, params.repetition_penalty)
+            logits = penalize_repeats(logits, seen[:, :self.vocab_limit], params.repetition_penalty)
         nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, [s.generator for s in states])
         if seen is not None:
             seen.scatter_(1, nxt, True)

@@ -45,3 +45,20 @@ def test_run_all_rejects_unknown_benchmark():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--only", "nosuch"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "no such benchmark" in proc.stderr
+
+
+def test_run_all_prints_each_benchmarks_table(tmp_path):
+    """Not just exit codes and file names: each benchmark's own table, under its name, then the summary."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--only", "sample",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("== bench_sample (exit 0, "))
+    header = lines[start + 1].split()
+    assert header == ["batch", "kv_cache", "new_tokens", "rows_end", "ms", "tokens_per_s", "speedup_vs_no_cache",
+                      "speedup_vs_kept"]
+    assert set(lines[start + 2].replace(" ", "")) == {"-"}
+    rows = json.loads((tmp_path / "bench_sample.json").read_text())["rows"]
+    table = lines[start + 3:start + 3 + len(rows)]
+    assert [line.split()[0] for line in table] == [str(r["batch"]) for r in rows]
+    assert any(line.split() == ["benchmark", "exit_code", "seconds", "files"] for line in lines[start + 3 + len(rows):])

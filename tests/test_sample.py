@@ -100,6 +100,29 @@ def test_interactive_reads_stdin_until_eof(run, monkeypatch, capsys):
     assert "empty prompt skipped" in capsys.readouterr().err
 
 
+def test_interactive_prompts_draw_fresh_seeds(run, monkeypatch, capsys):
+    """Prompt n of a session (empty lines skipped) draws from seed + n * num_samples: the same line
+    twice gives new text, and each equals a one-shot run with the seed noted on stderr."""
+    kw = dict(temperature=1.0, top_k=0, num_samples=2, seed=100, stream=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the king\n\nthe king\nROMEO:\n"))
+    texts = sample.run(job(run, interactive=True, **kw))
+    err = capsys.readouterr().err
+    assert "# prompt 1: seed=100" in err and "# prompt 2: seed=102" in err and "# prompt 3: seed=104" in err
+    assert len(texts) == 6 and len(set(texts)) == 6   # the repeated line got other text
+    assert texts[0:2] == sample.run(job(run, prompt="the king", **kw))
+    assert texts[2:4] == sample.run(job(run, prompt="the king", **{**kw, "seed": 102}))
+    assert texts[4:6] == sample.run(job(run, prompt="ROMEO:", **{**kw, "seed": 104}))
+
+
+def test_help_lists_only_what_sample_takes():
+    r = run_entry("sample.py", "--help")
+    assert r.returncode == 0, r.stderr
+    keys = [line.split(":")[0] for line in r.stdout.splitlines() if line and not line[0].isspace() and ": " in line]
+    assert sorted(k for k in keys if k in SampleJobConfig.__dataclass_fields__) == sorted(SampleJobConfig.__dataclass_fields__)
+    for train_only in ("Configuration groups", "model:", "data:", "optim:", "tokenizer:", "experiment:"):
+        assert train_only not in r.stdout
+
+
 def test_long_prompt_is_cut_with_a_notice(run, capsys):
     sample.run(job(run, prompt="the king and the queen " * 20, max_new_tokens=2))
     assert "keeping the last 32 (block_size)" in capsys.readouterr().err
