@@ -5,15 +5,23 @@
                                 Trainer.state_dict) plus config, tokenizer and world_size
     <run>/ckpt/step_000600/     a sharded (FSDP) checkpoint: model/ and optim/ written by every rank
                                 through torch.distributed.checkpoint, meta.pt (the rest) by rank 0
+    <run>/ckpt/step_000600/SHA256SUMS  the sha256 of every file of a sharded checkpoint (``sha256sum -c``)
     <run>/ckpt/latest           the name of the newest complete checkpoint
 
 A save writes ``.tmp``, fsyncs, renames, and only then moves ``latest``: a crash at any moment leaves
-the previous checkpoint intact and ``latest`` pointing at a complete one. A sharded checkpoint is
+the previous checkpoint intact and ``latest`` pointing at a complete one. Every checkpoint carries a
+checksum, written before it is renamed into place and checked on every load, because torch.load does
+not verify the zip's CRCs: a flipped bit in a tensor would otherwise load silently. A .pt file holds
+its own, as the zip archive's comment (``minillm-sha256:<hex>``, the sha256 of every byte before the
+hex), so the file stays one file that torch.load and zip tools read as before. A checkpoint without
+one (written by an earlier minillm) loads unverified, with a warning. A ``latest`` that cannot be
+read, or names no complete checkpoint, is ignored with a warning (the newest complete one is used). A sharded checkpoint is
 written into ``step_N.tmp/`` and renamed after every rank has finished (DCP writes its .metadata
 last), so a folder named ``step_N`` is always complete.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -27,6 +35,7 @@ from minillm.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+SUMS = "SHA256SUMS"  # a sharded checkpoint's checksums, inside its folder
 CKPT_FORMAT_VERSION = 2  # 2: components by name; 1 (step, tokens_seen, sampler at the top) is upgraded on load
 _NAME = re.compile(r"^step_(\d+)(\.pt)?$")
 
@@ -50,12 +59,104 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write_bytes(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "w+b") as f:  # w+: a checkpoint is read back for its checksum (_seal)
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+_MARK = b"minillm-sha256:"  # a sealed .pt file ends with the zip comment _MARK + 64 hex digits
+_EOCD = b"PK\x05\x06"      # the zip's end-of-central-directory record: its last 22 bytes, then the comment
+
+
+def _seal(f) -> None:
+    """Make the zip that torch.save just wrote to ``f`` end with the comment _MARK + sha256 (hex) of
+    every byte before the hex (comment length included)."""
+    f.seek(-22, os.SEEK_END)
+    eocd = f.read(22)
+    if eocd[:4] != _EOCD or eocd[20:] != b"\0\0":
+        raise RuntimeError("torch.save did not end its zip with a comment-less end record")
+    f.seek(-2, os.SEEK_END)
+    f.write((len(_MARK) + 64).to_bytes(2, "little") + _MARK)
+    f.flush()
+    f.seek(0)
+    digest = _sha256_of(f, os.fstat(f.fileno()).st_size)
+    f.seek(0, os.SEEK_END)
+    f.write(digest.encode())
+
+
+def _sha256_of(f, n: int) -> str:
+    """The sha256 of the next ``n`` bytes of ``f``."""
+    h = hashlib.sha256()
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            break
+        h.update(chunk)
+        n -= len(chunk)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    """{relative name: sha256} from a ``sha256sum``-format file; a line that does not parse is skipped."""
+    out = {}
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) == 64 and name:
+            out[name] = digest
+    return out
+
+
+_unverified_warned: set[str] = set()
+
+
+def verify_checksum(path: Path) -> None:
+    """Check a checkpoint (sealed .pt file, or sharded folder with SHA256SUMS) against the checksum
+    written with it; a mismatch, or a listed file that is missing, is a CheckpointError naming the file.
+    No checksum at all (an earlier minillm wrote it): warn once, go on."""
+    path = Path(path)
+    if path.is_dir():
+        return _verify_folder(path)
+    if not path.is_file():
+        return  # the load names it
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - 64 - len(_MARK)))
+        tail = f.read()
+        if len(tail) < 64 + len(_MARK) or not tail.startswith(_MARK):
+            return _warn_unverified(path)
+        f.seek(0)
+        actual, expected = _sha256_of(f, size - 64), tail[len(_MARK):].decode("ascii", "replace")
+    if actual != expected:
+        _mismatch(path, actual, expected)
+
+
+def _verify_folder(path: Path) -> None:
+    if not (path / SUMS).is_file():
+        return _warn_unverified(path)
+    expected = {"meta.pt": ""} | _read_sums(path / SUMS)  # a list without meta.pt verifies nothing that matters
+    for name, digest in expected.items():
+        actual = _sha256(path / name) if (path / name).is_file() else "missing"
+        if actual != digest:
+            _mismatch(path / name, actual, digest)
+
+
+def _warn_unverified(path: Path) -> None:
+    if str(path) not in _unverified_warned:
+        _unverified_warned.add(str(path))
+        log.warning("warning: %s has no checksum (written by an earlier minillm); loading it unverified", path)
+
+
+def _mismatch(path: Path, actual: str, expected: str) -> None:
+    raise CheckpointError(f"{path}: checksum mismatch (sha256 {actual[:16]}, recorded {expected[:16] or 'none'}); "
+                          "the checkpoint is corrupt: use an earlier one of the run (ckpt/step_*)")
 
 
 def step_of(path: Path) -> int:
@@ -81,10 +182,15 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int 
         if stale.is_file():
             stale.unlink(missing_ok=True)
     path = d / f"step_{step:06d}.pt"
-    _atomic_write_bytes(path, lambda f: torch.save({"format_version": CKPT_FORMAT_VERSION, **state}, f))
+    _atomic_write_bytes(path, lambda f: _save_sealed({"format_version": CKPT_FORMAT_VERSION, **state}, f))
     _atomic_write_bytes(d / "latest", lambda f: f.write(path.name.encode()))
     _prune(run_dir, keep_last)
     return path
+
+
+def _save_sealed(obj: dict, f) -> None:
+    torch.save(obj, f)
+    _seal(f)
 
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:
@@ -111,8 +217,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model, optimizer, me
     dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optim")
     barrier()  # every shard is on disk
     if is_main:
-        _atomic_write_bytes(tmp / "meta.pt", lambda f: torch.save({"format_version": CKPT_FORMAT_VERSION,
-                                                                   "sharded": True, **meta}, f))
+        _atomic_write_bytes(tmp / "meta.pt", lambda f: _save_sealed({"format_version": CKPT_FORMAT_VERSION,
+                                                                       "sharded": True, **meta}, f))
+        _write_sums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(d)
@@ -120,6 +227,13 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model, optimizer, me
         _prune(run_dir, keep_last)
     barrier()
     return final
+
+
+def _write_sums(folder: Path) -> None:
+    """SHA256SUMS of every file in a sharded checkpoint's folder (meta.pt and every shard)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS)
+    lines = "".join(f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
+    _atomic_write_bytes(folder / SUMS, lambda f: f.write(lines.encode()))
 
 
 def load_sharded_into(path: Path, model, optimizer=None) -> None:
@@ -161,15 +275,28 @@ def set_aside_newer(run_dir: str | Path, step: int) -> list[Path]:
     return moved
 
 
+_pointer_warned: set[str] = set()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, else the newest complete one, else None."""
+    """The checkpoint ``latest`` names, else the newest complete one, else None. A pointer that cannot
+    be read (not UTF-8, not a checkpoint's name, naming a missing one) is ignored with a warning."""
     d = ckpt_dir(run_dir)
     pointer = d / "latest"
-    if pointer.is_file():
-        target = d / pointer.read_text().strip()
-        if target.name and (target.is_file() or (target / "meta.pt").is_file()):
-            return target
     found = list_checkpoints(run_dir)
+    if pointer.is_file():
+        try:
+            name = pointer.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        target = d / name
+        if _NAME.match(name) and (target.is_file() or (target / "meta.pt").is_file()):
+            return target
+        if str(pointer) not in _pointer_warned:
+            _pointer_warned.add(str(pointer))
+            newest = found[-1].name if found else "none"
+            log.warning("warning: %s does not name a complete checkpoint; ignoring it and using the newest "
+                        "one (%s)", pointer, newest)
     return found[-1] if found else None
 
 
@@ -193,8 +320,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     gathered into one dict (for sampling or a single-process resume).
     """
     path = Path(path)
+    verify_checksum(path)
     if path.is_dir():
-        state = load_checkpoint(path / "meta.pt", map_location)
+        state = _load_file(path / "meta.pt", map_location)
         if full_model:
             try:
                 state["model"] = _full_model_state(path)
@@ -203,6 +331,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             if state["config"]["model"].get("tie_embeddings") and "lm_head.weight" not in state["model"]:
                 state["model"]["lm_head.weight"] = state["model"]["tok_emb.weight"]  # DCP stores it once
         return state
+    return _load_file(path, map_location)
+
+
+def _load_file(path: Path, map_location) -> dict:
+    """torch.load of one checkpoint file (already verified), upgraded to the current format."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files

@@ -4,7 +4,10 @@
                          to the one before, with a warning); none: a fresh run
     train.resume=never   a fresh run; a folder that already holds checkpoints is refused
     train.resume=PATH    that checkpoint file or run folder, unless this run has already gone past it
-                         (the same command relaunched, e.g. by torchrun --max-restarts)
+                         (the same command relaunched, e.g. by torchrun --max-restarts) and its newer
+                         checkpoint is readable; a corrupt PATH is one line
+
+"Readable" includes the checksum written with every checkpoint (minillm/checkpoint.py).
 
 Rank 0 chooses; the other ranks load the checkpoint it chose, never one of their own choosing.
 """
@@ -47,9 +50,7 @@ def _resume_candidates(cfg: TrainJobConfig, run_dir: Path) -> list[Path]:
         return ([latest] if latest else []) + older
     start = ckpt.resolve_checkpoint(mode)
     if latest is not None and latest.resolve() != start.resolve() and ckpt.step_of(latest) > ckpt.step_of(start):
-        log.warning("warning: %s holds a newer checkpoint (%s) than train.resume=%s; continuing from it",
-                    run_dir, latest.name, mode)
-        return [latest]
+        return [latest, start]  # the run has moved on: its newer checkpoint, or PATH if that one is corrupt
     return [start]
 
 
@@ -59,12 +60,18 @@ def _choose_checkpoint(cfg: TrainJobConfig, run_dir: Path, full_model: bool) -> 
         try:
             state = ckpt.load_checkpoint(path, full_model=full_model)
         except CheckpointError as e:
+            if cfg.train.resume != "auto" and i == len(candidates) - 1:
+                raise  # train.resume=PATH itself is unusable
             if cfg.train.resume != "auto":
-                raise
+                log.warning("warning: %s; continuing from train.resume=%s instead", e, cfg.train.resume)
+                continue
             nxt = candidates[i + 1].name if i + 1 < len(candidates) else "none left"
             log.warning("warning: %s; falling back to the previous checkpoint (%s)", e, nxt)
             continue
-        if i > 0:
+        if cfg.train.resume not in ("auto", "never") and i == 0 and len(candidates) > 1:
+            log.warning("warning: %s holds a newer checkpoint (%s) than train.resume=%s; continuing from it",
+                        run_dir, path.name, cfg.train.resume)
+        elif i > 0 and cfg.train.resume == "auto":
             log.warning("warning: resuming from %s, the newest complete checkpoint", path)
         return state, path
     if candidates:

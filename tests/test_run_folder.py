@@ -1,0 +1,125 @@
+"""A run folder that cannot be corrupted silently: checksummed checkpoints (a flipped bit is caught), an
+unreadable ``latest`` pointer, a run stopped during its last step."""
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import zipfile
+
+import pytest
+import torch
+
+from minillm import checkpoint as ckpt
+from minillm.errors import CheckpointError
+from minillm.trainer import train
+from test_trainer import tiny_cfg
+
+
+def flip_payload_bit(path, entry="data/0", byte=5, bit=3):
+    """Flip one bit inside a tensor's bytes in a torch.save zip (torch.load does not check the CRC)."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/" + entry))
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + byte] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_is_refused_and_torch_alone_would_load_it(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(1000)})
+    comment = zipfile.ZipFile(path).comment                         # the checksum travels inside the file
+    assert comment == b"minillm-sha256:" + hashlib.sha256(path.read_bytes()[:-64]).hexdigest().encode()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000001.pt"]
+    flip_payload_bit(path)
+    w = torch.load(path, weights_only=True)["w"]                    # the control: torch does not notice
+    assert (w != 1).sum().item() == 1
+    with pytest.raises(CheckpointError, match=r"step_000001.pt: checksum mismatch .* the checkpoint is corrupt"):
+        ckpt.load_checkpoint(path)
+
+
+def test_a_checkpoint_without_checksum_loads_with_one_warning(tmp_path, caplog):
+    path = tmp_path / "step_000001.pt"
+    torch.save({"format_version": 2, "w": torch.ones(3)}, path)    # as written by an earlier minillm
+    caplog.set_level("WARNING", logger="minillm")
+    for _ in range(2):
+        assert torch.equal(ckpt.load_checkpoint(path)["w"], torch.ones(3))
+    assert caplog.text.count("has no checksum") == 1
+
+
+def test_the_checksum_itself_cannot_be_forged_by_a_flip(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(10)})
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01                                                 # a flip inside the recorded digest
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        ckpt.load_checkpoint(path)
+
+
+def test_a_sharded_checkpoint_is_verified_file_by_file(tmp_path):
+    folder = tmp_path / "step_000004"
+    (folder / "model").mkdir(parents=True)
+    torch.save({"format_version": 2, "sharded": True, "x": 1}, folder / "meta.pt")
+    (folder / "model" / "__0_0.distcp").write_bytes(bytes(range(200)))
+    ckpt._write_sums(folder)
+    assert set(ckpt._read_sums(folder / ckpt.SUMS)) == {"meta.pt", "model/__0_0.distcp"}
+    assert ckpt.load_checkpoint(folder, full_model=False)["x"] == 1
+    (folder / "model" / "__0_0.distcp").write_bytes(bytes(range(1, 201)))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: checksum mismatch"):
+        ckpt.load_checkpoint(folder, full_model=False)
+    (folder / ckpt.SUMS).write_text("")                             # meta.pt must always be listed
+    with pytest.raises(CheckpointError, match=r"meta.pt: checksum mismatch"):
+        ckpt.load_checkpoint(folder, full_model=False)
+
+
+def test_resume_auto_falls_back_past_a_flipped_bit(tmp_path, corpus_file, data_dir, caplog):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))
+    flip_payload_bit(run / "ckpt" / "step_000004.pt")
+    caplog.set_level("INFO", logger="minillm")
+    summary = train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2))
+    assert "step_000004.pt: checksum mismatch" in caplog.text and "falling back" in caplog.text
+    assert "resuming from" in caplog.text and "at step 2" in caplog.text
+    assert summary["step"] == 6
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert (run / "ckpt" / "abandoned" / "step_000004.pt").is_file()
+
+
+def test_explicit_resume_to_an_older_checkpoint_is_honoured_when_the_newer_is_corrupt(tmp_path, corpus_file,
+                                                                                        data_dir, caplog):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2, keep_last=3))
+    older = run / "ckpt" / "step_000002.pt"
+    flip_payload_bit(run / "ckpt" / "step_000004.pt")
+    caplog.set_level("INFO", logger="minillm")
+    summary = train(tiny_cfg(run, corpus_file, max_steps=5, ckpt_interval=2, resume=str(older)))
+    assert "continuing from train.resume=" in caplog.text and "at step 2" in caplog.text
+    assert summary["step"] == 5
+    flip_payload_bit(run / "ckpt" / "step_000005.pt")
+    with pytest.raises(CheckpointError, match=r"step_000005.pt: checksum mismatch"):  # the path itself: one line
+        train(tiny_cfg(run, corpus_file, max_steps=8, resume=str(run / "ckpt" / "step_000005.pt")))
+
+
+def test_sample_refuses_a_flipped_bit(tmp_path, corpus_file, data_dir):
+    from minillm.run_folder import load_run
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=2))
+    assert load_run(run).step == 2
+    flip_payload_bit(ckpt.latest_checkpoint(run))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_run(run)
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00step", b"garbage\n", b"step_000009.pt", b"../config.json"])
+def test_an_unreadable_latest_pointer_is_ignored_with_a_warning(pointer, tmp_path, caplog):
+    from minillm.run_folder import newest_run
+    run = tmp_path / "runs" / "a"
+    for step in (1, 2):
+        ckpt.save_checkpoint(run, step, {"w": torch.ones(1)})
+    (run / "ckpt" / "latest").write_bytes(pointer)
+    caplog.set_level("WARNING", logger="minillm")
+    assert ckpt.latest_checkpoint(run).name == "step_000002.pt"
+    assert "does not name a complete checkpoint" in caplog.text and "step_000002.pt" in caplog.text
+    assert newest_run(tmp_path / "runs") == run
+    assert ckpt.resolve_checkpoint(run).name == "step_000002.pt"
