@@ -80,17 +80,27 @@ class DataConfig:
     """Where the corpus comes from. ``path`` wins over the named dataset (url/sha256/filename).
 
     ``path`` and ``val_path`` take a file, a folder (every non-hidden file under it, sorted) or a glob
-    (``corpus/**/*.txt``). Each file is one document; documents are separated by eos in the token stream.
+    (``corpus/**/*.txt``); the format of each file is chosen by its extension (mixing is fine):
+    a text file (any other extension) is one document; in ``.jsonl``/``.ndjson`` one JSON object per line,
+    and in ``.parquet`` one row, is one document, its text in ``text_field`` (a dotted path such as
+    ``meta.body`` reaches a nested field); ``.gz``, ``.bz2``, ``.xz`` and ``.zst`` versions of text and
+    JSONL files are read decompressing on the fly. Empty documents are skipped (and counted).
+    Documents are separated by eos in the token stream.
+
+    Validation is ``val_path`` if set, else the last ``val_fraction`` of the corpus's text bytes (files
+    in order): a text file is cut on a character boundary; a record file is cut between whole documents,
+    the document holding the cut byte being the first of validation (so the last fraction of documents).
     """
     name: str = "shakespeare"
     path: Optional[str] = None
     url: Optional[str] = None          # download source of a named dataset
     sha256: Optional[str] = None       # its checksum; a mismatch is an error
     filename: Optional[str] = None     # its file name in the cache folder
-    val_fraction: float = 0.1          # the last fraction of the corpus bytes is validation
+    val_fraction: float = 0.1          # the last fraction of the corpus text bytes is validation
     val_path: Optional[str] = None     # validation text (file, folder or glob); wins over val_fraction
     skip_invalid: bool = False         # skip files that are not UTF-8 text (or are binary) instead of failing
     num_workers: int = 0               # encoding processes; 0: one per CPU core, 1: in-process
+    text_field: str = "text"           # JSONL field / Parquet column holding a document's text (dotted: nested)
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
@@ -101,6 +111,8 @@ class DataConfig:
         _check(isinstance(self.skip_invalid, bool), "data.skip_invalid", self.skip_invalid, "must be true or false")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "data.num_workers", self.num_workers,
                "must be >= 0 (0: one per CPU core)")
+        _check(isinstance(self.text_field, str) and all(self.text_field.split(".")), "data.text_field",
+               self.text_field, "must be a field name, or a dotted path such as meta.text")
 
 
 @dataclass

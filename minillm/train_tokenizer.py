@@ -24,19 +24,20 @@ from minillm.tokenizer import Tokenizer, TokenizerReport, make_report, train_tok
 
 def train_on_files(specs: Sequence[str], cfg: TokenizerConfig, val_spec: str | None = None,
                    val_fraction: float = 0.1, skip_invalid: bool = False,
-                   num_workers: int = 0) -> tuple[Tokenizer, TokenizerReport]:
-    """Train a tokenizer on files (each spec a file, folder or glob) and report on held-out text:
-    ``val_spec``'s files, else the last ``val_fraction`` of the input's bytes.
+                   num_workers: int = 0, text_field: str = "text") -> tuple[Tokenizer, TokenizerReport]:
+    """Train a tokenizer on files (each spec a file, folder or glob; text, JSONL, Parquet or compressed,
+    ``text_field`` naming the text of a record) and report on held-out text: ``val_spec``'s files,
+    else the last ``val_fraction`` of the input's text bytes (whole documents of a record file).
     Raises ConfigError, DataError or TokenizerError (one-line messages) for bad input."""
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"--val-fraction={val_fraction}: must be in (0, 1)")
     paths = [p for spec in specs for p in expand_paths(spec, "--input")]
-    files = check_files(paths, skip_invalid, "--input", "--skip-invalid")
+    files = check_files(paths, skip_invalid, "--input", "--skip-invalid", text_field)
     source = describe_files(files, " ".join(specs))
     if val_spec:
         train = whole_files(files)
         val = whole_files(check_files(expand_paths(val_spec, "--val-input"), skip_invalid, "--val-input",
-                                      "--skip-invalid"))
+                                      "--skip-invalid", text_field))
     else:
         train, val = split_segments(files, val_fraction, source)
     tok = train_tokenizer(segment_texts(train), cfg, source=source)
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="lines sampled for training (bounds memory)")
     p.add_argument("--threads", type=int, default=d.num_threads)
     p.add_argument("--skip-invalid", action="store_true", help="skip files that are not UTF-8 text instead of failing")
+    p.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) holding the text; "
+                   "a dotted path reaches a nested field")
     return p
 
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if not out.parent.is_dir():
             raise TokenizerError(f"--out {out}: folder {out.parent} does not exist; create it first")
         tok, report = train_on_files(args.input, cfg, val_spec=args.val_input, val_fraction=args.val_fraction,
-                                     skip_invalid=args.skip_invalid)
+                                     skip_invalid=args.skip_invalid, text_field=args.text_field)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,11 +2,14 @@
 
     resolve_corpus(data cfg)     the corpus files: data.path (file, folder or glob), else the named
                                  dataset from the cache folder, else downloaded there (sha256-checked)
-    check_files(paths)           one pass per file: sha256, UTF-8 validity (file + byte offset), binary
-    split_segments(files, frac)  the last ``frac`` of the bytes is validation (cut on a UTF-8 boundary)
+    check_files(paths)           one pass per file: sha256, UTF-8 validity (file + byte offset), binary;
+                                 for JSONL/Parquet (formats.py) every record checked and counted
+    split_segments(files, frac)  the last ``frac`` of the text bytes is validation (cut on a UTF-8
+                                 boundary in a text file, between documents in a record file)
     iter_chunks(segment)         newline-aligned pieces of about 1 MiB (bounded memory)
 
-Each file is one document (a file cut by the validation split is two).
+A text file (compressed or not: formats.open_bytes) is one document (a file cut by the validation split
+is two); a record file is many (formats.Records).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from minillm.config import DataConfig
+from minillm.data.formats import (STREAM_ERRORS, Records, compression, file_format, open_bytes, record_texts,
+                                  scan_records)
 from minillm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -119,14 +124,19 @@ class FileInfo:
     sha256: str
     has_text: bool             # holds something other than whitespace
     problem: str | None        # why it cannot be used as text, or None
+    fmt: str = "text"          # "text", "jsonl" or "parquet" (formats.file_format)
+    field: str = "text"        # the text field of a record file
+    documents: int = 1         # non-empty documents (a record file: size is their text bytes)
+    empty: int = 0             # empty documents skipped
 
 
 def scan_file(path: Path) -> FileInfo:
-    """One streaming pass: sha256, and the first NUL byte or invalid UTF-8 sequence with its offset."""
+    """One streaming pass: sha256, and the first NUL byte or invalid UTF-8 sequence with its offset
+    (of a compressed file: its decompressed bytes)."""
     h, dec = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
     pos, has_text, problem = 0, False, None
-    with open(path, "rb") as f:
-        while block := f.read(_SCAN_BLOCK):
+    with open_bytes(path) as f:
+        while block := _read_block(f, path):
             h.update(block)
             if problem is None:
                 if (nul := block.find(b"\0")) >= 0:
@@ -145,18 +155,48 @@ def scan_file(path: Path) -> FileInfo:
     return FileInfo(path, pos, h.hexdigest(), has_text, problem)
 
 
+def _read_block(f, path: Path) -> bytes:
+    """The next block; a damaged compressed stream raises _Damaged (a plain file's errors propagate)."""
+    try:
+        return f.read(_SCAN_BLOCK)
+    except STREAM_ERRORS as e:
+        if compression(path) is None:
+            raise
+        raise _Damaged(f"the compressed stream is truncated or corrupt ({e}); re-create or remove the file") from e
+
+
+class _Damaged(Exception):
+    pass
+
+
+def scan_any(path: Path, text_field: str = "text") -> FileInfo:
+    """:func:`scan_file` for a text file; for a record file, sha256 and every record checked."""
+    fmt = file_format(path)
+    if fmt == "text":
+        try:
+            return scan_file(path)
+        except _Damaged as e:
+            return FileInfo(path, 0, "", False, str(e))
+    r = scan_records(path, fmt, text_field)
+    return FileInfo(path, r.text_bytes, sha256_file(path), r.has_text, r.problem, fmt, text_field, r.documents, r.empty)
+
+
 def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path",
-                flag: str = "data.skip_invalid=true") -> list[FileInfo]:
+                flag: str = "data.skip_invalid=true", text_field: str = "text") -> list[FileInfo]:
     """Scan every file; a bad one is an error naming it (or, with ``skip_invalid``, a warning)."""
     good = []
     for p in tqdm(paths, desc="check corpus", unit="file", leave=False, disable=len(paths) < 20):
-        info = scan_file(p)
+        info = scan_any(p, text_field)
         if info.problem is None:
             good.append(info)
         elif skip_invalid:
             log.warning("skipping %s: %s", p, info.problem)
+        elif info.fmt != "text" or info.problem.startswith("the compressed"):
+            raise DataError(f"{p}: {info.problem} (or set {flag} to skip such files)")
         else:
             raise DataError(f"{p}: {info.problem}; convert it to UTF-8 text, remove it, or set {flag} to skip such files")
+    if empty := sum(f.empty for f in good):
+        log.warning("%s: skipped %d empty documents", key, empty)
     if not any(f.has_text for f in good):
         where = paths[0] if len(paths) == 1 else f"{key} ({len(paths)} files, {len(good)} usable)"
         raise DataError(f"{where}: the corpus is empty (no text); give UTF-8 text with something in it")
@@ -182,13 +222,20 @@ def describe_files(files: Sequence[FileInfo], spec: str) -> str:
     return str(files[0].path) if len(files) == 1 else spec
 
 
-def whole_files(files: Iterable[FileInfo]) -> list[Segment]:
-    return [Segment(f.path, 0, f.size) for f in files if f.size]
+def whole_files(files: Iterable[FileInfo]) -> list[Segment | Records]:
+    return [_part(f, 0, None) for f in files if f.size]
+
+
+def _part(f: FileInfo, start: int, end: int | None, size: int | None = None) -> Segment | Records:
+    """Bytes [start, end) of a text file, or records [start, end) of a record file (``size``: their bytes)."""
+    if f.fmt == "text":
+        return Segment(f.path, start, f.size if end is None else end)
+    return Records(f.path, f.fmt, f.field, start, end, f.size if size is None else size)
 
 
 def _char_boundary(path: Path, offset: int) -> int:
     """The first offset >= ``offset`` that does not fall inside a UTF-8 character."""
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         f.seek(offset)
         data = f.read(4)
     for k, b in enumerate(data):
@@ -197,8 +244,9 @@ def _char_boundary(path: Path, offset: int) -> int:
     return offset + len(data)
 
 
-def split_segments(files: Sequence[FileInfo], val_fraction: float, source: str) -> tuple[list[Segment], list[Segment]]:
-    """(train, val): val is the last ``val_fraction`` of all the bytes, cut on a character boundary."""
+def split_segments(files: Sequence[FileInfo], val_fraction: float, source: str) -> tuple[list, list]:
+    """(train, val): val is the last ``val_fraction`` of all the (text) bytes, cut on a character
+    boundary in a text file; in a record file, the document holding the cut byte starts validation."""
     total = sum(f.size for f in files)
     cut = int(total * (1.0 - val_fraction))
     train, val, base = [], [], 0
@@ -208,17 +256,32 @@ def split_segments(files: Sequence[FileInfo], val_fraction: float, source: str) 
         if f.size == 0:
             continue
         if hi <= cut:
-            train.append(Segment(f.path, 0, f.size))
+            train.append(_part(f, 0, None))
         elif lo >= cut:
-            val.append(Segment(f.path, 0, f.size))
-        else:
+            val.append(_part(f, 0, None))
+        elif f.fmt == "text":
             c = min(_char_boundary(f.path, cut - lo), f.size)
             train += [Segment(f.path, 0, c)] if c > 0 else []
             val += [Segment(f.path, c, f.size)] if c < f.size else []
+        else:
+            train_part, val_part = _split_records(f, cut - lo)
+            train += [train_part] if train_part.size else []
+            val.append(val_part)
     if not train or not val:
         raise DataError(f"{source}: too small to split into training and validation text at "
                         f"data.val_fraction={val_fraction}; give more text or set data.val_path")
     return train, val
+
+
+def _split_records(f: FileInfo, offset: int) -> tuple[Records, Records]:
+    """Records before / from the document holding text byte ``offset`` of a record file."""
+    n, before = None, 0
+    for n, text in record_texts(_part(f, 0, None)):
+        size = len(text.encode("utf-8"))
+        if before + size > offset:
+            break
+        before += size
+    return _part(f, 0, n, before), _part(f, n, None, f.size - before)
 
 
 def split_corpus(text: str, val_fraction: float) -> tuple[str, str]:
@@ -240,7 +303,7 @@ def _last_char_start(buf: bytes) -> int:
 def iter_chunks(seg: Segment, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
     """(file offset, bytes) pieces of ``seg`` of about ``chunk_bytes``, each ending just after a newline
     (or, in a line longer than a chunk, on a character boundary). Memory: at most two chunks."""
-    with open(seg.path, "rb") as f:
+    with open_bytes(seg.path) as f:
         f.seek(seg.start)
         pos, carry, carry_off = seg.start, b"", seg.start
         while pos < seg.end:
@@ -258,12 +321,18 @@ def iter_chunks(seg: Segment, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[
             carry, carry_off = buf[cut:], carry_off + cut
 
 
-def segment_texts(segments: Sequence[Segment], chunk_bytes: int = CHUNK_BYTES, progress: bool = False,
+def segment_texts(segments: Sequence[Segment | Records], chunk_bytes: int = CHUNK_BYTES, progress: bool = False,
                   desc: str = "read for tokenizer") -> Iterator[str]:
-    """The text of the segments, streamed in newline-aligned pieces (for tokenizer training)."""
+    """The text of the segments, streamed in newline-aligned pieces, or documents of a record file
+    (for tokenizer training)."""
     with tqdm(total=sum(s.size for s in segments), unit="B", unit_scale=True, desc=desc, leave=False,
               disable=not progress) as bar:
         for seg in segments:
+            if isinstance(seg, Records):
+                for _, text in record_texts(seg):
+                    bar.update(len(text))
+                    yield text
+                continue
             for off, data in iter_chunks(seg, chunk_bytes):
                 bar.update(len(data))
                 yield decode_chunk(data, seg, off)

@@ -1,21 +1,24 @@
 """Encoding documents into a token file: newline-aligned chunks, optionally a process pool, in order.
 
-With ``num_workers`` > 1 the chunks go to a pool of worker processes; results are written in input
-order with at most ``2 * num_workers + 1`` chunks in flight, so memory is bounded by the chunk size,
-not the corpus size, and the ids do not depend on the number of workers. Documents are separated by
-the eos id and nothing else is added, so decoding a split gives its text back.
+A unit of work is a newline-aligned chunk of a text file (part of one document) or a batch of whole
+documents of a record file (JSONL, Parquet) of about the same size. With ``num_workers`` > 1 the units
+go to a pool of worker processes; results are written in input order with at most
+``2 * num_workers + 1`` units in flight, so memory is bounded by the chunk size, not the corpus size,
+and the ids do not depend on the number of workers. Documents are separated by the eos id and nothing
+else is added, so decoding a split gives its text back.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 from collections import deque
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
 
-from minillm.data.corpus import CHUNK_BYTES, Segment, decode_chunk, iter_chunks
+from minillm.data.corpus import CHUNK_BYTES, Segment, iter_chunks
+from minillm.data.formats import Records, record_texts
 from minillm.data.token_file import TokenWriter
 from minillm.errors import DataError
 from minillm.tokenizer import EOS_ID, Tokenizer
@@ -28,25 +31,64 @@ def _worker_init(proto: bytes) -> None:
     _worker_tok = Tokenizer(proto)
 
 
-def _worker_encode(data: bytes) -> np.ndarray | UnicodeDecodeError:
+Payload = Union[bytes, list]  # a chunk of a text file, or a list of document texts
+
+
+def _encode_payload(tok: Tokenizer, data: Payload) -> list[np.ndarray] | UnicodeDecodeError:
+    """The ids of each document of the unit (a chunk: one)."""
+    if isinstance(data, list):
+        return [tok.encode_array(text) for text in data]
     try:
-        return _worker_tok.encode_array(data.decode("utf-8"))
+        return [tok.encode_array(data.decode("utf-8"))]
     except UnicodeDecodeError as e:
         return e
+
+
+def _worker_encode(data: Payload) -> list[np.ndarray] | UnicodeDecodeError:
+    return _encode_payload(_worker_tok, data)
+
+
+def _work(segments: Sequence[Segment | Records], chunk_bytes: int) -> Iterator[tuple]:
+    """Units of work (first document number, segment, offset of a chunk, sizes in bytes, payload), in order."""
+    d = 0
+    for seg in segments:
+        if isinstance(seg, Segment):
+            for off, data in iter_chunks(seg, chunk_bytes):
+                yield d, seg, off, [len(data)], data
+            d += 1
+            continue
+        texts, sizes, n_bytes = [], [], 0   # a batch of whole documents of about chunk_bytes
+        for _, text in record_texts(seg):
+            texts.append(text)
+            sizes.append(len(text.encode("utf-8")))
+            n_bytes += sizes[-1]
+            if n_bytes >= chunk_bytes:
+                yield d, seg, None, sizes, texts
+                d, texts, sizes, n_bytes = d + len(texts), [], [], 0
+        if texts:
+            yield d, seg, None, sizes, texts
+            d += len(texts)
+
+
+def _results(seg, off: int, res: list[np.ndarray] | UnicodeDecodeError) -> list[np.ndarray]:
+    if isinstance(res, UnicodeDecodeError):
+        raise DataError(f"{seg.path}: not UTF-8 text at offset {off + res.start} (did the file change during "
+                        "preparation?); fix the file and run again")
+    return res
 
 
 def resolve_workers(num_workers: int) -> int:
     return num_workers if num_workers > 0 else (os.cpu_count() or 1)
 
 
-def encode_segments(tok: Tokenizer, segments: Sequence[Segment], writer: TokenWriter | None,
+def encode_segments(tok: Tokenizer, segments: Sequence[Segment | Records], writer: TokenWriter | None,
                     num_workers: int = 1, chunk_bytes: int | None = None, progress: bool = False,
                     desc: str = "encode") -> dict:
     """Encode documents into ``writer`` (None: only count), eos between documents.
 
-    With ``num_workers`` > 1 the chunks go to a process pool; results are written in input order, and
-    at most ``2 * num_workers + 1`` chunks are in flight, so memory is bounded by the chunk size, not
-    the corpus size. The ids do not depend on the number of workers.
+    With ``num_workers`` > 1 the units (chunks, batches of records) go to a process pool; results are
+    written in input order, and at most ``2 * num_workers + 1`` units are in flight, so memory is
+    bounded by the chunk size, not the corpus size. The ids do not depend on the number of workers.
     Returns tokens (incl. eos), text_tokens, byte_tokens (byte-fallback), bytes, documents, and
     max_pending_bytes (most input bytes read but not yet written at any time).
     """
@@ -73,15 +115,19 @@ def encode_segments(tok: Tokenizer, segments: Sequence[Segment], writer: TokenWr
         st["byte_tokens"] += int(np.count_nonzero(is_byte[ids]))
         bar.update(n_bytes)
 
-    work = ((d, seg, off, data) for d, seg in enumerate(segments) for off, data in iter_chunks(seg, chunk_bytes))
+    def emit_unit(d: int, sizes: list[int], ids: list[np.ndarray]) -> None:
+        for k, (n, doc_ids) in enumerate(zip(sizes, ids)):
+            emit(d + k, n, doc_ids)
+
+    work = _work(segments, chunk_bytes)
     workers = min(num_workers, total // chunk_bytes + 1)
     try:
         if workers <= 1:
-            for d, seg, off, data in work:
-                st["max_pending_bytes"] = max(st["max_pending_bytes"], len(data))
-                emit(d, len(data), tok.encode_array(decode_chunk(data, seg, off)))
+            for d, seg, off, sizes, data in work:
+                st["max_pending_bytes"] = max(st["max_pending_bytes"], sum(sizes))
+                emit_unit(d, sizes, _results(seg, off, _encode_payload(tok, data)))
         else:
-            _encode_in_pool(tok, work, workers, emit, st)
+            _encode_in_pool(tok, work, workers, emit_unit, st)
     finally:
         bar.close()
     return st
@@ -94,18 +140,15 @@ def _encode_in_pool(tok: Tokenizer, work: Iterator, workers: int, emit, st: dict
 
     def take() -> None:
         nonlocal pending_bytes
-        d, seg, off, n, res = pending.popleft()
-        ids = res.get()
-        if isinstance(ids, UnicodeDecodeError):
-            raise DataError(f"{seg.path}: not UTF-8 text at offset {off + ids.start} (did the file change during "
-                            "preparation?); fix the file and run again")
-        pending_bytes -= n
-        emit(d, n, ids)
+        d, seg, off, sizes, res = pending.popleft()
+        ids = _results(seg, off, res.get())
+        pending_bytes -= sum(sizes)
+        emit(d, sizes, ids)
 
     with mp.get_context().Pool(workers, initializer=_worker_init, initargs=(tok.proto,)) as pool:
-        for d, seg, off, data in work:
-            pending.append((d, seg, off, len(data), pool.apply_async(_worker_encode, (data,))))
-            pending_bytes += len(data)
+        for d, seg, off, sizes, data in work:
+            pending.append((d, seg, off, sizes, pool.apply_async(_worker_encode, (data,))))
+            pending_bytes += sum(sizes)
             st["max_pending_bytes"] = max(st["max_pending_bytes"], pending_bytes)
             if len(pending) >= window:
                 take()

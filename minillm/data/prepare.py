@@ -22,6 +22,7 @@ from minillm.config import DataConfig, TokenizerConfig
 from minillm.data.corpus import (FileInfo, Segment, cache_dir, check_files, describe_files, expand_paths,
                                  resolve_corpus, segment_texts, split_segments, whole_files)
 from minillm.data.encode import encode_segments, resolve_workers
+from minillm.data.formats import Records
 from minillm.data.token_file import FORMAT_VERSION, TokenWriter
 from minillm.tokenizer import Tokenizer, make_report, train_tokenizer
 
@@ -47,11 +48,11 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
     of a newly trained one, and tok_cfg is not used. Raises DataError / TokenizerError for bad input.
     """
     paths = resolve_corpus(data_cfg)
-    files = check_files(paths, data_cfg.skip_invalid)
+    files = check_files(paths, data_cfg.skip_invalid, text_field=data_cfg.text_field)
     val_files = None
     if data_cfg.val_path is not None:
         val_files = check_files(expand_paths(data_cfg.val_path, "data.val_path"), data_cfg.skip_invalid,
-                                "data.val_path")
+                                "data.val_path", text_field=data_cfg.text_field)
     settings = _cache_settings(data_cfg, tok_cfg, files, val_files, tokenizer)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     stem = files[0].path.stem if len(files) == 1 else data_cfg.name
@@ -69,6 +70,7 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
     tok = _tokenizer_for(train_segs, tok_cfg, tokenizer, source, progress)
     meta = {"corpus": [str(f.path) for f in files],
             "skipped": [str(p) for p in sorted(set(paths) - {f.path for f in files})],
+            "empty_documents": sum(f.empty for f in files + (val_files or [])),
             **settings, "vocab_size": tok.vocab_size, "tokenizer_train_seconds": round(tok.train_seconds, 3)}
     kind = tok_cfg.model_type if tokenizer is None else "given"
     prepared.meta = _build(out, tok, kind, {"train": train_segs, "val": val_segs}, meta,
@@ -78,15 +80,18 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
 
 def _cache_settings(data_cfg: DataConfig, tok_cfg: TokenizerConfig, files: list[FileInfo],
                     val_files: list[FileInfo] | None, tokenizer: Tokenizer | None) -> dict:
-    """Everything the prepared data depends on (its cache key is a hash of this)."""
+    """Everything the prepared data depends on (its cache key is a hash of this). The text field is
+    part of it only where a record file (JSONL, Parquet) uses it, so text corpora keep their key."""
+    records = any(f.fmt != "text" for f in files + (val_files or []))
     return {"format": FORMAT_VERSION, "layout": 2, "corpus_sha256": [f.sha256 for f in files],
+            **({"text_field": data_cfg.text_field} if records else {}),
             "val_sha256": [f.sha256 for f in val_files] if val_files is not None else None,
             "val_fraction": data_cfg.val_fraction if val_files is None else None,
             "tokenizer": asdict(tok_cfg) | {"num_threads": None} if tokenizer is None
             else {"given_sha256": hashlib.sha256(tokenizer.proto).hexdigest()}}
 
 
-def _tokenizer_for(train_segs: list[Segment], tok_cfg: TokenizerConfig, given: Tokenizer | None,
+def _tokenizer_for(train_segs: list[Segment | Records], tok_cfg: TokenizerConfig, given: Tokenizer | None,
                    source: str, progress: bool) -> Tokenizer:
     if given is not None:
         log.info("encoding %s with the given tokenizer (vocab %d)", source, given.vocab_size)
@@ -96,7 +101,7 @@ def _tokenizer_for(train_segs: list[Segment], tok_cfg: TokenizerConfig, given: T
     return train_tokenizer(segment_texts(train_segs, progress=progress), tok_cfg, source=source)
 
 
-def _build(out: Path, tok: Tokenizer, kind: str, splits: dict[str, list[Segment]], meta: dict,
+def _build(out: Path, tok: Tokenizer, kind: str, splits: dict[str, list[Segment | Records]], meta: dict,
            workers: int, progress: bool) -> dict:
     """Encode the splits into a temporary folder and rename it to ``out``; returns the final meta."""
     out.parent.mkdir(parents=True, exist_ok=True)

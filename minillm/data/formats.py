@@ -1,0 +1,227 @@
+"""File formats of a corpus, chosen by extension: plain text, JSON Lines, Parquet, and compressed files.
+
+    file_format(path)            "text", "jsonl" or "parquet" (a .gz/.bz2/.xz/.zst suffix is looked through)
+    open_bytes(path)             the file's bytes as a stream, decompressed on the fly (never all in memory)
+    iter_records(path, fmt, f)   (record number, text) of every record of a JSONL or Parquet file
+    scan_records(path, fmt, f)   one checking pass: documents, empty documents, text bytes, problem
+    Records                      documents [start, end) (record numbers) of a record file
+
+A plain text file (compressed or not) is one document, read by corpus.py in byte ranges. In a record
+file, one JSON object per line (``.jsonl``, ``.ndjson``) or one row (``.parquet``) is one document, its
+text in the field ``text_field`` (a dotted path reaches nested fields). Empty documents are skipped (and
+counted); blank lines of a JSONL file are not records. A bad record is a :class:`RecordError` naming
+its line or row. Parquet is read one batch of rows at a time; a compressed Parquet file is refused
+(Parquet compresses inside).
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import zstandard
+
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+RECORD_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+# what a damaged compressed stream raises while being read
+STREAM_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+_PARQUET_BATCH = 1024  # rows read at once
+
+
+class RecordError(Exception):
+    """A bad record or file; the message names the line or row, what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Records:
+    """Documents of a record file: records [start, end) (line or row numbers from 0; end None: to the
+    end); ``size`` is their text in UTF-8 bytes."""
+    path: Path
+    fmt: str
+    field: str
+    start: int
+    end: int | None
+    size: int
+
+
+def compression(path: Path) -> str | None:
+    return path.suffix.lower() if path.suffix.lower() in COMPRESSIONS else None
+
+
+def file_format(path: Path) -> str:
+    """"jsonl", "parquet" or "text" (any other file), by extension, under a compression suffix."""
+    inner = Path(path.stem) if compression(path) else path
+    return RECORD_FORMATS.get(inner.suffix.lower(), "text")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstd stream (one or more frames) read on the fly; a truncated stream raises EOFError
+    (zstandard's own stream_reader returns short data instead)."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "rb")
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._buf, self._pos, self._started = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            raw = self._d.unused_data if self._d.eof else b""   # the start of the next frame
+            raw = raw or self._f.read(1 << 16)
+            if not raw:
+                if self._started and not self._d.eof:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                return 0
+            self._started = True
+            if self._d.eof:  # the next frame
+                self._d = zstandard.ZstdDecompressor().decompressobj()
+            self._buf = self._d.decompress(raw)
+        n = min(len(b), len(self._buf))
+        b[:n], self._buf = self._buf[:n], self._buf[n:]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:  # forward only, by reading (what corpus.py needs)
+        if whence != 0 or offset < self._pos:
+            raise io.UnsupportedOperation("a zstd stream seeks forward only")
+        while self._pos < offset and self.read(min(1 << 20, offset - self._pos)):
+            pass
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def open_bytes(path: Path) -> BinaryIO:
+    """The file's (decompressed) bytes as a binary stream that can seek forward."""
+    kind = compression(path)
+    if kind is None:
+        return open(path, "rb")
+    if kind == ".zst":
+        return _ZstdReader(path)
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[kind](path, "rb")
+
+
+# ----------------------------------------------------------------------------- reading records
+
+def _field(obj: Any, field: str, where: str) -> str:
+    """The string at the dotted path ``field`` of a decoded record."""
+    for key in field.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            raise RecordError(f"{where}: no field '{field}'; set data.text_field (--text-field) to the field "
+                              "that holds the text")
+        obj = obj[key]
+    if not isinstance(obj, str):
+        kind = "null" if obj is None else type(obj).__name__
+        raise RecordError(f"{where}: field '{field}' is {kind}, not a string; fix the record or set "
+                          "data.text_field (--text-field)")
+    return obj
+
+
+def _jsonl_records(path: Path, field: str) -> Iterator[tuple[int, str]]:
+    with open_bytes(path) as f:
+        for n, raw in enumerate(f):
+            where = f"line {n + 1}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"{where}: not UTF-8 (invalid byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                  "write the file as UTF-8") from e
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}: not JSON ({e.msg} at column {e.colno}); each line must be one "
+                                  "JSON object") from e
+            text = _field(obj, field, where)
+            if b"\\u" in raw and not _encodable(text):
+                raise RecordError(f"{where}: the text holds a lone surrogate (an escape such as \\ud800 that is "
+                                  "not half of a pair), which is not UTF-8 text; fix the record")
+            yield n, text
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _parquet_records(path: Path, field: str) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    top = field.split(".")[0]
+    try:
+        pf = pq.ParquetFile(path)
+        if top not in pf.schema_arrow.names:
+            raise RecordError(f"no column '{top}' (columns: {', '.join(pf.schema_arrow.names)}); set "
+                              "data.text_field (--text-field) to the column that holds the text")
+        n = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[top]):
+            for value in batch.column(0).to_pylist():
+                yield n, _field({top: value}, field, f"row {n}")
+                n += 1
+    except (pa.ArrowException, OSError) as e:
+        raise RecordError(f"not a readable Parquet file ({str(e).splitlines()[0]}); re-create or remove it") from e
+
+
+def iter_records(path: Path, fmt: str, field: str) -> Iterator[tuple[int, str]]:
+    """(record number, text) of every record (line or row) of a JSONL or Parquet file, streamed."""
+    if fmt == "parquet":
+        if compression(path):
+            raise RecordError("a compressed Parquet file cannot be read in pieces; decompress it "
+                              "(Parquet compresses its columns itself)")
+        return _parquet_records(path, field)
+    return _jsonl_records(path, field)
+
+
+def record_texts(rec: Records) -> Iterator[tuple[int, str]]:
+    """(record number, text) of the non-empty documents of ``rec``."""
+    for n, text in iter_records(rec.path, rec.fmt, rec.field):
+        if rec.end is not None and n >= rec.end:
+            return
+        if n >= rec.start and text:
+            yield n, text
+
+
+@dataclass(frozen=True)
+class RecordScan:
+    documents: int       # non-empty
+    empty: int           # skipped empty documents
+    text_bytes: int
+    has_text: bool
+    problem: str | None
+
+
+def scan_records(path: Path, fmt: str, field: str) -> RecordScan:
+    """One pass over every record, checking each; the first bad one is the ``problem``."""
+    docs = empty = size = 0
+    has_text, problem = False, None
+    try:
+        for _, text in iter_records(path, fmt, field):
+            if not text:
+                empty += 1
+                continue
+            docs += 1
+            size += len(text.encode("utf-8"))
+            has_text = has_text or not text.isspace()
+    except RecordError as e:
+        problem = str(e)
+    except STREAM_ERRORS as e:
+        problem = f"the compressed stream is truncated or corrupt ({e}); re-create or remove the file"
+    return RecordScan(docs, empty, size, has_text, problem)
