@@ -98,7 +98,8 @@ class DataConfig:
     filename: Optional[str] = None     # its file name in the cache folder
     val_fraction: float = 0.1          # the last fraction of the corpus text bytes is validation
     val_path: Optional[str] = None     # validation text (file, folder or glob); wins over val_fraction
-    skip_invalid: bool = False         # skip files that are not UTF-8 text (or are binary) instead of failing
+    skip_invalid: bool = False         # skip files that are not UTF-8 text (or are binary or damaged), and bad
+                                       # JSONL/Parquet records (counted per file), instead of failing
     num_workers: int = 0               # encoding processes; 0: one per CPU core, 1: in-process
     text_field: str = "text"           # JSONL field / Parquet column holding a document's text (dotted: nested)
 

@@ -138,7 +138,7 @@ def _truncated(compress, n_cut):
 
 
 BAD = {  # file name, how to make it, the error
-    "not json": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"text": "a"', '{"text": "b"}']),
+    "not json": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"text": "a"']),
                  r"bad.jsonl: line 6: not JSON \(.*\); each line must be one JSON object"),
     "missing field": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"body": "x"}']),
                       r"bad.jsonl: line 6: no field 'text'; set data.text_field"),
@@ -146,8 +146,8 @@ BAD = {  # file name, how to make it, the error
                r"bad.ndjson: line 6: field 'text' is int, not a string"),
     "null": ("bad.jsonl.xz", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"text": null}']),
              r"bad.jsonl.xz: line 6: field 'text' is null, not a string"),
-    "utf8": ("bad.jsonl", lambda p: p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
-             r"bad.jsonl: line 2: not UTF-8 \(invalid byte 0xe9 at column 14\); write the file as UTF-8"),
+    "utf8": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS).open("ab").write(b'{"text": "caf\xe9"}\n'),
+             r"bad.jsonl: line 6: not UTF-8 \(invalid byte 0xe9 at column 14\); write the file as UTF-8"),
     "lone surrogate": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"text": "a\\ud83d b"}']),
                        r"bad.jsonl: line 6: the text holds a lone surrogate .*; fix the record"),
     "truncated gzip": ("bad.jsonl.gz", _truncated(gzip.compress, 100),
@@ -177,10 +177,14 @@ def test_bad_records_are_one_line_and_leave_no_cache(tmp_path, data_dir, case):
     for kw in ({"path": path}, {"path": good, "val_path": path}):
         with pytest.raises(DataError, match=match) as e:
             prep(**kw)
-        assert "\n" not in str(e.value) and str(e.value).endswith("(or set data.skip_invalid=true to skip such files)")
+        assert "\n" not in str(e.value) and str(e.value).endswith(
+            "(or set data.skip_invalid=true to skip bad records and unreadable files)")
     assert not (data_dir / "prepared").exists() or not any((data_dir / "prepared").iterdir())
-    p = prep(tmp_path / "in", skip_invalid=True)            # the folder: the bad file is skipped with a warning
-    assert p.meta["skipped"] == [str(path)] and documents(p) + documents(p, "val") == TEXTS
+    p = prep(tmp_path / "in", skip_invalid=True)   # skipped with a warning: the bad record, or an unreadable file
+    record_level = "line" in match or "row" in match
+    assert p.meta["skipped"] == ([] if record_level else [str(path)])
+    assert p.meta["skipped_records"] == ({str(path): 1} if record_level else {})
+    assert documents(p) + documents(p, "val") == TEXTS * (2 if record_level else 1)
 
 
 def test_cache_key_covers_the_text_field_only_for_record_files(tmp_path, data_dir):
@@ -240,3 +244,17 @@ def test_train_tokenizer_command_reads_jsonl(tmp_path, capsys):
     assert Tokenizer.load(out).vocab_size == 400
     assert train_tokenizer_main(["--input", str(tmp_path / "c.jsonl.gz"), "--out", str(out)]) == 2
     assert "line 1: no field 'text'; set data.text_field" in capsys.readouterr().err
+
+
+def test_skip_invalid_skips_bad_records_and_counts_them_per_file(tmp_path, data_dir, caplog):
+    d = tmp_path / "c"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl.gz", TEXTS[:3], extra_lines=["{oops", '{"text": 7}', json.dumps({"text": TEXTS[3]})])
+    write_parquet(d / "b.parquet", [TEXTS[4], None, None, "last"])
+    with pytest.raises(DataError, match=r"a.jsonl.gz: line 4: not JSON"):
+        prep(d)
+    p = prep(d, skip_invalid=True, val_fraction=0.3)
+    assert p.meta["skipped_records"] == {str(d / "a.jsonl.gz"): 2, str(d / "b.parquet"): 2}
+    assert documents(p) + documents(p, "val") == [*TEXTS[:5], "last"]   # the split skips them too
+    assert "a.jsonl.gz: skipped 2 bad records (the first: line 4: not JSON" in caplog.text
+    assert "b.parquet: skipped 2 bad records (the first: row 1: field 'text' is null" in caplog.text

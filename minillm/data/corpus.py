@@ -128,6 +128,7 @@ class FileInfo:
     field: str = "text"        # the text field of a record file
     documents: int = 1         # non-empty documents (a record file: size is their text bytes)
     empty: int = 0             # empty documents skipped
+    bad: int = 0               # bad records skipped (data.skip_invalid)
 
 
 def scan_file(path: Path) -> FileInfo:
@@ -169,16 +170,20 @@ class _Damaged(Exception):
     pass
 
 
-def scan_any(path: Path, text_field: str = "text") -> FileInfo:
-    """:func:`scan_file` for a text file; for a record file, sha256 and every record checked."""
+def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False) -> FileInfo:
+    """:func:`scan_file` for a text file; for a record file, sha256 and every record checked (with
+    ``skip_bad``, bad records are counted and skipped, with a warning)."""
     fmt = file_format(path)
     if fmt == "text":
         try:
             return scan_file(path)
         except _Damaged as e:
             return FileInfo(path, 0, "", False, str(e))
-    r = scan_records(path, fmt, text_field)
-    return FileInfo(path, r.text_bytes, sha256_file(path), r.has_text, r.problem, fmt, text_field, r.documents, r.empty)
+    r = scan_records(path, fmt, text_field, skip_bad)
+    if r.bad:
+        log.warning("%s: skipped %d bad records (the first: %s)", path, r.bad, r.first_bad)
+    return FileInfo(path, r.text_bytes, sha256_file(path), r.has_text, r.problem, fmt, text_field, r.documents,
+                    r.empty, r.bad)
 
 
 def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path",
@@ -186,13 +191,13 @@ def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path
     """Scan every file; a bad one is an error naming it (or, with ``skip_invalid``, a warning)."""
     good = []
     for p in tqdm(paths, desc="check corpus", unit="file", leave=False, disable=len(paths) < 20):
-        info = scan_any(p, text_field)
+        info = scan_any(p, text_field, skip_invalid)
         if info.problem is None:
             good.append(info)
         elif skip_invalid:
             log.warning("skipping %s: %s", p, info.problem)
         elif info.fmt != "text" or info.problem.startswith("the compressed"):
-            raise DataError(f"{p}: {info.problem} (or set {flag} to skip such files)")
+            raise DataError(f"{p}: {info.problem} (or set {flag} to skip bad records and unreadable files)")
         else:
             raise DataError(f"{p}: {info.problem}; convert it to UTF-8 text, remove it, or set {flag} to skip such files")
     if empty := sum(f.empty for f in good):
@@ -230,7 +235,7 @@ def _part(f: FileInfo, start: int, end: int | None, size: int | None = None) -> 
     """Bytes [start, end) of a text file, or records [start, end) of a record file (``size``: their bytes)."""
     if f.fmt == "text":
         return Segment(f.path, start, f.size if end is None else end)
-    return Records(f.path, f.fmt, f.field, start, end, f.size if size is None else size)
+    return Records(f.path, f.fmt, f.field, start, end, f.size if size is None else size, f.bad > 0)
 
 
 def _char_boundary(path: Path, offset: int) -> int:

@@ -10,7 +10,8 @@ A plain text file (compressed or not) is one document, read by corpus.py in byte
 file, one JSON object per line (``.jsonl``, ``.ndjson``) or one row (``.parquet``) is one document, its
 text in the field ``text_field`` (a dotted path reaches nested fields). Empty documents are skipped (and
 counted); blank lines of a JSONL file are not records. A bad record is a :class:`RecordError` naming
-its line or row. Parquet is read one batch of rows at a time; a compressed Parquet file is refused
+its line (from 1) or row (from 0, as pyarrow and pandas count); with ``skip_bad`` (data.skip_invalid)
+bad records are skipped and counted. Parquet is read one batch of rows at a time; a compressed Parquet file is refused
 (Parquet compresses inside).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Records:
     start: int
     end: int | None
     size: int
+    skip_bad: bool = False   # skip bad records (data.skip_invalid) instead of failing
 
 
 def compression(path: Path) -> str | None:
@@ -130,27 +132,38 @@ def _field(obj: Any, field: str, where: str) -> str:
     return obj
 
 
-def _jsonl_records(path: Path, field: str) -> Iterator[tuple[int, str]]:
+def _jsonl_text(raw: bytes, where: str, field: str) -> str | None:
+    """The text of one JSONL line (None: a blank line, not a record)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{where}: not UTF-8 (invalid byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                          "write the file as UTF-8") from e
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: not JSON ({e.msg} at column {e.colno}); each line must be one "
+                          "JSON object") from e
+    text = _field(obj, field, where)
+    if b"\\u" in raw and not _encodable(text):
+        raise RecordError(f"{where}: the text holds a lone surrogate (an escape such as \\ud800 that is "
+                          "not half of a pair), which is not UTF-8 text; fix the record")
+    return text
+
+
+def _jsonl_records(path: Path, field: str, skip_bad: bool) -> Iterator[tuple[int, str | RecordError]]:
     with open_bytes(path) as f:
         for n, raw in enumerate(f):
-            where = f"line {n + 1}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RecordError(f"{where}: not UTF-8 (invalid byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                  "write the file as UTF-8") from e
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not JSON ({e.msg} at column {e.colno}); each line must be one "
-                                  "JSON object") from e
-            text = _field(obj, field, where)
-            if b"\\u" in raw and not _encodable(text):
-                raise RecordError(f"{where}: the text holds a lone surrogate (an escape such as \\ud800 that is "
-                                  "not half of a pair), which is not UTF-8 text; fix the record")
-            yield n, text
+                text = _jsonl_text(raw, f"line {n + 1}", field)
+            except RecordError as e:
+                if not skip_bad:
+                    raise
+                text = e
+            if text is not None:
+                yield n, text
 
 
 def _encodable(text: str) -> bool:
@@ -161,7 +174,7 @@ def _encodable(text: str) -> bool:
         return False
 
 
-def _parquet_records(path: Path, field: str) -> Iterator[tuple[int, str]]:
+def _parquet_records(path: Path, field: str, skip_bad: bool) -> Iterator[tuple[int, str | RecordError]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -174,28 +187,35 @@ def _parquet_records(path: Path, field: str) -> Iterator[tuple[int, str]]:
         n = 0
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[top]):
             for value in batch.column(0).to_pylist():
-                yield n, _field({top: value}, field, f"row {n}")
+                try:
+                    text = _field({top: value}, field, f"row {n}")
+                except RecordError as e:
+                    if not skip_bad:
+                        raise
+                    text = e
+                yield n, text
                 n += 1
     except (pa.ArrowException, OSError) as e:
         raise RecordError(f"not a readable Parquet file ({str(e).splitlines()[0]}); re-create or remove it") from e
 
 
-def iter_records(path: Path, fmt: str, field: str) -> Iterator[tuple[int, str]]:
-    """(record number, text) of every record (line or row) of a JSONL or Parquet file, streamed."""
+def iter_records(path: Path, fmt: str, field: str, skip_bad: bool = False) -> Iterator[tuple[int, str | RecordError]]:
+    """(record number, text) of every record (line or row) of a JSONL or Parquet file, streamed.
+    A bad record raises RecordError, or with ``skip_bad`` comes as (number, the error)."""
     if fmt == "parquet":
         if compression(path):
             raise RecordError("a compressed Parquet file cannot be read in pieces; decompress it "
                               "(Parquet compresses its columns itself)")
-        return _parquet_records(path, field)
-    return _jsonl_records(path, field)
+        return _parquet_records(path, field, skip_bad)
+    return _jsonl_records(path, field, skip_bad)
 
 
 def record_texts(rec: Records) -> Iterator[tuple[int, str]]:
-    """(record number, text) of the non-empty documents of ``rec``."""
-    for n, text in iter_records(rec.path, rec.fmt, rec.field):
+    """(record number, text) of the non-empty documents of ``rec`` (bad records skipped)."""
+    for n, text in iter_records(rec.path, rec.fmt, rec.field, rec.skip_bad):
         if rec.end is not None and n >= rec.end:
             return
-        if n >= rec.start and text:
+        if n >= rec.start and text and isinstance(text, str):
             yield n, text
 
 
@@ -203,17 +223,23 @@ def record_texts(rec: Records) -> Iterator[tuple[int, str]]:
 class RecordScan:
     documents: int       # non-empty
     empty: int           # skipped empty documents
+    bad: int             # skipped bad records (skip_bad)
+    first_bad: str | None
     text_bytes: int
     has_text: bool
     problem: str | None
 
 
-def scan_records(path: Path, fmt: str, field: str) -> RecordScan:
-    """One pass over every record, checking each; the first bad one is the ``problem``."""
-    docs = empty = size = 0
-    has_text, problem = False, None
+def scan_records(path: Path, fmt: str, field: str, skip_bad: bool = False) -> RecordScan:
+    """One pass over every record, checking each; the first bad one is the ``problem`` (with
+    ``skip_bad``: counted, and only a damaged file is a problem)."""
+    docs = empty = size = bad = 0
+    has_text, problem, first_bad = False, None, None
     try:
-        for _, text in iter_records(path, fmt, field):
+        for _, text in iter_records(path, fmt, field, skip_bad):
+            if isinstance(text, RecordError):
+                bad, first_bad = bad + 1, first_bad or str(text)
+                continue
             if not text:
                 empty += 1
                 continue
@@ -224,4 +250,4 @@ def scan_records(path: Path, fmt: str, field: str) -> RecordScan:
         problem = str(e)
     except STREAM_ERRORS as e:
         problem = f"the compressed stream is truncated or corrupt ({e}); re-create or remove the file"
-    return RecordScan(docs, empty, size, has_text, problem)
+    return RecordScan(docs, empty, bad, first_bad, size, has_text, problem)

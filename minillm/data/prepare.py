@@ -71,6 +71,7 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
     meta = {"corpus": [str(f.path) for f in files],
             "skipped": [str(p) for p in sorted(set(paths) - {f.path for f in files})],
             "empty_documents": sum(f.empty for f in files + (val_files or [])),
+            "skipped_records": {str(f.path): f.bad for f in files + (val_files or []) if f.bad},
             **settings, "vocab_size": tok.vocab_size, "tokenizer_train_seconds": round(tok.train_seconds, 3)}
     kind = tok_cfg.model_type if tokenizer is None else "given"
     prepared.meta = _build(out, tok, kind, {"train": train_segs, "val": val_segs}, meta,
