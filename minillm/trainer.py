@@ -19,12 +19,14 @@ One step (``train_step``): grad_accum_steps micro-batches per process, each loss
 grad_accum_steps before backward -> the total gradient norm, clipped to optim.grad_clip -> the guard
 -> optimizer.step(), or no update when the guard rejects the step (NaN/inf, loss spike; the step is
 counted and recorded). ``fit()`` repeats it to train.max_steps, logging, evaluating, checkpointing
-and stopping cleanly on SIGTERM/SIGINT; at the end it writes summary.json and curves.png.
+and stopping cleanly on SIGTERM/SIGINT; at the end it writes summary.json and curves.png (also when
+the signal arrives during the last step: that run is finished, and a relaunch could only report it).
 """
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +50,7 @@ from minillm.guards import NonFiniteError, StepGuard
 from minillm.metrics import MetricsLogger
 from minillm.model import GPT
 from minillm.optimizer import build_optimizer, lr_at
-from minillm.report import write_report
+from minillm.report import plot_run, summarize, write_report
 from minillm.resume import check_compatible, check_resumable, check_same_optimizer, load_resume_state
 from minillm.rng import RngStreams, seed_everything
 from minillm.signals import GracefulStop, TrainingInterrupted
@@ -378,7 +380,9 @@ class Trainer:
         if (stopping or step == self.tc.max_steps or (every and step % every == 0)
                 or (every is None and record is not None and "val_loss" in record)):
             self.save_checkpoint()
-        if stopping:
+        if stopping and step == self.tc.max_steps:  # the run is finished: its report is written, no resume
+            log.info("%s arrived during the last step; finishing the run", signal.Signals(stopping).name)
+        elif stopping:
             raise TrainingInterrupted(stopping, step)
         if record is not None:
             self._window = (time.time(), self.state.tokens_seen)
@@ -405,10 +409,21 @@ class Trainer:
                                      self.state.step if self.resumed_from is not None else None)
 
     def _already_finished(self) -> dict:
+        """The summary of a run that reached max_steps. One stopped before its report was written (killed
+        after its last checkpoint) gets it now: summary.json from metrics.jsonl, and curves.png."""
         log.info("%s already finished at step %d (train.max_steps=%d); nothing to do", self.run_dir,
                  self.state.step, self.tc.max_steps)
-        summary = self.run_dir / "summary.json"
-        return json.loads(summary.read_text()) if summary.exists() else {"step": self.state.step}
+        path = self.run_dir / "summary.json"
+        if path.exists():
+            if self.info.is_main and not (self.run_dir / "curves.png").exists():
+                plot_run(self.run_dir)
+            return json.loads(path.read_text())
+        summary = {**summarize(self.run_dir), "step": self.state.step, "tokens": self.state.tokens_seen,
+                   "best_val_loss": self.state.best_val_loss, "summary_from": "metrics.jsonl"}
+        if self.info.is_main:
+            write_report(self.run_dir, summary)
+            log.info("wrote the missing report (summary.json, curves.png) from metrics.jsonl")
+        return summary
 
     def summary(self) -> dict:
         """The run's summary: final and best validation, tokens, time, size, skipped steps, memory."""

@@ -123,3 +123,36 @@ def test_an_unreadable_latest_pointer_is_ignored_with_a_warning(pointer, tmp_pat
     assert "does not name a complete checkpoint" in caplog.text and "step_000002.pt" in caplog.text
     assert newest_run(tmp_path / "runs") == run
     assert ckpt.resolve_checkpoint(run).name == "step_000002.pt"
+
+
+def test_sigterm_during_the_last_step_finishes_the_run_with_its_report(tmp_path, corpus_file, data_dir, monkeypatch):
+    import signal
+    from minillm.trainer import Trainer
+    real_step = Trainer.train_step
+
+    def step_then_sigterm(self):
+        if self.state.step == self.tc.max_steps - 1:      # the last step: the signal arrives while it runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    run = tmp_path / "run"
+    summary = train(tiny_cfg(run, corpus_file, max_steps=3))   # no TrainingInterrupted: the run is finished
+    assert summary["step"] == 3
+    assert json.loads((run / "summary.json").read_text())["step"] == 3 and (run / "curves.png").is_file()
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["train_state"]["step"] == 3
+
+
+def test_a_finished_run_without_its_report_gets_it_on_relaunch(tmp_path, corpus_file, data_dir):
+    run = tmp_path / "run"
+    first = train(tiny_cfg(run, corpus_file, max_steps=3, eval_interval=3))
+    (run / "summary.json").unlink()                          # killed between the last checkpoint and the report
+    (run / "curves.png").unlink()
+    again = train(tiny_cfg(run, corpus_file, max_steps=3, eval_interval=3))
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved == again and saved["step"] == 3 and saved["summary_from"] == "metrics.jsonl"
+    assert saved["final_val_loss"] == first["final_val_loss"] and saved["best_val_loss"] == first["best_val_loss"]
+    assert (run / "curves.png").stat().st_size > 10_000
+    (run / "curves.png").unlink()                            # only the picture missing: drawn again
+    assert train(tiny_cfg(run, corpus_file, max_steps=3, eval_interval=3)) == saved
+    assert (run / "curves.png").is_file()
