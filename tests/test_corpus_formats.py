@@ -5,6 +5,7 @@ import bz2
 import gzip
 import json
 import lzma
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -162,6 +163,13 @@ BAD = {  # file name, how to make it, the error
                        r"bad.parquet: no column 'text' \(columns: id, body\); set data.text_field"),
     "parquet null": ("bad.parquet", lambda p: write_parquet(p, [*TEXTS, None]),
                      r"bad.parquet: row 5: field 'text' is null, not a string"),
+    "jsonl named as text": ("bad.txt", lambda p: write_jsonl(p, TEXTS),
+                            r"bad.txt: looks like JSON Lines \(its first lines are JSON objects with a string "
+                            r"field 'text'\), not text to train on; name it .jsonl"),
+    "jsonl named as gz text": ("bad.gz", lambda p: p.write_bytes(gzip.compress(b'{"text": "a"}')),
+                               r"bad.gz: looks like JSON Lines"),
+    "parquet named as text": ("bad.dat", lambda p: write_parquet(p, TEXTS),
+                              r"bad.dat: looks like a Parquet file \(it starts with PAR1\); name it .parquet"),
     "compressed parquet": ("bad.parquet.gz", lambda p: p.write_bytes(b"x"),
                            r"bad.parquet.gz: a compressed Parquet file cannot be read in pieces; decompress it"),
 }
@@ -181,7 +189,7 @@ def test_bad_records_are_one_line_and_leave_no_cache(tmp_path, data_dir, case):
             "(or set data.skip_invalid=true to skip bad records and unreadable files)")
     assert not (data_dir / "prepared").exists() or not any((data_dir / "prepared").iterdir())
     p = prep(tmp_path / "in", skip_invalid=True)   # skipped with a warning: the bad record, or an unreadable file
-    record_level = "line" in match or "row" in match
+    record_level = re.match(r"[\w.]+: (line|row) \d", match) is not None
     assert p.meta["skipped"] == ([] if record_level else [str(path)])
     assert p.meta["skipped_records"] == ({str(path): 1} if record_level else {})
     assert documents(p) + documents(p, "val") == TEXTS * (2 if record_level else 1)
@@ -258,3 +266,12 @@ def test_skip_invalid_skips_bad_records_and_counts_them_per_file(tmp_path, data_
     assert documents(p) + documents(p, "val") == [*TEXTS[:5], "last"]   # the split skips them too
     assert "a.jsonl.gz: skipped 2 bad records (the first: line 4: not JSON" in caplog.text
     assert "b.parquet: skipped 2 bad records (the first: row 1: field 'text' is null" in caplog.text
+
+
+def test_text_that_only_resembles_json_is_text(tmp_path, data_dir):
+    texts = ['{"text": "a"}\n{not json}\n' + make_corpus(100),           # the second line is not JSON
+             '{"body": "no text field"}\n' + make_corpus(100, seed=1),   # no string field 'text'
+             "{curly}\n" + make_corpus(100, seed=2)]
+    for i, t in enumerate(texts):
+        write_text(tmp_path / f"{i}.txt", t)
+    assert documents(prep(tmp_path, val_path=tmp_path / "0.txt")) == texts

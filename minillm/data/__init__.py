@@ -2,6 +2,8 @@
 
     corpus.py      finding the corpus (file, folder, glob, named download), checking it (UTF-8, binary),
                    the validation split, reading it in newline-aligned pieces
+    formats.py     file formats by extension: JSON Lines and Parquet records (one document each, the
+                   text in data.text_field), .gz/.bz2/.xz/.zst decompressed as streams
     encode.py      documents -> token ids (a process pool, in order, bounded memory), eos between them
     token_file.py  the token-file format: header, checksum, atomic writer, verified memmap reader
     prepare.py     corpus + tokenizer settings -> a cached folder of tokenizer.model, train.bin, val.bin

@@ -28,8 +28,8 @@ from typing import Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from minillm.config import DataConfig
-from minillm.data.formats import (STREAM_ERRORS, Records, compression, file_format, open_bytes, record_texts,
-                                  scan_records)
+from minillm.data.formats import (STREAM_ERRORS, Records, compression, file_format, looks_like_records, open_bytes,
+                                  record_texts, scan_records)
 from minillm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,8 @@ def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False) -> Fi
     fmt = file_format(path)
     if fmt == "text":
         try:
+            if disguised := looks_like_records(path, text_field):
+                return FileInfo(path, 0, "", False, disguised)
             return scan_file(path)
         except _Damaged as e:
             return FileInfo(path, 0, "", False, str(e))
@@ -196,7 +198,7 @@ def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path
             good.append(info)
         elif skip_invalid:
             log.warning("skipping %s: %s", p, info.problem)
-        elif info.fmt != "text" or info.problem.startswith("the compressed"):
+        elif not info.problem.startswith(("not UTF-8", "looks like a binary")):  # says what to do itself
             raise DataError(f"{p}: {info.problem} (or set {flag} to skip bad records and unreadable files)")
         else:
             raise DataError(f"{p}: {info.problem}; convert it to UTF-8 text, remove it, or set {flag} to skip such files")

@@ -1,6 +1,7 @@
 """File formats of a corpus, chosen by extension: plain text, JSON Lines, Parquet, and compressed files.
 
     file_format(path)            "text", "jsonl" or "parquet" (a .gz/.bz2/.xz/.zst suffix is looked through)
+    looks_like_records(path, f)  why a file named as text holds Parquet or JSON Lines (refused), or None
     open_bytes(path)             the file's bytes as a stream, decompressed on the fly (never all in memory)
     iter_records(path, fmt, f)   (record number, text) of every record of a JSONL or Parquet file
     scan_records(path, fmt, f)   one checking pass: documents, empty documents, text bytes, problem
@@ -164,6 +165,28 @@ def _jsonl_records(path: Path, field: str, skip_bad: bool) -> Iterator[tuple[int
                 text = e
             if text is not None:
                 yield n, text
+
+
+def looks_like_records(path: Path, field: str) -> str | None:
+    """Why a file taken as text by its name is in fact Parquet or JSON Lines (its first three lines are
+    JSON objects with a string ``field``), or None."""
+    try:
+        with open_bytes(path) as f:
+            head = f.read(1 << 16)
+    except STREAM_ERRORS:
+        return None  # the full scan reports it
+    if head.startswith(b"PAR1"):
+        return "looks like a Parquet file (it starts with PAR1); name it .parquet to read its rows"
+    lines = head.split(b"\n")
+    lines = [line for line in lines[:-1] if line.strip()][:3] if len(head) == 1 << 16 else lines
+    lines = [line for line in lines if line.strip()][:3]
+    try:
+        if lines and all(isinstance(_jsonl_text(line, "", field), str) for line in lines):
+            return (f"looks like JSON Lines (its first lines are JSON objects with a string field '{field}'), "
+                    "not text to train on; name it .jsonl to read each object's text as a document")
+    except RecordError:
+        pass
+    return None
 
 
 def _encodable(text: str) -> bool:
