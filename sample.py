@@ -48,7 +48,7 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
         if (n := len(tok.encode(p))) > block_size:
             print(f"# prompt {i + 1} is {n} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
     if cfg.stream:
-        sys.stdout.write(shown[0])
+        sys.stdout.write(header(cfg, len(prompts), 0) + shown[0])
         sys.stdout.flush()
     engine = Engine(loaded.model, tok)
     params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
@@ -72,14 +72,21 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
     return texts
 
 
+def header(cfg: SampleJobConfig, n_prompts: int, r: int) -> str:
+    """Row r's label line when there are several rows ("--- sample 2", "--- prompt 1, sample 2"); none
+    for a lone sample, so that its stdout is just the text. Streamed or not, the same."""
+    if n_prompts * cfg.num_samples == 1:
+        return ""
+    i, j = divmod(r, cfg.num_samples)
+    return "--- " + (f"sample {j + 1}" if n_prompts == 1 else f"prompt {i + 1}, sample {j + 1}") + "\n"
+
+
 def print_sample(cfg: SampleJobConfig, n_prompts: int, r: int, text: str) -> None:
-    """Write row r's text under its label (row 0, when streamed, is on stdout already: end its line)."""
+    """Write row r's text under its header (row 0, when streamed, is on stdout already: end its line)."""
     if r == 0 and cfg.stream:
         sys.stdout.write("\n")
         return
-    i, j = divmod(r, cfg.num_samples)
-    label = f"sample {j + 1}" if n_prompts == 1 else f"prompt {i + 1}, sample {j + 1}"
-    sys.stdout.write(("\n" if r else "") + f"--- {label}\n" + text + "\n")
+    sys.stdout.write(("\n" if r else "") + header(cfg, n_prompts, r) + text + "\n")
 
 
 def run(cfg: SampleJobConfig) -> list[str]:

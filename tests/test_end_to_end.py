@@ -47,7 +47,7 @@ def test_train_resume_sample(tmp_path, corpus_file, env):
     # sample.py rebuilds everything from the run folder alone.
     r = run_entry("sample.py", f"ckpt={run}", "max_new_tokens=30", "num_samples=2", "prompt=ROMEO:", env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("ROMEO:") and "--- sample 2" in r.stdout and len(r.stdout) > 40
+    assert r.stdout.startswith("--- sample 1\nROMEO:") and "--- sample 2" in r.stdout and len(r.stdout) > 40
 
 
 def test_sampling_without_a_run_is_a_clear_error(tmp_path):

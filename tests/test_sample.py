@@ -62,8 +62,23 @@ def test_streamed_stdout_is_the_prompt_and_its_continuation(run, capsys):
     texts = sample.run(job(run, prompt="ROMEO:", num_samples=2, temperature=1.0))
     out = capsys.readouterr().out
     assert len(texts) == 2 and all(t.startswith("ROMEO:") for t in texts)
-    assert out == texts[0] + "\n\n--- sample 2\n" + texts[1] + "\n"
+    assert out == "--- sample 1\n" + texts[0] + "\n\n--- sample 2\n" + texts[1] + "\n"
     assert sample.run(job(run, prompt="ROMEO:", num_samples=2, temperature=1.0, stream=False)) == texts
+
+
+def test_every_sample_has_the_same_header_streamed_or_not(run, tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("ROMEO:\n\nJULIET:\n")
+    for kw, labels in [(dict(prompt="ROMEO:", num_samples=2), ["--- sample 1", "--- sample 2"]),
+                       (dict(prompt_file=str(f)), ["--- prompt 1, sample 1", "--- prompt 2, sample 1"]),
+                       (dict(prompt="ROMEO:"), [])]:
+        outs = []
+        for stream in (True, False):
+            texts = sample.run(job(run, temperature=1.0, stream=stream, **kw))
+            outs.append(capsys.readouterr().out)
+        assert outs[0] == outs[1]  # streaming changes when text appears, not what is printed
+        assert [line for line in outs[0].splitlines() if line.startswith("---")] == labels
+        assert outs[0] == "\n".join(h + t + "\n" for h, t in zip([l + "\n" for l in labels] or [""], texts))
 
 
 def test_prompt_file_matches_single_prompts(greedy_run, tok, tmp_path, capsys):
