@@ -275,3 +275,14 @@ def test_text_that_only_resembles_json_is_text(tmp_path, data_dir):
     for i, t in enumerate(texts):
         write_text(tmp_path / f"{i}.txt", t)
     assert documents(prep(tmp_path, val_path=tmp_path / "0.txt")) == texts
+
+
+def test_zstd_lines_are_read_in_blocks_not_byte_by_byte(tmp_path, monkeypatch):
+    from minillm.data import formats
+    calls = []
+    real = formats._ZstdReader.readinto
+    monkeypatch.setattr(formats._ZstdReader, "readinto", lambda self, b: calls.append(len(b)) or real(self, b))
+    docs = [make_corpus(10, seed=i) for i in range(300)]                  # about 100 KB of lines
+    write_jsonl(tmp_path / "c.jsonl.zst", docs)
+    assert [t for _, t in formats.iter_records(tmp_path / "c.jsonl.zst", "jsonl", "text")] == docs
+    assert len(calls) < 20                                                # a line at a time would be ~2000 calls

@@ -65,18 +65,21 @@ def file_format(path: Path) -> str:
 
 class _ZstdReader(io.RawIOBase):
     """A zstd stream (one or more frames) read on the fly; a truncated stream raises EOFError
-    (zstandard's own stream_reader returns short data instead)."""
+    (zstandard's own stream_reader returns short data instead). Wrapped in a BufferedReader."""
 
     def __init__(self, path: Path):
         self._f = open(path, "rb")
         self._d = zstandard.ZstdDecompressor().decompressobj()
-        self._buf, self._pos, self._started = b"", 0, False
+        self._buf, self._off, self._pos, self._started = b"", 0, 0, False
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:  # forward only (what corpus.py needs); BufferedReader asks
+        return True
+
     def readinto(self, b) -> int:
-        while not self._buf:
+        while self._off >= len(self._buf):
             raw = self._d.unused_data if self._d.eof else b""   # the start of the next frame
             raw = raw or self._f.read(1 << 16)
             if not raw:
@@ -86,14 +89,17 @@ class _ZstdReader(io.RawIOBase):
             self._started = True
             if self._d.eof:  # the next frame
                 self._d = zstandard.ZstdDecompressor().decompressobj()
-            self._buf = self._d.decompress(raw)
-        n = min(len(b), len(self._buf))
-        b[:n], self._buf = self._buf[:n], self._buf[n:]
+            self._buf, self._off = self._d.decompress(raw), 0
+        n = min(len(b), len(self._buf) - self._off)
+        b[:n] = memoryview(self._buf)[self._off:self._off + n]
+        self._off += n
         self._pos += n
         return n
 
-    def seek(self, offset: int, whence: int = 0) -> int:  # forward only, by reading (what corpus.py needs)
-        if whence != 0 or offset < self._pos:
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self._pos
+        if whence == 2 or offset < self._pos:
             raise io.UnsupportedOperation("a zstd stream seeks forward only")
         while self._pos < offset and self.read(min(1 << 20, offset - self._pos)):
             pass
@@ -113,7 +119,7 @@ def open_bytes(path: Path) -> BinaryIO:
     if kind is None:
         return open(path, "rb")
     if kind == ".zst":
-        return _ZstdReader(path)
+        return io.BufferedReader(_ZstdReader(path), 1 << 16)
     return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[kind](path, "rb")
 
 
@@ -145,7 +151,7 @@ def _jsonl_text(raw: bytes, where: str, field: str) -> str | None:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise RecordError(f"{where}: not JSON ({e.msg} at column {e.colno}); each line must be one "
+        raise RecordError(f"{where}: not JSON ({e.msg}, column {e.colno}); each line must be one "
                           "JSON object") from e
     text = _field(obj, field, where)
     if b"\\u" in raw and not _encodable(text):
