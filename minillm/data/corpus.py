@@ -337,7 +337,7 @@ def segment_texts(segments: Sequence[Segment | Records], chunk_bytes: int = CHUN
         for seg in segments:
             if isinstance(seg, Records):
                 for _, text in record_texts(seg):
-                    bar.update(len(text))
+                    bar.update(len(text.encode("utf-8")))
                     yield text
                 continue
             for off, data in iter_chunks(seg, chunk_bytes):

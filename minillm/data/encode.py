@@ -99,25 +99,25 @@ def encode_segments(tok: Tokenizer, segments: Sequence[Segment | Records], write
     last_doc = -1
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=not progress)
 
-    def emit(doc: int, n_bytes: int, ids: np.ndarray) -> None:
+    def emit(d: int, sizes: list[int], ids: list[np.ndarray]) -> None:
+        """Write a unit's results: documents d, d+1, ... (a chunk: part of document d)."""
         nonlocal last_doc
-        if doc != last_doc:
-            if last_doc >= 0:  # a document boundary
-                if writer is not None:
-                    writer.write(np.array([EOS_ID]))
-                st["tokens"] += 1
-            st["documents"] += 1
-            last_doc = doc
-        if writer is not None:
-            writer.write(ids)
-        st["tokens"] += ids.size
-        st["text_tokens"] += ids.size
-        st["byte_tokens"] += int(np.count_nonzero(is_byte[ids]))
-        bar.update(n_bytes)
-
-    def emit_unit(d: int, sizes: list[int], ids: list[np.ndarray]) -> None:
-        for k, (n, doc_ids) in enumerate(zip(sizes, ids)):
-            emit(d + k, n, doc_ids)
+        for doc, n_bytes, doc_ids in zip(range(d, d + len(sizes)), sizes, ids):
+            if doc != last_doc:
+                if last_doc >= 0:  # a document boundary
+                    if writer is not None:
+                        writer.write(np.array([EOS_ID]))
+                    st["tokens"] += 1
+                st["documents"] += 1
+                if st["documents"] % 1024 == 0:  # the bar counts bytes; documents beside them
+                    bar.set_postfix_str(f"{st['documents']:,} documents", refresh=False)
+                last_doc = doc
+            if writer is not None:
+                writer.write(doc_ids)
+            st["tokens"] += doc_ids.size
+            st["text_tokens"] += doc_ids.size
+            st["byte_tokens"] += int(np.count_nonzero(is_byte[doc_ids]))
+            bar.update(n_bytes)
 
     work = _work(segments, chunk_bytes)
     workers = min(num_workers, total // chunk_bytes + 1)
@@ -125,9 +125,9 @@ def encode_segments(tok: Tokenizer, segments: Sequence[Segment | Records], write
         if workers <= 1:
             for d, seg, off, sizes, data in work:
                 st["max_pending_bytes"] = max(st["max_pending_bytes"], sum(sizes))
-                emit_unit(d, sizes, _results(seg, off, _encode_payload(tok, data)))
+                emit(d, sizes, _results(seg, off, _encode_payload(tok, data)))
         else:
-            _encode_in_pool(tok, work, workers, emit_unit, st)
+            _encode_in_pool(tok, work, workers, emit, st)
     finally:
         bar.close()
     return st
