@@ -1,6 +1,7 @@
 """The Trainer: one object that owns a run, from a validated config to the run's summary.
 
-    train(cfg) = join the process group -> Trainer(cfg, info) -> trainer.fit() -> leave the group
+    train(cfg) = join the process group -> lock the run folder (minillm/run_lock.py) -> Trainer(cfg, info)
+                 -> trainer.fit() -> unlock -> leave the group
 
 ``Trainer(cfg, info)`` builds the data (tokenizer + token files), then the components of the run:
 
@@ -53,6 +54,7 @@ from minillm.optimizer import build_optimizer, lr_at
 from minillm.report import plot_run, summarize, write_report
 from minillm.resume import check_compatible, check_resumable, check_same_optimizer, load_resume_state
 from minillm.rng import RngStreams, seed_everything
+from minillm.run_lock import hold_run_folder
 from minillm.signals import GracefulStop, TrainingInterrupted
 from minillm.tokenizer import Tokenizer
 from minillm.train_state import TrainState
@@ -75,7 +77,8 @@ def train(cfg: TrainJobConfig) -> dict:
         if info.enabled:
             log.info("distributed: %d processes (%s), global batch %d sequences", info.world_size,
                      dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
-        return Trainer(cfg, info).fit()
+        with hold_run_folder(cfg.out_dir, info):  # one run per folder, before anything in it is touched
+            return Trainer(cfg, info).fit()
     finally:
         dist.teardown()
 

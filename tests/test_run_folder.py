@@ -2,10 +2,14 @@
 unreadable ``latest`` pointer, a run stopped during its last step."""
 import hashlib
 import json
-import logging
 import os
-import shutil
+import re
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zipfile
 
 import pytest
@@ -14,6 +18,7 @@ import torch
 from minillm import checkpoint as ckpt
 from minillm.errors import CheckpointError
 from minillm.trainer import train
+from conftest import ROOT, TINY_ARGS, run_entry
 from test_trainer import tiny_cfg
 
 
@@ -126,7 +131,6 @@ def test_an_unreadable_latest_pointer_is_ignored_with_a_warning(pointer, tmp_pat
 
 
 def test_sigterm_during_the_last_step_finishes_the_run_with_its_report(tmp_path, corpus_file, data_dir, monkeypatch):
-    import signal
     from minillm.trainer import Trainer
     real_step = Trainer.train_step
 
@@ -156,3 +160,97 @@ def test_a_finished_run_without_its_report_gets_it_on_relaunch(tmp_path, corpus_
     (run / "curves.png").unlink()                            # only the picture missing: drawn again
     assert train(tiny_cfg(run, corpus_file, max_steps=3, eval_interval=3)) == saved
     assert (run / "curves.png").is_file()
+
+
+HOLD_LOCK = r"""
+import os, sys, time
+from minillm.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+if len(sys.argv) > 2 and os.fork() == 0:   # a forked worker that outlives its parent
+    time.sleep(120)
+    os._exit(0)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(run, *extra):
+    p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run), *extra], stdout=subprocess.PIPE, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def _refusal(run, pid):
+    return f"error: out_dir={run} is in use by another run (pid {pid} on {socket.gethostname()}); wait for it"
+
+
+def test_a_second_run_on_a_folder_in_use_exits_at_once_naming_the_first(tmp_path, corpus_file, data_dir):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"data.path={corpus_file}", f"out_dir={run}",
+                              *TINY_ARGS, "train.max_steps=100000", "train.eval_interval=0", "device=cpu"],
+                             cwd=ROOT, env={**os.environ, "MINILLM_DATA_DIR": str(data_dir)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            time.sleep(0.2)
+        config = (run / "config.json").read_text()
+        second = run_entry("train.py", f"data.path={corpus_file}", f"out_dir={run}", *TINY_ARGS,
+                           "train.max_steps=7", "train.resume=never", "device=cpu",
+                           env={"MINILLM_DATA_DIR": str(data_dir)})
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [second.stderr.strip()]          # one line, nothing else
+        assert second.stderr.startswith(_refusal(run, first.pid))
+        assert (run / "config.json").read_text() == config                            # nothing of it was touched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 143, err[-2000:]
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))                                   # the first run's history is whole
+
+
+def test_a_killed_holder_never_blocks_the_next_run(tmp_path, corpus_file, data_dir):
+    from minillm.errors import RunError
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(RunError, match=re.escape(_refusal(run, holder.pid)[len("error: "):])):
+            train(tiny_cfg(run, corpus_file, max_steps=2))
+        assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(tiny_cfg(run, corpus_file, max_steps=2))["step"] == 2              # the kernel released it
+
+
+def test_a_forked_child_of_a_killed_run_does_not_keep_the_lock(tmp_path):
+    from minillm.run_lock import RunLock
+    holder = _hold_lock(tmp_path, "fork")
+    child = [int(c) for c in open(f"/proc/{holder.pid}/task/{holder.pid}/children").read().split()]
+    holder.kill()
+    holder.wait()
+    try:
+        assert len(child) == 1 and os.path.exists(f"/proc/{child[0]}")            # the child lives on
+        RunLock(tmp_path).acquire().release()
+    finally:
+        for pid in child:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_every_torchrun_rank_of_a_refused_job_exits_with_the_line(tmp_path, corpus_file, data_dir):
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"),
+               f"data.path={corpus_file}", f"out_dir={run}", *TINY_ARGS, "train.max_steps=4", "device=cpu",
+               "train.dist_timeout_s=60"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           env={**os.environ, "MINILLM_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0
+    assert r.stderr.count(_refusal(run, holder.pid)) == 2, r.stderr[-3000:]          # rank 0 and rank 1
+    assert "minillm/" not in r.stderr.replace(str(run), "")      # no rank's own traceback (torchrun prints its own)
