@@ -1,4 +1,9 @@
-"""One run per folder: an exclusive lock on ``<run>/run.lock``, held for the whole life of the run.
+"""One run per folder, and runs only in run folders: an exclusive lock on ``<run>/run.lock``, held for
+the whole life of the run, taken only in an empty folder or one that already holds a minillm run.
+
+A run writes files of common names (config.json, metrics.jsonl, summary.json, tokenizer.model); an
+out_dir that exists, is not empty and holds no minillm run (no ckpt/, no run.lock, no config.json
+written by minillm) is refused in one line before anything in it is created or replaced.
 
 Two runs writing one folder corrupt each other (one's start-up deletes the other's checkpoint temp
 file, metrics interleave, config.json is the other's). The main process takes ``fcntl.flock`` on
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 from pathlib import Path
@@ -23,6 +29,7 @@ from minillm.distributed import process_group as dist
 from minillm.errors import RunError
 
 LOCK_NAME = "run.lock"
+_CONFIG_KEYS = {"out_dir", "model", "data", "tokenizer", "optim", "train"}  # a minillm config.json has these
 _held: set[int] = set()  # descriptors of the locks this process holds
 
 
@@ -71,13 +78,36 @@ class RunLock:
             self._fd = None
 
 
+def is_run_folder(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a minillm run: ckpt/, run.lock, or a config.json minillm wrote."""
+    d = Path(run_dir)
+    if (d / "ckpt").is_dir() or (d / LOCK_NAME).is_file():
+        return True
+    try:
+        config = json.loads((d / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and _CONFIG_KEYS <= config.keys()
+
+
+def check_run_folder(run_dir: str | Path) -> None:
+    """Refuse (RunError) an out_dir that is a file, or a non-empty folder that holds no minillm run."""
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise RunError(f"out_dir={d} is a file, not a folder; choose a folder for the run")
+    if d.is_dir() and any(d.iterdir()) and not is_run_folder(d):
+        raise RunError(f"out_dir={d} is not empty and holds no minillm run (no ckpt/, run.lock or minillm "
+                       "config.json); choose a new or empty out_dir (nothing in it was changed)")
+
+
 @contextlib.contextmanager
 def hold_run_folder(run_dir: str | Path, info: dist.DistInfo) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the body (a collective): rank 0 takes it, every rank learns whether
-    it did, and every rank of a refused run raises the same RunError."""
+    """Hold ``run_dir``'s lock for the body (a collective): rank 0 checks the folder and takes the lock,
+    every rank learns whether it did, and every rank of a refused run raises the same RunError."""
     lock, refusal = None, ""
     if info.is_main:
         try:
+            check_run_folder(run_dir)
             lock = RunLock(run_dir).acquire()
         except RunError as e:
             refusal = str(e)

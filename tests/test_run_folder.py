@@ -1,5 +1,6 @@
 """A run folder that cannot be corrupted silently: checksummed checkpoints (a flipped bit is caught), an
 unreadable ``latest`` pointer, a run stopped during its last step."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -254,3 +255,36 @@ def test_every_torchrun_rank_of_a_refused_job_exits_with_the_line(tmp_path, corp
     assert r.returncode != 0
     assert r.stderr.count(_refusal(run, holder.pid)) == 2, r.stderr[-3000:]          # rank 0 and rank 1
     assert "minillm/" not in r.stderr.replace(str(run), "")      # no rank's own traceback (torchrun prints its own)
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(tmp_path, corpus_file, data_dir):
+    from minillm.errors import RunError
+    user = tmp_path / "mine"
+    user.mkdir()
+    files = {"config.json": b'{"lr": 0.1, "model": "mine"}', "metrics.jsonl": b'{"step": 1}\n',
+             "summary.json": b"{}", "tokenizer.model": b"my tokenizer"}
+    for name, data in files.items():
+        (user / name).write_bytes(data)
+    for resume in ("auto", "never"):
+        with pytest.raises(RunError, match=r"mine is not empty and holds no minillm run .* choose a new or empty"):
+            train(tiny_cfg(user, corpus_file, max_steps=2, resume=resume))
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == files                # not one file added or replaced
+    r = run_entry("train.py", f"data.path={corpus_file}", f"out_dir={user}", *TINY_ARGS, "train.max_steps=2",
+                  "device=cpu", env={"MINILLM_DATA_DIR": str(data_dir)})
+    assert r.returncode == 2 and r.stderr.startswith(f"error: out_dir={user} is not empty and holds no minillm run")
+    assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(RunError, match=r"a_file is a file, not a folder"):
+        train(tiny_cfg(tmp_path / "a_file", corpus_file, max_steps=2))
+
+
+def test_empty_folders_and_runs_without_a_checkpoint_are_runs(tmp_path, corpus_file, data_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(tiny_cfg(empty, corpus_file, max_steps=2))["step"] == 2
+    early = tmp_path / "early"                   # an earlier minillm's run killed before its first checkpoint
+    early.mkdir()
+    cfg = tiny_cfg(early, corpus_file, max_steps=2)
+    (early / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (early / "tokenizer.model").write_bytes(b"partial")
+    assert train(cfg)["step"] == 2
