@@ -288,3 +288,23 @@ def test_empty_folders_and_runs_without_a_checkpoint_are_runs(tmp_path, corpus_f
     (early / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     (early / "tokenizer.model").write_bytes(b"partial")
     assert train(cfg)["step"] == 2
+
+
+def test_a_real_sharded_checkpoint_lists_every_file_and_a_flipped_shard_is_refused(tmp_path, corpus_file, data_dir):
+    run = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"),
+           f"data.path={corpus_file}", f"out_dir={run}", *TINY_ARGS, "train.max_steps=2", "device=cpu",
+           "train.parallel=fsdp", "train.eval_interval=0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MINILLM_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    shard = ckpt.latest_checkpoint(run)
+    files = {p.relative_to(shard).as_posix() for p in shard.rglob("*") if p.is_file()} - {ckpt.SUMS}
+    assert set(ckpt._read_sums(shard / ckpt.SUMS)) == files and "meta.pt" in files and len(files) > 4
+    assert ckpt.load_checkpoint(shard)["train_state"]["step"] == 2
+    target = max((shard / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    target.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"{target.name}: checksum mismatch"):
+        ckpt.load_checkpoint(shard, full_model=False)
