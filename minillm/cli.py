@@ -32,9 +32,24 @@ EXIT_USER_ERROR = 2
 
 
 def register_schemas() -> None:
+    if not OmegaConf.has_resolver("minillm.corpus_name"):
+        OmegaConf.register_new_resolver("minillm.corpus_name", corpus_name)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=schema(TrainJobConfig))
     cs.store(name="sample_schema", node=schema(SampleJobConfig))
+
+
+def corpus_name(name: str, path: str | None) -> str:
+    """The default run name's corpus part, ``${minillm.corpus_name:${data.name},${data.path}}`` in
+    configs/train.yaml: data.name, except for data=text, where it names what data.path points at (a
+    file's stem, a folder's name, a glob's last fixed folder), so each corpus gets its own out_dir."""
+    if name != "text" or not path:
+        return name
+    p = Path(str(path)).expanduser()
+    while p.name and any(c in p.name for c in "*?["):  # a glob: the folder before its first wildcard
+        p = p.parent
+    stem = p.name if p.is_dir() else p.stem
+    return re.sub(r"[^\w.-]+", "_", stem).strip("._") or name
 
 
 def schema(cls: type) -> DictConfig:

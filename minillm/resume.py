@@ -14,6 +14,7 @@ Rank 0 chooses; the other ranks load the checkpoint it chose, never one of their
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def _resume_candidates(cfg: TrainJobConfig, run_dir: Path) -> list[Path]:
     mode = cfg.train.resume
     if mode == "never":
         if ckpt.list_checkpoints(run_dir):
-            raise RunError(f"out_dir={run_dir} already holds a run; choose a new out_dir, or train.resume=auto "
-                           "to continue it (nothing was overwritten)")
+            raise RunError(f"out_dir={run_dir} already holds a run; choose a new out_dir (e.g. "
+                           f"out_dir={suggest_out_dir(run_dir)}), or train.resume=auto to continue it "
+                           "(nothing was overwritten)")
         return []
     latest = ckpt.latest_checkpoint(run_dir)
     if mode == "auto":
@@ -89,13 +91,25 @@ def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
                            f"{value!r}; use the same model settings or a new out_dir")
 
 
+def suggest_out_dir(out_dir: str | Path) -> str:
+    """A free sibling of out_dir to suggest when it holds another run: out/a-tiny -> out/a-tiny-2 (or -3,
+    ... whichever is free; out/a-tiny-2 -> out/a-tiny-3)."""
+    path = Path(out_dir)
+    stem, n = re.fullmatch(r"(.+?)(?:-(\d+))?", path.name).groups()
+    k = int(n) + 1 if n else 2
+    while path.with_name(f"{stem}-{k}").exists():
+        k += 1
+    return str(path.with_name(f"{stem}-{k}"))
+
+
 def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_proto: bytes,
                     info: dist.DistInfo, fsdp: bool) -> None:
     """Refuse (RunError) a checkpoint of another model, tokenizer or sharding; warn on a new world size."""
     check_compatible(state["config"]["model"], cfg.model, where)
     if bytes(state["tokenizer"].numpy().tobytes()) != tokenizer_proto:
-        raise RunError(f"{where}: was trained with a different tokenizer than the tokenizer.* and "
-                       "data.* settings give now; use the run's settings or a new out_dir")
+        raise RunError(f"{where}: was trained with a different tokenizer than the tokenizer.* and data.* "
+                       f"settings give now (another corpus?); to start a new run, pass "
+                       f"out_dir={suggest_out_dir(cfg.out_dir)}, or use that run's settings to continue it")
     if state.get("world_size", 1) != info.world_size:
         log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
                     where, state.get("world_size", 1), info.world_size)
