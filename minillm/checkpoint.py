@@ -100,8 +100,8 @@ def _sha256_of(f, n: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    with open(path, "rb") as f:  # not hashlib.file_digest: Python 3.11+, and minillm supports 3.10
+        return _sha256_of(f, os.fstat(f.fileno()).st_size)
 
 
 def _read_sums(path: Path) -> dict[str, str]:
