@@ -62,13 +62,13 @@ def _choose_checkpoint(cfg: TrainJobConfig, run_dir: Path, full_model: bool) -> 
         try:
             state = ckpt.load_checkpoint(path, full_model=full_model)
         except CheckpointError as e:
-            if cfg.train.resume != "auto" and i == len(candidates) - 1:
+            if cfg.train.resume == "auto":
+                nxt = candidates[i + 1].name if i + 1 < len(candidates) else "none left"
+                log.warning("warning: %s; falling back to the previous checkpoint (%s)", e, nxt)
+            elif i == len(candidates) - 1:
                 raise  # train.resume=PATH itself is unusable
-            if cfg.train.resume != "auto":
+            else:  # the run's newer checkpoint is corrupt: PATH comes next
                 log.warning("warning: %s; continuing from train.resume=%s instead", e, cfg.train.resume)
-                continue
-            nxt = candidates[i + 1].name if i + 1 < len(candidates) else "none left"
-            log.warning("warning: %s; falling back to the previous checkpoint (%s)", e, nxt)
             continue
         if cfg.train.resume not in ("auto", "never") and i == 0 and len(candidates) > 1:
             log.warning("warning: %s holds a newer checkpoint (%s) than train.resume=%s; continuing from it",

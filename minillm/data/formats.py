@@ -184,7 +184,8 @@ def looks_like_records(path: Path, field: str) -> str | None:
     if head.startswith(b"PAR1"):
         return "looks like a Parquet file (it starts with PAR1); name it .parquet to read its rows"
     lines = head.split(b"\n")
-    lines = [line for line in lines[:-1] if line.strip()][:3] if len(head) == 1 << 16 else lines
+    if len(head) == 1 << 16:
+        lines = lines[:-1]  # the read may have cut the last line
     lines = [line for line in lines if line.strip()][:3]
     try:
         if lines and all(isinstance(_jsonl_text(line, "", field), str) for line in lines):
