@@ -52,7 +52,8 @@ from minillm.metrics import MetricsLogger
 from minillm.model import GPT
 from minillm.optimizer import build_optimizer, lr_at
 from minillm.report import plot_run, summarize, write_report
-from minillm.resume import check_compatible, check_resumable, check_same_optimizer, load_resume_state
+from minillm.init_from import init_weights, load_source
+from minillm.resume import check_resumable, check_same_optimizer, load_resume_state
 from minillm.rng import RngStreams, seed_everything
 from minillm.run_lock import hold_run_folder
 from minillm.signals import GracefulStop, TrainingInterrupted
@@ -158,8 +159,8 @@ class Trainer:
         seed_everything(cfg.seed)
         ops.configure(cfg.kernels, info.device)
         # Fine-tuning: the source run's weights and tokenizer (which also encodes the new corpus).
-        source = ckpt.load_checkpoint(ckpt.resolve_checkpoint(self.tc.init_from)) if self.tc.init_from else None
-        self.data = load_data(cfg, info, Tokenizer(_proto(source)) if source is not None else None)
+        source = load_source(cfg)
+        self.data = load_data(cfg, info, source["tokenizer"] if source is not None else None)
         self._set_vocab_size()
         self.fsdp = info.enabled and self.tc.parallel == "fsdp"
         state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
@@ -214,10 +215,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         model = GPT(cfg.model).to(info.device)
         if source is not None:
-            check_compatible(source["config"]["model"], cfg.model, Path(self.tc.init_from))
-            model.load_state_dict(source["model"])
-            log.info("fine-tuning from %s (step %d of that run): fresh optimizer and schedule",
-                     self.tc.init_from, source["train_state"]["step"])
+            init_weights(model, source, cfg)
         log.info("model: %s, %.2fM parameters (%.2fM non-embedding)", cfg.model.name,
                  model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6)
         if self.fsdp:
@@ -453,7 +451,3 @@ class Trainer:
         log.info("done: step %d, val loss %.4f, val bpb %.4f, %.1fs; run folder %s", summary["step"],
                  summary["final_val_loss"], summary["final_val_bpb"], summary["wall_s"], self.run_dir)
 
-
-def _proto(state: dict) -> bytes:
-    """The sentencepiece model stored in a checkpoint."""
-    return bytes(state["tokenizer"].numpy().tobytes())
