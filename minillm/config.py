@@ -7,7 +7,8 @@ A bad value raises :class:`ConfigError`, whose message is one line naming the ke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
 from minillm.errors import ConfigError
@@ -16,6 +17,14 @@ from minillm.errors import ConfigError
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _finite(obj: Any, prefix: str) -> None:
+    """Every float setting of ``obj`` is a finite number: inf and nan pass every range check below."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), prefix + f.name, value, "must be a finite number")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -45,6 +54,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        _finite(self, "model.")
         p = "model."
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
             _check(getattr(self, key) >= 1, p + key, getattr(self, key), "must be >= 1")
@@ -104,6 +114,7 @@ class DataConfig:
     text_field: str = "text"           # JSONL field / Parquet column holding a document's text (dotted: nested)
 
     def __post_init__(self) -> None:
+        _finite(self, "data.")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
         _check(self.path is None or str(self.path).strip() != "", "data.path", self.path,
                "is empty; give a file, folder or glob (or leave it unset for the named dataset)")
@@ -129,6 +140,7 @@ class TokenizerConfig:
     num_threads: int = 2
 
     def __post_init__(self) -> None:
+        _finite(self, "tokenizer.")
         _choice("tokenizer.model_type", self.model_type, ("bpe", "unigram", "char"))
         # 4 specials (<unk> <s> </s> <pad>) + "\n" + 256 byte-fallback pieces, and room for one more.
         floor = 4 + 1 + (256 if self.byte_fallback else 0) + 1
@@ -165,6 +177,7 @@ class OptimConfig:
     muon_ns_steps: int = 5             # Newton-Schulz iterations
 
     def __post_init__(self) -> None:
+        _finite(self, "optim.")
         _choice("optim.name", self.name, ("adamw", "muon"))
         _check(self.muon_lr >= 0, "optim.muon_lr", self.muon_lr, "must be >= 0")
         _check(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
@@ -202,6 +215,7 @@ class TrainConfig:
     global_batch_tokens: Optional[int] = None  # if set, grad_accum_steps = this / (batch_size*block_size*world)
     dist_timeout_s: float = 600.0      # a collective that waits longer than this fails instead of hanging
     parallel: str = "ddp"              # with several processes: ddp (replicated) | fsdp (FSDP2, sharded)
+    allow_changes: bool = False        # resume although training settings differ from the checkpoint's (logged)
     init_from: Optional[str] = None    # fine-tune: start from this run folder's (or checkpoint's) weights
                                        # and tokenizer, with a fresh optimizer and schedule
 
@@ -210,6 +224,7 @@ class TrainConfig:
         return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
 
     def __post_init__(self) -> None:
+        _finite(self, "train.")
         p = "train."
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_interval"):
             _check(getattr(self, key) >= 1, p + key, getattr(self, key), "must be >= 1")
@@ -243,6 +258,7 @@ class WandbConfig:
     log_checkpoint: bool = False       # upload the final checkpoint as a wandb artifact
 
     def __post_init__(self) -> None:
+        _finite(self, "logger.wandb.")
         _choice("logger.wandb.mode", self.mode, ("disabled", "offline", "online"))
 
 
@@ -271,6 +287,7 @@ class TrainJobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self) -> None:
+        _finite(self, "")
         _check(self.out_dir.strip() != "", "out_dir", self.out_dir, "must name a folder")
         _choice("device", self.device, _DEVICES)
         _choice("kernels", self.kernels, _KERNELS)
@@ -301,6 +318,7 @@ class SampleJobConfig:
     dtype: str = "float32"             # float32 | bfloat16
 
     def __post_init__(self) -> None:
+        _finite(self, "")
         _check(self.prompt is None or self.prompt != "", "prompt", self.prompt,
                "is empty; give some text, or leave prompt unset to start a fresh document")
         given = [k for k in ("prompt", "prompt_file", "interactive") if getattr(self, k) not in (None, False)]

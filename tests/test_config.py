@@ -18,6 +18,7 @@ from minillm.errors import ConfigError
     ("model=nonexistent", "model=nonexistent"),               # unknown group option
     ("tokenizer.model_type=wordpiece", "tokenizer.model_type='wordpiece'"),
     ("device=tpu", "device='tpu'"),
+    ("optim.lr=inf", "optim.lr=inf: must be a finite number"),   # passes lr >= 0 unless checked
 ])
 def test_train_entry_rejects_bad_config(override, expected, tmp_path):
     r = run_entry("train.py", override, f"out_dir={tmp_path / 'run'}")
@@ -31,6 +32,7 @@ def test_train_entry_rejects_bad_config(override, expected, tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("top_p=0", "top_p=0.0"), ("top_k=-1", "top_k=-1"), ("temperature=-1", "temperature=-1.0"),
     ("prompt=''", "prompt=''"), ("max_new_tokens=0", "max_new_tokens=0"),
+    ("temperature=nan", "temperature=nan: must be a finite number"),
 ])
 def test_sample_entry_rejects_bad_config(override, expected):
     r = run_entry("sample.py", override)
@@ -121,3 +123,17 @@ def test_n_kv_head_follows_n_head_unless_set(overrides, n_head, n_kv_head):
     schema must not freeze the value __post_init__ derives from the default n_head)."""
     job = _compose("train", overrides)
     assert (job.model.n_head, job.model.n_kv_head) == (n_head, n_kv_head)
+
+
+@pytest.mark.parametrize("build, key", [
+    (lambda v: OptimConfig(lr=v), "optim.lr"), (lambda v: OptimConfig(muon_lr=v), "optim.muon_lr"),
+    (lambda v: SampleJobConfig(temperature=v), "temperature"),
+    (lambda v: SampleJobConfig(repetition_penalty=v), "repetition_penalty"),
+    (lambda v: TrainConfig(spike_zscore=v), "train.spike_zscore"),
+    (lambda v: ModelConfig(rope_theta=v), "model.rope_theta"),
+    (lambda v: DataConfig(val_fraction=v), "data.val_fraction"),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
+def test_non_finite_floats_are_refused_by_name(build, key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}={value!r}: must be a finite number$"):
+        build(value)
