@@ -3,6 +3,7 @@
     load_source(cfg)                  the source as {"model": state dict, "tokenizer": Tokenizer,
                                       "model_config": dict, "step": int, "where": Path}, or None
     init_weights(model, source, cfg)  copy the source's weights into a freshly built model
+    check_coverage(source, train)     warn when the source's tokenizer fits the new corpus badly
 
 The source is a minillm run folder or checkpoint. The new run gets a fresh optimizer and schedule.
 """
@@ -36,3 +37,8 @@ def init_weights(model: GPT, source: dict, cfg: TrainJobConfig) -> None:
     model.load_state_dict(source["model"])
     log.info("fine-tuning from %s (step %d of that run): fresh optimizer and schedule",
              cfg.train.init_from, source["step"])
+
+
+def check_coverage(source: dict, train) -> None:
+    """Warn when the source's tokenizer encodes the new training tokens ``train`` (1-D array of ids)
+    mostly as byte-fallback pieces. Not implemented yet: issue 16 item 6."""

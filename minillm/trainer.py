@@ -52,7 +52,7 @@ from minillm.metrics import MetricsLogger
 from minillm.model import GPT
 from minillm.optimizer import build_optimizer, lr_at
 from minillm.report import plot_run, summarize, write_report
-from minillm.init_from import init_weights, load_source
+from minillm.init_from import check_coverage, init_weights, load_source
 from minillm.resume import check_resumable, check_same_optimizer, load_resume_state
 from minillm.rng import RngStreams, seed_everything
 from minillm.run_lock import hold_run_folder
@@ -161,6 +161,8 @@ class Trainer:
         # Fine-tuning: the source run's weights and tokenizer (which also encodes the new corpus).
         source = load_source(cfg)
         self.data = load_data(cfg, info, source["tokenizer"] if source is not None else None)
+        if source is not None and info.is_main:
+            check_coverage(source, self.data.train)
         self._set_vocab_size()
         self.fsdp = info.enabled and self.tc.parallel == "fsdp"
         state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
