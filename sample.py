@@ -144,5 +144,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = cli.literal_strings(sys.argv[1:], SampleJobConfig)  # prompts, paths: exactly as the shell gave them
     cli.precheck(CONFIG_DIR, "sample", sys.argv[1:])
     main()

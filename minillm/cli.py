@@ -7,6 +7,8 @@ It turns every configuration or input mistake into one line on stderr and a nonz
   wrong type as a multi-line block; here it becomes ``error: model.n_layr: unknown key ...``.
 * ``to_dataclass`` converts the composed config into the schema dataclass, whose ``__post_init__``
   validates values (n_embd divisible by n_head, lr >= 0, ...).
+* ``literal_strings`` makes every value given to a string key reach the program unchanged (CJK, ``=``,
+  commas, quotes, brackets, ``$``, spaces): Hydra's override grammar would reject or reinterpret them.
 * ``user_errors`` catches the library's input errors (minillm.errors.UserError: missing corpus, bad
   checkpoint, ...).
 """
@@ -17,6 +19,7 @@ import dataclasses
 import logging
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Iterator, TypeVar
 
@@ -71,6 +74,70 @@ def _declared_defaults(node: DictConfig, cls: type) -> None:
             node[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(sub := f.default_factory()):
             _declared_defaults(node[f.name], type(sub))
+
+
+def string_keys(cls: type, prefix: str = "") -> dict[str, bool]:
+    """Every key of the schema ``cls`` that holds text, dotted, mapped to whether it holds a list of
+    strings (``stop``) rather than one string (prompt, every path, out_dir, ckpt, field names, ...)."""
+    keys: dict[str, bool] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys.update(string_keys(hint, f"{prefix}{name}."))
+        elif hint in (str, typing.Optional[str]):
+            keys[prefix + name] = False
+        elif hint in (list[str], typing.List[str]):
+            keys[prefix + name] = True
+    return keys
+
+
+def literal_strings(argv: list[str], cls: type) -> list[str]:
+    """``argv`` with every ``key=value`` override of a string key of ``cls`` quoted for Hydra, so the
+    program receives exactly the characters the shell handed over.
+
+    Hydra parses override values with its own grammar (https://hydra.cc/docs/advanced/override_grammar/
+    basic/): ``prompt=宝玉笑道`` fails to lex, ``a,b`` is a sweep, ``${..}`` an interpolation, quotes are
+    stripped. Kept as grammar: ``null`` (unset an optional key), a list written ``[...]`` for a list key,
+    and, under ``-m``, a value with a comma (a sweep: ``data.path=a.txt,b.txt``). Such a value that
+    does not parse fails in one line that shows how to quote it.
+    """
+    keys = string_keys(cls)
+    sweep = any(a in ("-m", "--multirun") for a in argv)
+    return [_literal(arg, keys, sweep) for arg in argv]
+
+
+def _literal(arg: str, keys: dict[str, bool], sweep: bool) -> str:
+    key, eq, value = arg.partition("=")
+    name = key.lstrip("+")
+    if arg.startswith("-") or not eq or name not in keys or value.lower() == "null":
+        return arg
+    is_list = keys[name]
+    if (is_list and value.startswith("[")) or (sweep and "," in value):
+        _check_grammar(arg, name, value)  # the user wrote Hydra syntax: a list, or a -m sweep
+        return arg
+    return f"{key}=[{_quote(value)}]" if is_list else f"{key}={_quote(value)}"
+
+
+def _quote(value: str) -> str:
+    """``value`` as a Hydra quoted string that OmegaConf reads back unchanged: quotes escaped by Hydra's
+    own rule, and ``${`` escaped (with the backslashes before it) so it is no interpolation."""
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    value = re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
+    return QuotedString(text=value, quote=Quote.single).with_quotes()
+
+
+def _check_grammar(arg: str, name: str, value: str) -> None:
+    """One line (exit 2) when a value written in Hydra's grammar (a list, a -m sweep) does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except Exception:
+        if value.startswith("["):
+            fail(f"{arg}: Hydra reads this value as a list and cannot parse it; quote each item, e.g. in "
+                 f"the shell: \"{name}=['first item','second, with a comma']\"")
+        fail(f"{arg}: under -m, Hydra reads commas as separating sweep values and cannot parse this; "
+             f"quote each value, e.g. in the shell: \"{name}='a (1).txt','b.txt'\", or drop -m for one run")
 
 
 def fail(message: str) -> None:
