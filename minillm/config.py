@@ -100,6 +100,13 @@ class DataConfig:
     Validation is ``val_path`` if set, else the last ``val_fraction`` of the corpus's text bytes (files
     in order): a text file is cut on a character boundary; a record file is cut between whole documents,
     the document holding the cut byte being the first of validation (so the last fraction of documents).
+
+    ``hf_dataset`` reads a Hugging Face dataset instead of files (needs ``pip install -e ".[hf]"``): a
+    folder written by ``save_to_disk``, a local dataset folder ``datasets.load_dataset`` reads (parquet,
+    jsonl, ... files), or a hub name (streamed; needs the network). Each row is one document, its text in
+    ``text_field``. ``hf_split`` is the training split (default ``train``; a saved single Dataset is used
+    whole), ``hf_config`` the configuration name, and validation is ``hf_val_split``, else ``val_path``,
+    else the last ``val_fraction`` of the split's text bytes (between whole rows).
     """
     name: str = "shakespeare"
     path: Optional[str] = None
@@ -111,7 +118,11 @@ class DataConfig:
     skip_invalid: bool = False         # skip files that are not UTF-8 text (or are binary or damaged), and bad
                                        # JSONL/Parquet records (counted per file), instead of failing
     num_workers: int = 0               # encoding processes; 0: one per CPU core, 1: in-process
-    text_field: str = "text"           # JSONL field / Parquet column holding a document's text (dotted: nested)
+    text_field: str = "text"           # JSONL field / Parquet column / HF column holding a document's text (dotted: nested)
+    hf_dataset: Optional[str] = None   # a Hugging Face dataset: save_to_disk folder, local dataset folder or hub name
+    hf_config: Optional[str] = None    # its configuration name (load_dataset's name=)
+    hf_split: Optional[str] = None     # the training split; None: train (a saved single Dataset: all of it)
+    hf_val_split: Optional[str] = None # the validation split; None: data.val_path, else data.val_fraction
 
     def __post_init__(self) -> None:
         _finite(self, "data.")
@@ -125,11 +136,28 @@ class DataConfig:
                "must be >= 0 (0: one per CPU core)")
         _check(isinstance(self.text_field, str) and all(self.text_field.split(".")), "data.text_field",
                self.text_field, "must be a field name, or a dotted path such as meta.text")
+        self._check_hf()
+
+    def _check_hf(self) -> None:
+        for key in ("hf_dataset", "hf_config", "hf_split", "hf_val_split"):
+            value = getattr(self, key)
+            _check(value is None or str(value).strip() != "", "data." + key, value, "is empty; give a value or leave it unset")
+            if key != "hf_dataset" and value is not None:
+                _check(self.hf_dataset is not None, "data." + key, value, "applies only with data.hf_dataset; set it")
+        if self.hf_dataset is None:
+            return
+        _check(self.path is None, "data.hf_dataset", self.hf_dataset,
+               f"conflicts with data.path={self.path}; give the corpus one way (files or a Hugging Face dataset)")
+        _check(self.hf_val_split is None or self.val_path is None, "data.hf_val_split", self.hf_val_split,
+               f"conflicts with data.val_path={self.val_path}; give validation one way")
+        _check(self.hf_val_split is None or self.hf_val_split != (self.hf_split or "train"), "data.hf_val_split",
+               self.hf_val_split, "is the training split too; choose another split, or unset it to use data.val_fraction")
 
 
 @dataclass
 class TokenizerConfig:
-    """sentencepiece training settings (see minillm/tokenizer.py)."""
+    """sentencepiece training settings (see minillm/tokenizer.py), or ``path``: an existing sentencepiece
+    model (e.g. from ``python -m minillm.train_tokenizer``) used as it is, the other keys then unused."""
     model_type: str = "bpe"            # bpe | unigram | char
     vocab_size: int = 1024
     character_coverage: float = 1.0    # 1.0 for small alphabets, ~0.9995 for CJK
@@ -138,9 +166,12 @@ class TokenizerConfig:
     max_sentence_length: int = 1 << 16 # bytes; longer lines are cut into pieces for training
     input_sentence_size: int = 2_000_000  # lines sampled for training; bounds memory on big corpora
     num_threads: int = 2
+    path: Optional[str] = None         # an existing sentencepiece .model to use instead of training one
 
     def __post_init__(self) -> None:
         _finite(self, "tokenizer.")
+        _check(self.path is None or str(self.path).strip() != "", "tokenizer.path", self.path,
+               "is empty; give a sentencepiece .model file, or leave it unset to train one")
         _choice("tokenizer.model_type", self.model_type, ("bpe", "unigram", "char"))
         # 4 specials (<unk> <s> </s> <pad>) + "\n" + 256 byte-fallback pieces, and room for one more.
         floor = 4 + 1 + (256 if self.byte_fallback else 0) + 1

@@ -3,8 +3,10 @@
     python -m minillm.train_tokenizer --input 'corpus/*.txt' --model-type bpe --vocab-size 8000 --out tok.model
 
 Reads the files with minillm.data (a file, a folder or a glob; UTF-8 checked), trains the lossless
-sentencepiece model of minillm.tokenizer on all but the held-out text, and reports on the held-out
-text (bytes per token, byte-fallback share). Writes the .model and a .json report beside it.
+sentencepiece model of minillm.tokenizer on all but the held-out text (a seeded sample of at most
+--input-sentence-size lines drawn from every file: minillm.data.tokenizer_sample), and reports on the
+held-out text (bytes per token, byte-fallback share). Writes the .model and a .json report beside it;
+``python train.py tokenizer.path=tok.model`` then uses it instead of training one.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from minillm.config import TokenizerConfig
 from minillm.data.corpus import check_files, describe_files, expand_paths, segment_texts, split_segments, whole_files
 from minillm.data.encode import encode_segments, resolve_workers
 from minillm.errors import ConfigError, TokenizerError, UserError
-from minillm.tokenizer import Tokenizer, TokenizerReport, make_report, train_tokenizer
+from minillm.data.tokenizer_sample import train_on_sample
+from minillm.tokenizer import Tokenizer, TokenizerReport, make_report
 
 
 def train_on_files(specs: Sequence[str], cfg: TokenizerConfig, val_spec: str | None = None,
@@ -40,7 +43,7 @@ def train_on_files(specs: Sequence[str], cfg: TokenizerConfig, val_spec: str | N
                                       "--skip-invalid", text_field))
     else:
         train, val = split_segments(files, val_fraction, source)
-    tok = train_tokenizer(segment_texts(train), cfg, source=source)
+    tok = train_on_sample(segment_texts(train), cfg, source=source)
     st = encode_segments(tok, val, None, resolve_workers(num_workers))
     return tok, make_report(tok, cfg.model_type, st["bytes"], st["text_tokens"], st["byte_tokens"])
 

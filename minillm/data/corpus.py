@@ -3,7 +3,8 @@
     resolve_corpus(data cfg)     the corpus files: data.path (file, folder or glob), else the named
                                  dataset from the cache folder, else downloaded there (sha256-checked)
     check_files(paths)           one pass per file: sha256, UTF-8 validity (file + byte offset), binary;
-                                 for JSONL/Parquet (formats.py) every record checked and counted
+                                 for JSONL/Parquet (formats.py) every record checked and counted; a
+                                 progress bar (CheckBar) counts bytes and documents
     split_segments(files, frac)  the last ``frac`` of the text bytes is validation (cut on a UTF-8
                                  boundary in a text file, between documents in a record file)
     iter_chunks(segment)         newline-aligned pieces of about 1 MiB (bounded memory)
@@ -119,7 +120,7 @@ def resolve_corpus(cfg: DataConfig) -> list[Path]:
 
 @dataclass(frozen=True)
 class FileInfo:
-    path: Path
+    path: Path                 # (a Hugging Face split: an hf_dataset.HFSplit)
     size: int
     sha256: str
     has_text: bool             # holds something other than whitespace
@@ -131,12 +132,46 @@ class FileInfo:
     bad: int = 0               # bad records skipped (data.skip_invalid)
 
 
-def scan_file(path: Path) -> FileInfo:
+def bar_disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable`` for a data bar: off without ``progress`` (logger.progress=false), and
+    (None) off when stderr is not a terminal."""
+    return None if progress else True
+
+
+class CheckBar:
+    """The checking pass's progress bar: on-disk bytes read towards the files' total size, with the
+    documents found beside them; or, ``by_documents`` (a Hugging Face split), documents towards the
+    rows' count, with their text bytes beside them."""
+
+    def __init__(self, total: int | None, progress: bool, by_documents: bool = False, desc: str = "check corpus"):
+        self.by_documents, self.docs, self.text = by_documents, 0, 0
+        self.bar = tqdm(total=total, unit="doc" if by_documents else "B", unit_scale=not by_documents, desc=desc,
+                        leave=False, disable=bar_disabled(progress))
+
+    def read(self, n: int) -> None:
+        """``n`` more bytes read from the disk."""
+        if not self.by_documents:
+            self.bar.update(n)
+
+    def document(self, n_bytes: int) -> None:
+        """One more document, of ``n_bytes`` bytes of text."""
+        self.docs, self.text = self.docs + 1, self.text + n_bytes
+        if self.by_documents:
+            self.bar.update(1)
+        if self.docs % 1024 == 1:
+            self.bar.set_postfix_str(f"{self.text / 1e6:,.1f} MB of text" if self.by_documents
+                                     else f"{self.docs:,} documents", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def scan_file(path: Path, progress: CheckBar | None = None) -> FileInfo:
     """One streaming pass: sha256, and the first NUL byte or invalid UTF-8 sequence with its offset
-    (of a compressed file: its decompressed bytes)."""
+    (of a compressed file: its decompressed bytes). ``progress`` hears of the bytes read."""
     h, dec = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
     pos, has_text, problem = 0, False, None
-    with open_bytes(path) as f:
+    with open_bytes(path, progress.read if progress else None) as f:
         while block := _read_block(f, path):
             h.update(block)
             if problem is None:
@@ -170,7 +205,8 @@ class _Damaged(Exception):
     pass
 
 
-def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False) -> FileInfo:
+def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False,
+             progress: CheckBar | None = None) -> FileInfo:
     """:func:`scan_file` for a text file; for a record file, sha256 and every record checked (with
     ``skip_bad``, bad records are counted and skipped, with a warning)."""
     fmt = file_format(path)
@@ -178,10 +214,13 @@ def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False) -> Fi
         try:
             if disguised := looks_like_records(path, text_field):
                 return FileInfo(path, 0, "", False, disguised)
-            return scan_file(path)
+            info = scan_file(path, progress)
         except _Damaged as e:
             return FileInfo(path, 0, "", False, str(e))
-    r = scan_records(path, fmt, text_field, skip_bad)
+        if progress is not None and info.has_text:
+            progress.document(info.size)
+        return info
+    r = scan_records(path, fmt, text_field, skip_bad, progress)
     if r.bad:
         log.warning("%s: skipped %d bad records (the first: %s)", path, r.bad, r.first_bad)
     return FileInfo(path, r.text_bytes, sha256_file(path), r.has_text, r.problem, fmt, text_field, r.documents,
@@ -189,19 +228,34 @@ def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False) -> Fi
 
 
 def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path",
-                flag: str = "data.skip_invalid=true", text_field: str = "text") -> list[FileInfo]:
-    """Scan every file; a bad one is an error naming it (or, with ``skip_invalid``, a warning)."""
+                flag: str = "data.skip_invalid=true", text_field: str = "text", progress: bool = False) -> list[FileInfo]:
+    """Scan every file, with a progress bar (bytes on disk, documents) when ``progress`` and stderr is
+    a terminal; a bad one is a DataError naming it (or, with ``skip_invalid``, a warning)."""
     good = []
-    for p in tqdm(paths, desc="check corpus", unit="file", leave=False, disable=len(paths) < 20):
-        info = scan_any(p, text_field, skip_invalid)
-        if info.problem is None:
-            good.append(info)
-        elif skip_invalid:
-            log.warning("skipping %s: %s", p, info.problem)
-        elif not info.problem.startswith(("not UTF-8", "looks like a binary")):  # says what to do itself
-            raise DataError(f"{p}: {info.problem} (or set {flag} to skip bad records and unreadable files)")
-        else:
-            raise DataError(f"{p}: {info.problem}; convert it to UTF-8 text, remove it, or set {flag} to skip such files")
+    bar = CheckBar(sum(p.stat().st_size for p in paths), progress)
+    try:
+        for p in paths:
+            info = scan_any(p, text_field, skip_invalid, bar)
+            if info.problem is None:
+                good.append(info)
+            elif skip_invalid:
+                log.warning("skipping %s: %s", p, info.problem)
+            else:
+                raise problem_error(p, info.problem, flag)
+    finally:
+        bar.close()
+    return usable(good, paths, key)
+
+
+def problem_error(where: object, problem: str, flag: str) -> DataError:
+    """The error for an unusable file (or HF split): what is wrong and what to do."""
+    if not problem.startswith(("not UTF-8", "looks like a binary")):  # says what to do itself
+        return DataError(f"{where}: {problem} (or set {flag} to skip bad records and unreadable files)")
+    return DataError(f"{where}: {problem}; convert it to UTF-8 text, remove it, or set {flag} to skip such files")
+
+
+def usable(good: list[FileInfo], paths: Sequence[object], key: str) -> list[FileInfo]:
+    """``good``, once the empty documents are reported; an error if there is no text at all."""
     if empty := sum(f.empty for f in good):
         log.warning("%s: skipped %d empty documents", key, empty)
     if not any(f.has_text for f in good):
@@ -333,7 +387,7 @@ def segment_texts(segments: Sequence[Segment | Records], chunk_bytes: int = CHUN
     """The text of the segments, streamed in newline-aligned pieces, or documents of a record file
     (for tokenizer training)."""
     with tqdm(total=sum(s.size for s in segments), unit="B", unit_scale=True, desc=desc, leave=False,
-              disable=not progress) as bar:
+              disable=bar_disabled(progress)) as bar:
         for seg in segments:
             if isinstance(seg, Records):
                 for _, text in record_texts(seg):

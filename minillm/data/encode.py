@@ -17,7 +17,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
-from minillm.data.corpus import CHUNK_BYTES, Segment, iter_chunks
+from minillm.data.corpus import CHUNK_BYTES, Segment, bar_disabled, iter_chunks
 from minillm.data.formats import Records, record_texts
 from minillm.data.token_file import TokenWriter
 from minillm.errors import DataError
@@ -97,7 +97,7 @@ def encode_segments(tok: Tokenizer, segments: Sequence[Segment | Records], write
     is_byte = tok.byte_fallback_mask()
     st = {"tokens": 0, "text_tokens": 0, "byte_tokens": 0, "bytes": total, "documents": 0, "max_pending_bytes": 0}
     last_doc = -1
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=not progress)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=bar_disabled(progress))
 
     def emit(d: int, sizes: list[int], ids: list[np.ndarray]) -> None:
         """Write a unit's results: documents d, d+1, ... (a chunk: part of document d)."""

@@ -2,10 +2,14 @@
 
     file_format(path)            "text", "jsonl" or "parquet" (a .gz/.bz2/.xz/.zst suffix is looked through)
     looks_like_records(path, f)  why a file named as text holds Parquet or JSON Lines (refused), or None
-    open_bytes(path)             the file's bytes as a stream, decompressed on the fly (never all in memory)
-    iter_records(path, fmt, f)   (record number, text) of every record of a JSONL or Parquet file
+    open_bytes(path, on_read)    the file's bytes as a stream, decompressed on the fly (never all in memory);
+                                 ``on_read(n)`` hears of every n bytes read from the disk (progress)
+    iter_records(path, fmt, f)   (record number, text) of every record of a JSONL or Parquet file, or of a
+                                 Hugging Face split (fmt "hf": ``path`` is a hf_dataset.HFSplit, which reads
+                                 itself: this module imports nothing from it)
+    field_records(values, f)     (row, text) of a column's values, the text at field ``f`` (Parquet, HF)
     scan_records(path, fmt, f)   one checking pass: documents, empty documents, text bytes, problem
-    Records                      documents [start, end) (record numbers) of a record file
+    Records                      documents [start, end) (record numbers) of a record file or HF split
 
 A plain text file (compressed or not) is one document, read by corpus.py in byte ranges. In a record
 file, one JSON object per line (``.jsonl``, ``.ndjson``) or one row (``.parquet``) is one document, its
@@ -25,7 +29,7 @@ import lzma
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import zstandard
 
@@ -63,12 +67,40 @@ def file_format(path: Path) -> str:
     return RECORD_FORMATS.get(inner.suffix.lower(), "text")
 
 
+class _Counted(io.RawIOBase):
+    """A raw file that reports the bytes read from it to ``on_read`` (progress in on-disk bytes)."""
+
+    def __init__(self, f: BinaryIO, on_read: Callable[[int], None]):
+        self._f, self._on_read = f, on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        self._on_read(n or 0)
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 class _ZstdReader(io.RawIOBase):
     """A zstd stream (one or more frames) read on the fly; a truncated stream raises EOFError
     (zstandard's own stream_reader returns short data instead). Wrapped in a BufferedReader."""
 
-    def __init__(self, path: Path):
-        self._f = open(path, "rb")
+    def __init__(self, path: Path, raw: BinaryIO | None = None):
+        self._f = raw or open(path, "rb")
         self._d = zstandard.ZstdDecompressor().decompressobj()
         self._buf, self._off, self._pos, self._started = b"", 0, 0, False
 
@@ -113,14 +145,42 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def open_bytes(path: Path) -> BinaryIO:
-    """The file's (decompressed) bytes as a binary stream that can seek forward."""
+def open_bytes(path: Path, on_read: Callable[[int], None] | None = None) -> BinaryIO:
+    """The file's (decompressed) bytes as a binary stream that can seek forward. ``on_read(n)``, if
+    given, is called with the number of bytes read from the file on disk (compressed bytes of a
+    compressed file), so a progress bar can count towards the file's size."""
     kind = compression(path)
+    raw = None if on_read is None else io.BufferedReader(_Counted(open(path, "rb", buffering=0), on_read), 1 << 16)
     if kind is None:
-        return open(path, "rb")
+        return raw or open(path, "rb")
     if kind == ".zst":
-        return io.BufferedReader(_ZstdReader(path), 1 << 16)
-    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[kind](path, "rb")
+        return io.BufferedReader(_ZstdReader(path, raw), 1 << 16)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[kind]
+    return opener(path, "rb") if raw is None else _ClosingRaw(opener(raw, "rb"), raw)
+
+
+class _ClosingRaw:
+    """A decompressing stream over a file object it was given, closing that too (gzip, bz2 and lzma
+    close only files they opened themselves)."""
+
+    def __init__(self, f: BinaryIO, raw: BinaryIO):
+        self._f, self._raw = f, raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._f)
+
+    def __enter__(self) -> "_ClosingRaw":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+        self._raw.close()
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -160,8 +220,9 @@ def _jsonl_text(raw: bytes, where: str, field: str) -> str | None:
     return text
 
 
-def _jsonl_records(path: Path, field: str, skip_bad: bool) -> Iterator[tuple[int, str | RecordError]]:
-    with open_bytes(path) as f:
+def _jsonl_records(path: Path, field: str, skip_bad: bool,
+                   on_read: Callable[[int], None] | None = None) -> Iterator[tuple[int, str | RecordError]]:
+    with open_bytes(path, on_read) as f:
         for n, raw in enumerate(f):
             try:
                 text = _jsonl_text(raw, f"line {n + 1}", field)
@@ -204,7 +265,27 @@ def _encodable(text: str) -> bool:
         return False
 
 
-def _parquet_records(path: Path, field: str, skip_bad: bool) -> Iterator[tuple[int, str | RecordError]]:
+def no_column(top: str, columns: list[str]) -> RecordError:
+    return RecordError(f"no column '{top}' (columns: {', '.join(columns)}); set data.text_field (--text-field) "
+                       "to the column that holds the text")
+
+
+def field_records(values: Iterable[Any], field: str, skip_bad: bool) -> Iterator[tuple[int, str | RecordError]]:
+    """(row from 0, text) for the values of the column ``field``'s first part, row after row; the text
+    is at the dotted path ``field``. A bad row raises RecordError, or with ``skip_bad`` comes as its error."""
+    top = field.split(".")[0]
+    for n, value in enumerate(values):
+        try:
+            text = _field({top: value}, field, f"row {n}")
+        except RecordError as e:
+            if not skip_bad:
+                raise
+            text = e
+        yield n, text
+
+
+def _parquet_records(path: Path, field: str, skip_bad: bool,
+                     on_read: Callable[[int], None] | None = None) -> Iterator[tuple[int, str | RecordError]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -212,32 +293,34 @@ def _parquet_records(path: Path, field: str, skip_bad: bool) -> Iterator[tuple[i
     try:
         pf = pq.ParquetFile(path)
         if top not in pf.schema_arrow.names:
-            raise RecordError(f"no column '{top}' (columns: {', '.join(pf.schema_arrow.names)}); set "
-                              "data.text_field (--text-field) to the column that holds the text")
-        n = 0
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[top]):
-            for value in batch.column(0).to_pylist():
-                try:
-                    text = _field({top: value}, field, f"row {n}")
-                except RecordError as e:
-                    if not skip_bad:
-                        raise
-                    text = e
-                yield n, text
-                n += 1
+            raise no_column(top, pf.schema_arrow.names)
+        rows, size = max(1, pf.metadata.num_rows), path.stat().st_size
+
+        def values() -> Iterator[Any]:
+            done = 0
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[top]):
+                yield from batch.column(0).to_pylist()
+                if on_read is not None:  # progress in on-disk bytes, pro rata of the rows
+                    on_read(size * (done + batch.num_rows) // rows - size * done // rows)
+                done += batch.num_rows
+        yield from field_records(values(), field, skip_bad)
     except (pa.ArrowException, OSError) as e:
         raise RecordError(f"not a readable Parquet file ({str(e).splitlines()[0]}); re-create or remove it") from e
 
 
-def iter_records(path: Path, fmt: str, field: str, skip_bad: bool = False) -> Iterator[tuple[int, str | RecordError]]:
-    """(record number, text) of every record (line or row) of a JSONL or Parquet file, streamed.
-    A bad record raises RecordError, or with ``skip_bad`` comes as (number, the error)."""
+def iter_records(path: Path, fmt: str, field: str, skip_bad: bool = False,
+                 on_read: Callable[[int], None] | None = None) -> Iterator[tuple[int, str | RecordError]]:
+    """(record number, text) of every record (line or row) of a JSONL or Parquet file, or row of a
+    Hugging Face split (fmt "hf", ``path`` an HFSplit), streamed. A bad record raises RecordError, or
+    with ``skip_bad`` comes as (number, the error). ``on_read``: as for :func:`open_bytes`."""
+    if fmt == "hf":
+        return path.records(field, skip_bad)
     if fmt == "parquet":
         if compression(path):
             raise RecordError("a compressed Parquet file cannot be read in pieces; decompress it "
                               "(Parquet compresses its columns itself)")
-        return _parquet_records(path, field, skip_bad)
-    return _jsonl_records(path, field, skip_bad)
+        return _parquet_records(path, field, skip_bad, on_read)
+    return _jsonl_records(path, field, skip_bad, on_read)
 
 
 def record_texts(rec: Records) -> Iterator[tuple[int, str]]:
@@ -260,13 +343,14 @@ class RecordScan:
     problem: str | None
 
 
-def scan_records(path: Path, fmt: str, field: str, skip_bad: bool = False) -> RecordScan:
+def scan_records(path: Path, fmt: str, field: str, skip_bad: bool = False, progress: Any = None) -> RecordScan:
     """One pass over every record, checking each; the first bad one is the ``problem`` (with
-    ``skip_bad``: counted, and only a damaged file is a problem)."""
+    ``skip_bad``: counted, and only a damaged file is a problem). ``progress`` (optional) hears of it:
+    ``progress.read(n)`` on-disk bytes, ``progress.document(n_bytes)`` each document's text bytes."""
     docs = empty = size = bad = 0
     has_text, problem, first_bad = False, None, None
     try:
-        for _, text in iter_records(path, fmt, field, skip_bad):
+        for _, text in iter_records(path, fmt, field, skip_bad, progress.read if progress else None):
             if isinstance(text, RecordError):
                 bad, first_bad = bad + 1, first_bad or str(text)
                 continue
@@ -274,8 +358,11 @@ def scan_records(path: Path, fmt: str, field: str, skip_bad: bool = False) -> Re
                 empty += 1
                 continue
             docs += 1
-            size += len(text.encode("utf-8"))
+            n = len(text.encode("utf-8"))
+            size += n
             has_text = has_text or not text.isspace()
+            if progress is not None:
+                progress.document(n)
     except RecordError as e:
         problem = str(e)
     except STREAM_ERRORS as e:

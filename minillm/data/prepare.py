@@ -2,10 +2,16 @@
 
     prepare(data cfg, tokenizer cfg) -> PreparedData(dir, tokenizer, train, val, meta)
 
+The corpus is files (data.path, the named dataset) or a Hugging Face dataset (data.hf_dataset,
+hf_dataset.py); the tokenizer is trained on the training split (a seeded sample of its lines:
+tokenizer_sample.py), or given (tokenizer.path, or another run's for fine-tuning).
+
 The cache folder's name holds a key over the content of every file (sha256) plus the tokenizer and
 split settings: changing any of them makes a fresh folder and nothing stale is ever reused. A folder
 is built under a temporary name and renamed when complete (meta.json, written last, marks it), so
-concurrent preparers on a shared cache are safe: the first rename wins.
+concurrent preparers on a shared cache are safe: the first rename wins. An entry found damaged
+(unreadable meta.json, tokenizer or token file) is derived data: it is removed, with a warning, and
+built again.
 """
 from __future__ import annotations
 
@@ -13,18 +19,23 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from minillm.config import DataConfig, TokenizerConfig
 from minillm.data.corpus import (FileInfo, Segment, cache_dir, check_files, describe_files, expand_paths,
                                  resolve_corpus, segment_texts, split_segments, whole_files)
 from minillm.data.encode import encode_segments, resolve_workers
 from minillm.data.formats import Records
-from minillm.data.token_file import FORMAT_VERSION, TokenWriter
-from minillm.tokenizer import Tokenizer, make_report, train_tokenizer
+from minillm.data.hf_dataset import check_split, hf_splits
+from minillm.data.token_file import FORMAT_VERSION, TokenWriter, read_tokens
+from minillm.data.tokenizer_sample import train_on_sample
+from minillm.errors import TokenizerError, UserError
+from minillm.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer, make_report
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +55,30 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
             tokenizer: Tokenizer | None = None) -> PreparedData:
     """Train the tokenizer and encode the splits, or reuse a cached result for the same inputs.
 
-    With ``tokenizer`` (fine-tuning another run's model), that tokenizer encodes the corpus instead
-    of a newly trained one, and tok_cfg is not used. Raises DataError / TokenizerError for bad input.
+    The tokenizer is ``tokenizer`` if given (fine-tuning another run's model), else the sentencepiece
+    model at ``tok_cfg.path`` if set, else one trained on the training split. ``progress``: progress
+    bars (checking, tokenizer sample, encoding) when stderr is a terminal. A damaged cache entry is
+    rebuilt with a warning. Raises DataError / TokenizerError for bad input, leaving no entry behind.
     """
-    paths = resolve_corpus(data_cfg)
-    files = check_files(paths, data_cfg.skip_invalid, text_field=data_cfg.text_field)
-    val_files = None
-    if data_cfg.val_path is not None:
-        val_files = check_files(expand_paths(data_cfg.val_path, "data.val_path"), data_cfg.skip_invalid,
-                                "data.val_path", text_field=data_cfg.text_field)
-    settings = _cache_settings(data_cfg, tok_cfg, files, val_files, tokenizer)
+    if tokenizer is None and tok_cfg.path is not None:
+        tokenizer = load_given_tokenizer(tok_cfg.path)
+    corpus = _hf_corpus(data_cfg, progress) if data_cfg.hf_dataset is not None else _file_corpus(data_cfg, progress)
+    settings = corpus.settings | {"format": FORMAT_VERSION, "layout": 2, "tokenizer": _tokenizer_key(tok_cfg, tokenizer)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    stem = files[0].path.stem if len(files) == 1 else data_cfg.name
-    out = cache_dir() / "prepared" / f"{stem}-{key}"
+    out = cache_dir() / "prepared" / f"{corpus.stem}-{key}"
     prepared = PreparedData(out, out / "tokenizer.model", out / "train.bin", out / "val.bin", {})
-    if (out / "meta.json").is_file():  # written last: its presence means the rest is complete
-        prepared.meta = json.loads((out / "meta.json").read_text())
+    if (meta := reusable(out)) is not None:
+        prepared.meta = meta
         log.info("reusing tokenized data in %s", out)
         return prepared
-    source = describe_files(files, f"data.path={data_cfg.path}")
+    files, val_files = corpus.checked()
     if val_files is None:
-        train_segs, val_segs = split_segments(files, data_cfg.val_fraction, source)
+        train_segs, val_segs = split_segments(files, data_cfg.val_fraction, corpus.source)
     else:
         train_segs, val_segs = whole_files(files), whole_files(val_files)
-    tok = _tokenizer_for(train_segs, tok_cfg, tokenizer, source, progress)
+    tok = _tokenizer_for(train_segs, tok_cfg, tokenizer, corpus.source, progress)
     meta = {"corpus": [str(f.path) for f in files],
-            "skipped": [str(p) for p in sorted(set(paths) - {f.path for f in files})],
+            "skipped": [str(p) for p in corpus.paths if p not in {f.path for f in files}],
             "empty_documents": sum(f.empty for f in files + (val_files or [])),
             "skipped_records": {str(f.path): f.bad for f in files + (val_files or []) if f.bad},
             **settings, "vocab_size": tok.vocab_size, "tokenizer_train_seconds": round(tok.train_seconds, 3)}
@@ -79,17 +88,122 @@ def prepare(data_cfg: DataConfig, tok_cfg: TokenizerConfig, progress: bool = Tru
     return prepared
 
 
-def _cache_settings(data_cfg: DataConfig, tok_cfg: TokenizerConfig, files: list[FileInfo],
-                    val_files: list[FileInfo] | None, tokenizer: Tokenizer | None) -> dict:
-    """Everything the prepared data depends on (its cache key is a hash of this). The text field is
-    part of it only where a record file (JSONL, Parquet) uses it, so text corpora keep their key."""
+@dataclass
+class _Corpus:
+    """A corpus before preparation: what its cache key covers (``settings``), the folder name's stem, how
+    messages name it, and ``checked()``: the checked (train, val or None) files of the corpus."""
+    settings: dict
+    stem: str
+    source: str
+    paths: list
+    checked: Callable[[], tuple[list[FileInfo], list[FileInfo] | None]]
+
+
+def _file_corpus(data_cfg: DataConfig, progress: bool) -> _Corpus:
+    """Files (data.path or the named dataset): every file is checked first, its sha256 in the key. The
+    text field is part of the key only where a record file (JSONL, Parquet) uses it, so text corpora keep
+    their key."""
+    paths = resolve_corpus(data_cfg)
+    files = check_files(paths, data_cfg.skip_invalid, text_field=data_cfg.text_field, progress=progress)
+    val_files = None
+    if data_cfg.val_path is not None:
+        val_files = check_files(expand_paths(data_cfg.val_path, "data.val_path"), data_cfg.skip_invalid,
+                                "data.val_path", text_field=data_cfg.text_field, progress=progress)
     records = any(f.fmt != "text" for f in files + (val_files or []))
-    return {"format": FORMAT_VERSION, "layout": 2, "corpus_sha256": [f.sha256 for f in files],
-            **({"text_field": data_cfg.text_field} if records else {}),
-            "val_sha256": [f.sha256 for f in val_files] if val_files is not None else None,
-            "val_fraction": data_cfg.val_fraction if val_files is None else None,
-            "tokenizer": asdict(tok_cfg) | {"num_threads": None} if tokenizer is None
-            else {"given_sha256": hashlib.sha256(tokenizer.proto).hexdigest()}}
+    settings = {"corpus_sha256": [f.sha256 for f in files],
+                **({"text_field": data_cfg.text_field} if records else {}),
+                "val_sha256": [f.sha256 for f in val_files] if val_files is not None else None,
+                "val_fraction": data_cfg.val_fraction if val_files is None else None}
+    stem = files[0].path.stem if len(files) == 1 else data_cfg.name
+    return _Corpus(settings, stem, describe_files(files, f"data.path={data_cfg.path}"), paths,
+                   lambda: (files, val_files))
+
+
+def _hf_corpus(data_cfg: DataConfig, progress: bool) -> _Corpus:
+    """A Hugging Face dataset (hf_dataset.py): the key covers its identity (a local one's folder, its
+    configuration, split, text field and the sha256 of its files), so a cache hit reads no row; the
+    rows are checked only when the entry is built."""
+    train, val = hf_splits(data_cfg)
+    val_files = None
+    if data_cfg.val_path is not None:
+        val_files = check_files(expand_paths(data_cfg.val_path, "data.val_path"), data_cfg.skip_invalid,
+                                "data.val_path", text_field=data_cfg.text_field, progress=progress)
+    where = train.spec if train.kind == "hub" else str(train.path.resolve())
+    fingerprint = train.fingerprint()
+    settings = {"hf": {"dataset": where, "kind": train.kind, "config": train.config, "split": train.split,
+                       "val_split": val.split if val else None, "fingerprint": fingerprint,
+                       "val_fingerprint": val.fingerprint() if val else None},
+                "text_field": data_cfg.text_field,
+                "val_sha256": [f.sha256 for f in val_files] if val_files is not None else None,
+                "val_fraction": data_cfg.val_fraction if val is None and val_files is None else None}
+
+    def checked() -> tuple[list[FileInfo], list[FileInfo] | None]:
+        files = check_split(train, data_cfg.text_field, data_cfg.skip_invalid, progress, fingerprint)
+        if val is not None:
+            return files, check_split(val, data_cfg.text_field, data_cfg.skip_invalid, progress, val.fingerprint())
+        return files, val_files
+    stem = re.sub(r"[^\w.-]+", "_", Path(where).name if train.kind != "hub" else where).strip("._") or "hf"
+    return _Corpus(settings, stem, str(train), [train], checked)
+
+
+def _tokenizer_key(tok_cfg: TokenizerConfig, given: Tokenizer | None) -> dict:
+    """The tokenizer's part of the cache key: its settings, or the given model's sha256 (tokenizer.path
+    or another run's model: the same bytes, the same key). ``path`` is left out while unset, so keys
+    made before it existed still hold."""
+    if given is not None:
+        return {"given_sha256": hashlib.sha256(given.proto).hexdigest()}
+    return {k: v for k, v in asdict(tok_cfg).items() if k != "path"} | {"num_threads": None}
+
+
+def load_given_tokenizer(path: str) -> Tokenizer:
+    """The sentencepiece model at ``tokenizer.path``; TokenizerError (one line naming tokenizer.path)
+    if it is missing, not a sentencepiece model, or numbers its special pieces otherwise than minillm
+    (unk 0, bos 1, eos 2: eos separates documents)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TokenizerError(f"tokenizer.path={path}: no such file; give a sentencepiece .model file (make one with "
+                             "python -m minillm.train_tokenizer --input CORPUS --out tok.model) or unset it")
+    try:
+        tok = Tokenizer(p.read_bytes())
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(f"tokenizer.path={path}: not a sentencepiece model ({str(e).strip().splitlines()[-1]}); "
+                             "give a .model file written by python -m minillm.train_tokenizer") from e
+    ids = (tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id())
+    if ids != (UNK_ID, BOS_ID, EOS_ID):
+        raise TokenizerError(f"tokenizer.path={path}: its unk, bos, eos ids are {ids}, minillm needs "
+                             f"{(UNK_ID, BOS_ID, EOS_ID)}; train one with python -m minillm.train_tokenizer")
+    return tok
+
+
+def reusable(out: Path) -> dict | None:
+    """The meta of a complete, readable cache entry at ``out``, or None. The entry is derived data: one
+    that cannot be read (meta.json not JSON, tokenizer, a token file truncated or failing its checksum)
+    is removed with a warning naming the file and the fault, so it is built again."""
+    if not (out / "meta.json").is_file():  # written last: its absence means no (complete) entry
+        return None
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"{out / 'meta.json'}: not a JSON object")
+        tok = Tokenizer.load(out / "tokenizer.model")
+        for split in ("train", "val"):
+            read_tokens(out / f"{split}.bin", tok.vocab_size)
+    except (UserError, ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        what = f"{out / 'meta.json'}: {e}" if isinstance(e, ValueError) and not isinstance(e, UserError) else str(e)
+        log.warning("the prepared data in %s is damaged (%s); it is derived data: rebuilding it", out, what)
+        _discard(out)
+        return None
+    return meta
+
+
+def _discard(out: Path) -> None:
+    """Move ``out`` aside (one rename: no reader sees half of it) and delete it."""
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=".damaged-"))
+    try:
+        os.replace(out, aside / out.name)
+    except FileNotFoundError:  # another preparer got there first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _tokenizer_for(train_segs: list[Segment | Records], tok_cfg: TokenizerConfig, given: Tokenizer | None,
@@ -99,7 +213,7 @@ def _tokenizer_for(train_segs: list[Segment | Records], tok_cfg: TokenizerConfig
         given.train_seconds = 0.0
         return given
     log.info("training a %s tokenizer (vocab %d) on %s", tok_cfg.model_type, tok_cfg.vocab_size, source)
-    return train_tokenizer(segment_texts(train_segs, progress=progress), tok_cfg, source=source)
+    return train_on_sample(segment_texts(train_segs, progress=progress), tok_cfg, source=source)
 
 
 def _build(out: Path, tok: Tokenizer, kind: str, splits: dict[str, list[Segment | Records]], meta: dict,

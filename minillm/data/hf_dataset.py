@@ -1,0 +1,172 @@
+"""A Hugging Face dataset as a corpus (the optional extra: ``pip install -e ".[hf]"``).
+
+    hf_splits(data cfg)        the training split and the validation split (or None) as HFSplit
+    HFSplit.fingerprint()      what identifies its data for the prepared-data cache key
+    HFSplit.records(f, skip)   (row, text) of every row, streamed (formats.iter_records calls it)
+    check_split(split, ...)    the checking pass over a split (counts, bad rows) -> corpus.FileInfo
+
+``data.hf_dataset`` is one of three kinds:
+    disk    a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``: read with
+            ``datasets.load_from_disk`` (memory-mapped Arrow files, read a batch of rows at a time)
+    folder  any other local folder (parquet, jsonl, csv ... files in the layout ``load_dataset`` reads):
+            ``datasets.load_dataset(folder, streaming=True)``, so nothing is converted or copied
+    hub     a name such as ``user/dataset``: ``load_dataset(name, streaming=True)``, over the network
+
+Rows are streamed in batches, never materialised, so memory does not grow with the dataset. Each row
+is one document, its text in ``data.text_field`` (a dotted path reaches into a struct column). The
+``datasets`` library is imported here only, and only when a split is opened: reading files never
+needs it. The cache key of a disk or folder dataset covers the sha256 of every file under the folder
+(an edit makes a fresh entry); a hub dataset is keyed by its name, configuration and split.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from minillm.config import DataConfig
+from minillm.data.corpus import CheckBar, FileInfo, problem_error, sha256_file, usable
+from minillm.data.formats import RecordError, field_records, no_column, scan_records
+from minillm.errors import DataError
+
+log = logging.getLogger(__name__)
+_BATCH = 1024  # rows read at once
+INSTALL = 'pip install -e ".[hf]"'
+
+
+def _datasets() -> Any:
+    """The ``datasets`` module, or a DataError saying how to install it."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"data.hf_dataset needs the Hugging Face datasets library, which is not installed; "
+                        f"install it with {INSTALL}") from e
+    return datasets
+
+
+@dataclass(frozen=True)
+class HFSplit:
+    """One split of a Hugging Face dataset. ``split`` None: a saved single Dataset, used whole."""
+    spec: str            # data.hf_dataset as given
+    kind: str            # "disk", "folder" or "hub"
+    config: str | None
+    split: str | None
+
+    def __str__(self) -> str:  # how messages name it
+        return f"data.hf_dataset={self.spec} (split {self.split or 'the whole saved dataset'})"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.spec).expanduser()
+
+    def fingerprint(self) -> str:
+        """sha256 over every non-hidden file under the folder (relative path and content sha256), so
+        any edit changes it; a hub dataset: over its name, configuration and split."""
+        h = hashlib.sha256(f"{self.kind}\0{self.config}\0{self.split}\0".encode())
+        if self.kind == "hub":
+            return h.update(self.spec.encode()) or h.hexdigest()
+        root = self.path
+        for p in sorted(p for p in root.rglob("*") if p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(root).parts)):
+            h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\0".encode())
+        return h.hexdigest()
+
+    def open(self) -> Any:
+        """The split as a ``datasets.Dataset`` (disk) or streaming ``IterableDataset``; DataError if
+        the library is missing or the dataset, configuration or split cannot be opened."""
+        ds = _datasets()
+        try:
+            if self.kind == "disk":
+                return self._pick(ds.load_from_disk(str(self.path)), ds)
+            return ds.load_dataset(str(self.path) if self.kind == "folder" else self.spec, self.config,
+                                   split=self.split or "train", streaming=True)
+        except DataError:
+            raise
+        except Exception as e:  # datasets raises many kinds (ValueError, FileNotFoundError, hub errors)
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = "" if self.kind != "hub" else " (a hub dataset needs the network: is HF_HUB_OFFLINE set?)"
+            raise DataError(f"{self}: cannot be opened ({type(e).__name__}: {what}){where}; check "
+                            "data.hf_dataset, data.hf_config and data.hf_split") from e
+
+    def _pick(self, saved: Any, ds: Any) -> Any:
+        """The split of a saved DatasetDict, or a saved Dataset itself."""
+        if isinstance(saved, ds.DatasetDict):
+            if (self.split or "train") not in saved:
+                raise DataError(f"{self}: no such split (it has {', '.join(saved)}); set data.hf_split "
+                                "(and data.hf_val_split)")
+            return saved[self.split or "train"]
+        if self.split is not None and self.split != saved.split:
+            raise DataError(f"{self}: the folder holds one saved Dataset (split {saved.split}), not a DatasetDict; "
+                            "leave data.hf_split and data.hf_val_split unset (data.val_fraction holds out rows)")
+        return saved
+
+    def records(self, field: str, skip_bad: bool = False) -> Iterator[tuple[int, str | RecordError]]:
+        """(row from 0, text) of every row, a batch of rows at a time. A bad row raises RecordError
+        naming it (with ``skip_bad``: comes as its error); no such column: RecordError listing them."""
+        d, top = self.open(), field.split(".")[0]
+        columns = d.column_names
+        if columns is not None:
+            if top not in columns:
+                raise no_column(top, list(columns))
+            d = d.select_columns([top])
+
+        def values() -> Iterator[Any]:
+            for batch in d.iter(batch_size=_BATCH):
+                if top not in batch:
+                    raise no_column(top, list(batch))
+                yield from batch[top]
+        return field_records(values(), field, skip_bad)
+
+    def rows(self) -> int | None:
+        """The number of rows if known without reading them (a saved Dataset; else the metadata)."""
+        try:
+            d = self.open()
+            if hasattr(d, "num_rows") and d.num_rows is not None:
+                return int(d.num_rows)
+            return int(d.info.splits[self.split or "train"].num_examples)
+        except (DataError, KeyError, TypeError, AttributeError):
+            return None
+
+
+def hf_splits(cfg: DataConfig) -> tuple[HFSplit, HFSplit | None]:
+    """(training split, validation split or None) of ``cfg.hf_dataset``; DataError for a path that
+    is not a folder. Nothing is opened yet."""
+    spec = str(cfg.hf_dataset)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+        kind = "disk" if saved else "folder"
+        if kind == "disk" and cfg.hf_config is not None:
+            raise DataError(f"data.hf_config={cfg.hf_config}: a dataset saved with save_to_disk "
+                            f"({spec}) has no configurations; leave it unset")
+    elif path.exists():
+        raise DataError(f"data.hf_dataset={spec}: is a file, not a dataset folder; give a folder (save_to_disk or "
+                        "dataset files) or a hub name, or use data.path for files")
+    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise DataError(f"data.hf_dataset={spec}: no such folder; give a save_to_disk folder, a dataset folder, "
+                        "or a hub name (user/dataset)")
+    else:
+        kind = "hub"
+    val = HFSplit(spec, kind, cfg.hf_config, cfg.hf_val_split) if cfg.hf_val_split else None
+    return HFSplit(spec, kind, cfg.hf_config, cfg.hf_split), val
+
+
+def check_split(split: HFSplit, field: str, skip_bad: bool, progress: bool = False,
+                fingerprint: str | None = None) -> list[FileInfo]:
+    """The checking pass over every row of ``split`` (a progress bar of rows, text bytes beside them):
+    [its FileInfo, sha256 = ``fingerprint`` (default: computed)]. A bad row is a DataError naming it
+    (``skip_bad``: counted, with a warning); no text at all is a DataError."""
+    bar = CheckBar(split.rows() if progress else None, progress, by_documents=True)
+    try:
+        r = scan_records(split, "hf", field, skip_bad, bar)
+    finally:
+        bar.close()
+    if r.problem is not None:
+        raise problem_error(split, r.problem, "data.skip_invalid=true")
+    if r.bad:
+        log.warning("%s: skipped %d bad rows (the first: %s)", split, r.bad, r.first_bad)
+    info = FileInfo(split, r.text_bytes, fingerprint or split.fingerprint(), r.has_text, None, "hf", field,
+                    r.documents, r.empty, r.bad)
+    return usable([info], [split], "data.hf_dataset")
