@@ -18,9 +18,18 @@ one (written by an earlier minillm) loads unverified, with a warning. A ``latest
 read, or names no complete checkpoint, is ignored with a warning (the newest complete one is used). A sharded checkpoint is
 written into ``step_N.tmp/`` and renamed after every rank has finished (DCP writes its .metadata
 last), so a folder named ``step_N`` is always complete.
+
+A checkpoint newer than the one ``latest`` names (its save was cut off between the rename and the
+pointer's update: a kill, a full disk) is used when its checksum verifies; one that does not verify is
+passed over. ckpt/abandoned/ (checkpoints after a resume point, see set_aside_newer) keeps the newest
+keep_last. A save that cannot write (disk full, read-only folder, quota) removes its temp file or
+folder, leaves the previous checkpoint and ``latest`` as they were, and raises one CheckpointError
+line naming the folder, what went wrong (for a full disk, the space the save needed) and what to do;
+relaunching the same command then continues from the newest complete checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -58,13 +67,113 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
+    """Write ``path`` through ``path.tmp``: write(f), fsync, rename, fsync the folder. On any failure
+    the temp file is removed and the exception (OSError for a full disk, a read-only folder) goes on."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w+b") as f:  # w+: a checkpoint is read back for its checksum (_seal)
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w+b") as f:  # w+: a checkpoint is read back for its checksum (_seal)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder if it exists; a failure to (a read-only folder) is ignored."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+class _Recorder:
+    """``f``'s write and flush, keeping the first OSError: torch.save turns a failed write into a
+    RuntimeError ("unexpected pos ...") that has lost the errno (disk full? read-only?)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+class _Counter:
+    """A sink that counts what torch.save writes: the size a checkpoint needs, without the disk."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b) -> int:
+        self.n += len(memoryview(b).cast("B"))
+        return len(memoryview(b).cast("B"))
+
+    def flush(self) -> None:
+        pass
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free space where ``folder`` is (or its nearest existing parent); None if it cannot be read."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def describe_write_error(path: Path, e: OSError, needed: int | None = None) -> str:
+    """One line (without the ending) for a failure to write ``path``: the folder, what is wrong and
+    what to do; for a full disk, ``needed`` (bytes) and the space free there."""
+    folder, name = Path(path).parent, Path(path).name
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        kind = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        free = _free_bytes(folder)
+        need = f"{_human(needed)} needed" if needed is not None else "more space needed"
+        have = f", {_human(free)} free" if free is not None else ""
+        return f"{folder}: {kind} to write {name} ({need}{have}); free space there"
+    if e.errno == errno.EROFS:
+        return f"{folder}: read-only file system, cannot write {name}; make it writable or choose another out_dir"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{folder}: permission denied writing {name}; make the folder writable or choose another out_dir"
+    return f"{folder}: cannot write {name} ({e.strerror or e}); check that folder's disk"
+
+
+def write_run_file(path: str | Path, data: bytes | str) -> None:
+    """Write one file of a run folder (config.json, tokenizer.model, ...) atomically: temp file, fsync,
+    rename. Raises CheckpointError, one line naming the folder (for a full disk, with the bytes it
+    needed), when it cannot be written; no temp file is left and an earlier version of the file stays."""
+    path, data = Path(path), data.encode() if isinstance(data, str) else bytes(data)
+    try:
+        _atomic_write_bytes(path, lambda f: f.write(data))
+    except OSError as e:
+        raise CheckpointError(describe_write_error(path, e, len(data)) + ", then run again") from e
 
 
 _MARK = b"minillm-sha256:"  # a sealed .pt file ends with the zip comment _MARK + 64 hex digits
@@ -117,35 +226,55 @@ def _read_sums(path: Path) -> dict[str, str]:
 _unverified_warned: set[str] = set()
 
 
-def verify_checksum(path: Path) -> None:
+def verify_checksum(path: Path, require: bool = False) -> None:
     """Check a checkpoint (sealed .pt file, or sharded folder with SHA256SUMS) against the checksum
-    written with it; a mismatch, or a listed file that is missing, is a CheckpointError naming the file.
-    No checksum at all (an earlier minillm wrote it): warn once, go on."""
+    written with it; a mismatch, a listed file that is missing or a file that is not listed is a
+    CheckpointError naming the file. No checksum at all (an earlier minillm wrote it): warn once and go
+    on, or, with ``require``, a CheckpointError."""
     path = Path(path)
     if path.is_dir():
-        return _verify_folder(path)
+        return _verify_folder(path, require)
     if not path.is_file():
         return  # the load names it
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        f.seek(max(0, size - 64 - len(_MARK)))
+        f.seek(max(0, size - 64 - len(_MARK) - 22))
         tail = f.read()
-        if len(tail) < 64 + len(_MARK) or not tail.startswith(_MARK):
-            return _warn_unverified(path)
+        if not _is_sealed(tail):
+            return _no_checksum(path, require)
         f.seek(0)
-        actual, expected = _sha256_of(f, size - 64), tail[len(_MARK):].decode("ascii", "replace")
+        actual, expected = _sha256_of(f, size - 64), tail[-64:].decode("ascii", "replace")
     if actual != expected:
         _mismatch(path, actual, expected)
 
 
-def _verify_folder(path: Path) -> None:
+def _is_sealed(tail: bytes) -> bool:
+    """Whether a file's last 101 bytes are a sealed zip's end: the marker, or (the marker itself hit by
+    a flipped bit) an end record whose comment is exactly marker + hex long."""
+    n = len(_MARK) + 64
+    if len(tail) < n + 22:
+        return False
+    return tail[22:22 + len(_MARK)] == _MARK or (tail[:4] == _EOCD and tail[20:22] == n.to_bytes(2, "little"))
+
+
+def _verify_folder(path: Path, require: bool = False) -> None:
     if not (path / SUMS).is_file():
-        return _warn_unverified(path)
-    expected = {"meta.pt": ""} | _read_sums(path / SUMS)  # a list without meta.pt verifies nothing that matters
+        return _no_checksum(path, require)
+    listed = _read_sums(path / SUMS)
+    expected = {"meta.pt": ""} | listed  # a list without meta.pt verifies nothing that matters
     for name, digest in expected.items():
         actual = _sha256(path / name) if (path / name).is_file() else "missing"
         if actual != digest:
             _mismatch(path / name, actual, digest)
+    for p in path.rglob("*"):  # a line of the list hit by a flipped bit must not pass its file unchecked
+        if p.is_file() and p.name != SUMS and p.relative_to(path).as_posix() not in listed:
+            _mismatch(p, _sha256(p), "")
+
+
+def _no_checksum(path: Path, require: bool) -> None:
+    if require:
+        raise CheckpointError(f"{path}: has no checksum, so it cannot be verified")
+    _warn_unverified(path)
 
 
 def _warn_unverified(path: Path) -> None:
@@ -175,58 +304,175 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int = 2) -> Path:
-    """Write ``state`` as step_<step>.pt, point ``latest`` at it, delete all but the newest keep_last."""
+    """Write ``state`` as step_<step>.pt, point ``latest`` at it, delete all but the newest keep_last.
+
+    Raises CheckpointError, one line (the folder, what is wrong, for a full disk the space the save
+    needed, what to do), when it cannot write: no temp file is left, the previous checkpoint and
+    ``latest`` stay as they were (a failure after the rename leaves the new, complete checkpoint too)."""
     d = ckpt_dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    for stale in d.glob("*.tmp"):  # left by a save that was killed
-        if stale.is_file():
-            stale.unlink(missing_ok=True)
     path = d / f"step_{step:06d}.pt"
-    _atomic_write_bytes(path, lambda f: _save_sealed({"format_version": CKPT_FORMAT_VERSION, **state}, f))
-    _atomic_write_bytes(d / "latest", lambda f: f.write(path.name.encode()))
+    obj = {"format_version": CKPT_FORMAT_VERSION, **state}
+    written = False
+    try:
+        _clear_temps(d)
+        _atomic_write_bytes(path, lambda f: _save_sealed(obj, f))
+        written = True
+        _atomic_write_bytes(d / "latest", lambda f: f.write(path.name.encode()))
+    except OSError as e:
+        needed = (lambda: len(path.name)) if written else (lambda: _sealed_size(obj))
+        raise _save_error(path, e, needed) from e
     _prune(run_dir, keep_last)
     return path
 
 
+def _clear_temps(d: Path) -> None:
+    """Create the ckpt folder; delete the temp files and folders a killed save left in it."""
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob("*.tmp"):
+        _remove(stale)
+
+
 def _save_sealed(obj: dict, f) -> None:
-    torch.save(obj, f)
+    rec = _Recorder(f)
+    try:
+        torch.save(obj, rec)
+    except RuntimeError:
+        if rec.error is not None:  # the disk's error, not torch's restatement of it
+            raise rec.error from None
+        raise
     _seal(f)
 
 
+def _sealed_size(obj: dict) -> int:
+    """The bytes a sealed checkpoint of ``obj`` takes (torch.save into a counter, plus the seal)."""
+    counter = _Counter()
+    torch.save(obj, counter)
+    return counter.n + len(_MARK) + 64
+
+
+def _nbytes(obj) -> int:
+    """The bytes of every tensor in a (nested) state dict; a DTensor counts whole."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _save_error(path: Path, e: OSError, needed) -> CheckpointError:
+    """The one line for a save of ``path`` that failed with ``e``: what, what to do, where the run
+    continues. ``needed()`` (bytes) is asked for a full disk only."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        newest = _latest(path.parent.parent, warn=False)
+        size = needed() if full else None
+    except OSError:
+        newest, size = None, None
+    then = f"it continues from {newest.name} (intact)" if newest is not None else \
+        "it starts from the beginning (no checkpoint was saved yet)"
+    return CheckpointError(f"{describe_write_error(path, e, size)}, then relaunch the same command: {then}")
+
+
 def _prune(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints, and all but the newest keep_last set aside."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)
+    _prune_abandoned(run_dir, keep_last)
+
+
+def _prune_abandoned(run_dir: str | Path, keep: int) -> None:
+    d = ckpt_dir(run_dir) / "abandoned"
+    if d.is_dir():
+        found = sorted((step_of(p), p) for p in d.iterdir() if _NAME.match(p.name))
+        for _, old in found[:-keep]:
+            _remove(old)
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model, optimizer, meta: dict, keep_last: int,
                             is_main: bool, barrier) -> Path:
-    """Every rank writes its shards of model and optimizer; rank 0 adds meta.pt, renames, moves latest."""
+    """Every rank writes its shards of model and optimizer into step_N.tmp/; rank 0 adds meta.pt and
+    SHA256SUMS, renames the folder to step_N, moves ``latest`` and prunes (a collective).
+
+    Raises CheckpointError on every rank, the same line (see save_checkpoint), when any part cannot be
+    written; the temp folder is removed, the previous checkpoint and ``latest`` stay."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     d = ckpt_dir(run_dir)
     final, tmp = d / f"step_{step:06d}", d / f"step_{step:06d}.tmp"
-    if is_main:
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+    _agreed(_attempt(lambda: _clear_temps(d), final, lambda: 0) if is_main else None)
     barrier()
-    dcp.save(get_model_state_dict(model), checkpoint_id=tmp / "model")
-    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optim")
-    barrier()  # every shard is on disk
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    error = _attempt(lambda: (dcp.save(msd, checkpoint_id=tmp / "model"), dcp.save(osd, checkpoint_id=tmp / "optim")),
+                     final, lambda: _nbytes(msd) + _nbytes(osd))
+    barrier()  # every shard is on disk, or every rank knows the save failed
+    if is_main and error:
+        _remove(tmp)
+    _agreed(error)
+    obj = {"format_version": CKPT_FORMAT_VERSION, "sharded": True, **meta}
     if is_main:
-        _atomic_write_bytes(tmp / "meta.pt", lambda f: _save_sealed({"format_version": CKPT_FORMAT_VERSION,
-                                                                       "sharded": True, **meta}, f))
-        _write_sums(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(d)
-        _atomic_write_bytes(d / "latest", lambda f: f.write(final.name.encode()))
-        _prune(run_dir, keep_last)
+        error = _attempt(lambda: _publish_sharded(tmp, final, obj), final, lambda: _sealed_size(obj))
+        if not error:
+            _prune(run_dir, keep_last)
+    _agreed(error if is_main else None)
     barrier()
     return final
+
+
+def _publish_sharded(tmp: Path, final: Path, meta: dict) -> None:
+    """Rank 0's part of a sharded save: meta.pt, SHA256SUMS, the rename, ``latest``."""
+    try:
+        _atomic_write_bytes(tmp / "meta.pt", lambda f: _save_sealed(meta, f))
+        _write_sums(tmp)
+        _remove(final)
+        os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(final.parent)
+    _atomic_write_bytes(final.parent / "latest", lambda f: f.write(final.name.encode()))
+
+
+def _attempt(fn, path: Path, needed) -> str | None:
+    """Run fn(); None if it worked, else the one line (_save_error) for the OSError behind its failure.
+    A failure with no OSError behind it is a bug: it goes on."""
+    try:
+        fn()
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        os_error = _os_error_in(e)
+        if os_error is None:
+            raise
+        return str(_save_error(path, os_error, needed))
+    return None
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: itself, its cause or context, or (DCP's CheckpointException) a rank's."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        failures = getattr(x, "failures", None)
+        todo += [x.__cause__, x.__context__] + [f[0] for f in (failures.values() if isinstance(failures, dict) else ())]
+    return None
+
+
+def _agreed(error: str | None) -> None:
+    """Raise CheckpointError on every rank when any rank has ``error`` (a collective under a process
+    group; the lowest such rank's line is everyone's)."""
+    import torch.distributed as tdist
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        errors: list = [None] * tdist.get_world_size()
+        tdist.all_gather_object(errors, error)
+        error = next((x for x in errors if x), None)
+    if error:
+        raise CheckpointError(error)
 
 
 def _write_sums(folder: Path) -> None:
@@ -258,13 +504,14 @@ def _full_model_state(path: Path) -> dict:
         return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)
 
 
-def set_aside_newer(run_dir: str | Path, step: int) -> list[Path]:
+def set_aside_newer(run_dir: str | Path, step: int, keep_last: int = 2) -> list[Path]:
     """Move checkpoints of steps after ``step`` (an abandoned future: a corrupt one that was skipped,
     or the rest of a run restarted from an earlier checkpoint) into ckpt/abandoned/, so that keep-last
-    and ``latest`` only ever see the history being continued. Returns the new paths."""
+    and ``latest`` only ever see the history being continued; abandoned/ keeps its newest keep_last.
+    Returns the new paths."""
     moved = []
     for p in list_checkpoints(run_dir):
-        if int(_NAME.match(p.name).group(1)) > step:
+        if step_of(p) > step:
             dest = ckpt_dir(run_dir) / "abandoned" / p.name
             dest.parent.mkdir(exist_ok=True)
             if dest.exists():
@@ -272,32 +519,65 @@ def set_aside_newer(run_dir: str | Path, step: int) -> list[Path]:
             os.replace(p, dest)
             log.warning("warning: moved %s (after the resume point, step %d) to %s", p.name, step, dest.parent)
             moved.append(dest)
-    return moved
+    _prune_abandoned(run_dir, keep_last)
+    return [p for p in moved if p.exists()]
 
 
 _pointer_warned: set[str] = set()
+_newer_warned: set[str] = set()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, else the newest complete one, else None. A pointer that cannot
+    """The checkpoint to continue from: the one ``latest`` names or, newer than it, the newest complete
+    one whose checksum verifies (its save was cut off before ``latest`` moved: a kill, a full disk);
+    without a usable pointer, the newest complete one; None when there is none. A pointer that cannot
     be read (not UTF-8, not a checkpoint's name, naming a missing one) is ignored with a warning."""
-    d = ckpt_dir(run_dir)
+    return _latest(run_dir, warn=True)
+
+
+def _latest(run_dir: str | Path, warn: bool) -> Path | None:
+    d, found = ckpt_dir(run_dir), list_checkpoints(run_dir)
+    target = _pointer_target(d, found, warn)
+    if target is None:
+        return found[-1] if found else None
+    for newer in reversed(found):
+        if step_of(newer) <= step_of(target):
+            break
+        if _verifies(newer):
+            if warn and str(newer) not in _newer_warned:
+                _newer_warned.add(str(newer))
+                log.warning("warning: %s is newer than %s, which %s names, and its checksum verifies (the "
+                            "pointer's update was cut off); using it", newer.name, target.name, d / "latest")
+            return newer
+    return target
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checksum(path, require=True)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
+def _pointer_target(d: Path, found: list[Path], warn: bool) -> Path | None:
+    """The complete checkpoint ``d/latest`` names; None (with a warning) if it names none."""
     pointer = d / "latest"
-    found = list_checkpoints(run_dir)
-    if pointer.is_file():
-        try:
-            name = pointer.read_bytes().decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            name = ""
-        target = d / name
-        if _NAME.match(name) and (target.is_file() or (target / "meta.pt").is_file()):
-            return target
-        if str(pointer) not in _pointer_warned:
-            _pointer_warned.add(str(pointer))
-            newest = found[-1].name if found else "none"
-            log.warning("warning: %s does not name a complete checkpoint; ignoring it and using the newest "
-                        "one (%s)", pointer, newest)
-    return found[-1] if found else None
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    target = d / name
+    if _NAME.match(name) and (target.is_file() or (target / "meta.pt").is_file()):
+        return target
+    if warn and str(pointer) not in _pointer_warned:
+        _pointer_warned.add(str(pointer))
+        newest = found[-1].name if found else "none"
+        log.warning("warning: %s does not name a complete checkpoint; ignoring it and using the newest "
+                    "one (%s)", pointer, newest)
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

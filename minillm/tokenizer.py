@@ -21,10 +21,12 @@ minillm/train_tokenizer.py; this one reads no files and imports nothing from min
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import itertools
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +68,24 @@ class Tokenizer:
             raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from e
 
     def save(self, path: str | Path) -> None:
-        """Write the model atomically (temporary file + rename)."""
+        """Write the model atomically (temporary file, fsync, rename). Raises TokenizerError, one line
+        naming the folder (for a full disk, with the bytes needed), when it cannot be written (disk full,
+        read-only folder); the temporary file is removed and an earlier file at ``path`` stays."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(self.proto)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self.proto)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise TokenizerError(f"{path.parent}: cannot write {path.name} ({_why(e, len(self.proto), path.parent)})"
+                                 "; free space or make the folder writable, then run again") from e
 
     def _piece_bytes(self, i: int) -> bytes:
         if self.sp.is_control(i) or self.sp.is_unknown(i):
@@ -129,6 +144,19 @@ class Tokenizer:
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+def _why(e: OSError, size: int, folder: Path) -> str:
+    """What an OSError of a write means, in a few words; for a full disk, the bytes needed and free."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f", {shutil.disk_usage(folder).free:,} free"
+        except OSError:
+            free = ""
+        return f"no space left on the device: {size:,} bytes needed{free}"
+    if e.errno == errno.EROFS:
+        return "read-only file system"
+    return e.strerror or str(e)
 
 
 class StreamDecoder:
