@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from minillm.errors import UserError
-from minillm.hf_arch import ExportError, architecture, hf_config_fields, to_hf_state
+from minillm.hf_arch import ExportError, architecture, hf_config_fields, require_hf, to_hf_state
 from minillm.hf_tokenizer import save_hf_tokenizer, special_ids
 from minillm.model import GPT
 from minillm.run_folder import load_run
@@ -36,16 +36,6 @@ from minillm.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECK_TOL = {"float32": 1e-4, "bfloat16": None, "float16": None}  # max |logit diff|; None: not compared
-
-
-def require_hf() -> None:
-    """ExportError (one line: what to install) when transformers or safetensors is missing."""
-    try:
-        import safetensors  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise ExportError(f"the Hugging Face export needs the optional extra ({e.name} is not installed): "
-                          'pip install -e ".[hf]"') from e
 
 
 def is_previous_export(folder: Path) -> bool:

@@ -3,6 +3,7 @@
     architecture(cfg)               "llama" | "qwen3" | "gpt2", or ExportError naming the option
     hf_config_fields(cfg, specials) keyword arguments of that architecture's transformers config
     model_config_from_hf(hf, where) ModelConfig fields (a dict) from a transformers config, or ExportError
+    require_hf()                    ExportError saying what to install when transformers is missing
     to_hf_state(sd, cfg, arch)      minillm state dict -> transformers names and layouts
     from_hf_state(sd, cfg, arch)    the inverse (exact: only slices, concatenations and transposes)
 
@@ -39,6 +40,16 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2
 
 class ExportError(UserError, ValueError):
     """A model or folder with no exact counterpart on the other side; the message names the field."""
+
+
+def require_hf() -> None:
+    """ExportError (one line: what to install) when transformers or safetensors is missing."""
+    try:
+        import safetensors  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"the Hugging Face export needs the optional extra ({e.name} is not installed): "
+                          'pip install -e ".[hf]"') from e
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
