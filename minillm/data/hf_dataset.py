@@ -55,7 +55,8 @@ class HFSplit:
     split: str | None
 
     def __str__(self) -> str:  # how messages name it
-        return f"data.hf_dataset={self.spec} (split {self.split or 'the whole saved dataset'})"
+        split = self.split or ("train" if self.kind != "disk" else None)
+        return f"data.hf_dataset={self.spec}" + (f" (split {split})" if split else "")
 
     @property
     def path(self) -> Path:
@@ -163,8 +164,9 @@ def check_split(split: HFSplit, field: str, skip_bad: bool, progress: bool = Fal
         r = scan_records(split, "hf", field, skip_bad, bar)
     finally:
         bar.close()
-    if r.problem is not None:
-        raise problem_error(split, r.problem, "data.skip_invalid=true")
+    if r.problem is not None:  # a bad row can be skipped; a missing column or unreadable data cannot
+        raise problem_error(split, r.problem, "data.skip_invalid=true") if r.problem.startswith("row ") \
+            else DataError(f"{split}: {r.problem}")
     if r.bad:
         log.warning("%s: skipped %d bad rows (the first: %s)", split, r.bad, r.first_bad)
     info = FileInfo(split, r.text_bytes, fingerprint or split.fingerprint(), r.has_text, None, "hf", field,

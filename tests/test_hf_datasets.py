@@ -1,0 +1,180 @@
+"""Hugging Face datasets as a corpus (data.hf_dataset), offline: a DatasetDict and a Dataset saved with
+save_to_disk, and a local folder of parquet / jsonl files in the hub's layout. Each prepared split decodes
+to exactly its rows' texts (Chinese, emoji, empty rows skipped), separated by eos; validation is a split
+or the last fraction of the rows; the cache key follows the data; bad input is one line."""
+import os
+import sys
+import tempfile
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # read by datasets at import: set before it is imported
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+datasets = pytest.importorskip("datasets")
+
+from conftest import ROOT, TINY_ARGS, make_corpus, run_entry  # noqa: E402
+from minillm.config import DataConfig, TokenizerConfig  # noqa: E402
+from minillm.data.hf_dataset import HFSplit  # noqa: E402
+from minillm.data.prepare import prepare  # noqa: E402
+from minillm.data.token_file import read_tokens  # noqa: E402
+from minillm.errors import ConfigError, DataError  # noqa: E402
+from minillm.tokenizer import EOS_ID, Tokenizer  # noqa: E402
+
+TOK = TokenizerConfig(vocab_size=400)
+TRAIN = [make_corpus(80, seed=1), "红楼梦 第一回 甄士隐梦幻识通灵\n贾雨村风尘怀闺秀。", "",
+         "emoji 😀🎉 👩\u200d👩\u200d👧 and \"quotes\"\tand ▁ literal\n\n", "  spaces  ", make_corpus(60, seed=2) + "终。"]
+VAL = ["held-out 文本 🙂\n", make_corpus(10, seed=3)]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, data_dir):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def documents(p, split="train"):
+    """The documents of a prepared split: its ids cut at eos, each decoded."""
+    tok = Tokenizer.load(p.tokenizer)
+    ids = np.array(read_tokens(getattr(p, split), tok.vocab_size))
+    return [tok.decode(x[x != EOS_ID]) for x in np.split(ids, np.flatnonzero(ids == EOS_ID))]
+
+
+def saved_dict(path, train=TRAIN, val=VAL, field="text"):
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({field: train, "id": list(range(len(train)))}),
+                          "validation": datasets.Dataset.from_dict({field: val})}).save_to_disk(str(path))
+    return path
+
+
+def prep(**kw):
+    return prepare(DataConfig(num_workers=1, **kw), TOK, progress=False)
+
+
+def test_saved_dataset_dict_round_trips_with_a_validation_split(tmp_path):
+    p = prep(hf_dataset=str(saved_dict(tmp_path / "ds")), hf_val_split="validation")
+    assert documents(p) == [t for t in TRAIN if t] and documents(p, "val") == VAL
+    tok = Tokenizer.load(p.tokenizer)
+    ids = np.array(read_tokens(p.train, tok.vocab_size))
+    assert int((ids == EOS_ID).sum()) == 4 and tok.decode(ids) == "".join(t for t in TRAIN)  # eos decodes to ""
+    m = p.meta
+    assert (m["train_documents"], m["val_documents"], m["empty_documents"]) == (5, 2, 1)
+    assert m["train_bytes"] == sum(len(t.encode()) for t in TRAIN) and m["hf"]["split"] is None
+    assert m["hf"]["kind"] == "disk" and m["hf"]["val_split"] == "validation" and m["val_fraction"] is None
+
+
+def test_saved_dataset_val_fraction_is_the_last_rows_whole(tmp_path):
+    rows = [make_corpus(30, seed=s) for s in range(10)]
+    datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "one"))
+    p = prep(hf_dataset=str(tmp_path / "one"), val_fraction=0.25)
+    train, val = documents(p), documents(p, "val")
+    assert train + val == rows and len(val) in (2, 3)  # whole rows: the one holding the cut byte starts val
+
+
+def test_local_folder_of_parquet_and_jsonl_in_the_hub_layout(tmp_path):
+    folder = tmp_path / "local"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": TRAIN[:3]}), folder / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": TRAIN[3:]}), folder / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({"text": VAL}), folder / "data" / "test-00000-of-00001.parquet")
+    p = prep(hf_dataset=str(folder), hf_val_split="test")
+    assert documents(p) == [t for t in TRAIN if t] and documents(p, "val") == VAL and p.meta["hf"]["kind"] == "folder"
+
+    jfolder = tmp_path / "jl"
+    jfolder.mkdir()
+    datasets.Dataset.from_dict({"meta": [{"body": t} for t in VAL + TRAIN]}).to_json(str(jfolder / "train.jsonl"))
+    q = prep(hf_dataset=str(jfolder), text_field="meta.body", val_fraction=0.2)
+    assert documents(q) + documents(q, "val") == [t for t in VAL + TRAIN if t]
+
+
+def test_cache_is_reused_and_keyed_by_files_split_and_field(tmp_path):
+    ds = saved_dict(tmp_path / "ds")
+    first = prep(hf_dataset=str(ds), hf_val_split="validation")
+    mtime = first.train.stat().st_mtime_ns
+    again = prep(hf_dataset=str(ds), hf_val_split="validation")
+    assert again.dir == first.dir and again.train.stat().st_mtime_ns == mtime
+    assert prep(hf_dataset=str(ds)).dir != first.dir  # val_fraction instead of a split
+    saved_dict(tmp_path / "ds2", train=TRAIN, field="body")
+    other_field = prep(hf_dataset=str(tmp_path / "ds2"), hf_val_split="validation", text_field="body")
+    assert other_field.dir != first.dir
+    saved_dict(ds, train=TRAIN[:-1] + [TRAIN[-1].replace("终", "始")])  # an edit in place, same size: a fresh entry
+    edited = prep(hf_dataset=str(ds), hf_val_split="validation")
+    assert edited.dir != first.dir and documents(edited)[-1].endswith("始。")
+
+
+def test_the_cache_hit_reads_no_row(tmp_path, monkeypatch):
+    ds = saved_dict(tmp_path / "ds")
+    prep(hf_dataset=str(ds), hf_val_split="validation")
+    monkeypatch.setattr(HFSplit, "records", lambda *a: pytest.fail("rows read on a cache hit"))
+    assert prep(hf_dataset=str(ds), hf_val_split="validation").meta["train_documents"] == 5
+
+
+def no_entry(data_dir):
+    return not (data_dir / "prepared").exists() or not [p for p in (data_dir / "prepared").iterdir()]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(text_field="body"), r"ds: no column 'body' \(columns: text, id\); set data.text_field \(--text-field\) to "
+                              r"the column that holds the text$"),
+    (dict(hf_split="test"), r"no such split \(it has train, validation\); set data.hf_split"),
+    (dict(hf_config="en"), r"data.hf_config=en: a dataset saved with save_to_disk .* has no configurations"),
+])
+def test_bad_settings_are_one_line_and_leave_no_cache(tmp_path, data_dir, kw, message):
+    with pytest.raises(DataError, match=message) as e:
+        prep(hf_dataset=str(saved_dict(tmp_path / "ds")), **kw)
+    assert "\n" not in str(e.value) and no_entry(data_dir)
+
+
+def test_bad_rows_name_the_row_or_are_skipped_and_counted(tmp_path, data_dir, caplog):
+    good = [make_corpus(30, seed=4), make_corpus(60, seed=5)]
+    datasets.Dataset.from_dict({"text": [good[0], None, good[1]]}).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad: row 1: field 'text' is null, not a string; .*\(or set data.skip_invalid=true "):
+        prep(hf_dataset=str(tmp_path / "bad"))
+    assert no_entry(data_dir)
+    p = prep(hf_dataset=str(tmp_path / "bad"), skip_invalid=True, val_fraction=0.3)
+    assert documents(p) + documents(p, "val") == good
+    assert list(p.meta["skipped_records"].values()) == [1] and "skipped 1 bad rows" in caplog.text
+
+
+def test_missing_paths_and_an_offline_hub_are_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"data.hf_dataset=.*nope: no such folder"):
+        prep(hf_dataset=str(tmp_path / "nope"))
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(DataError, match=r"is a file, not a dataset folder; .* use data.path for files"):
+        prep(hf_dataset=str(tmp_path / "f.txt"))
+    with pytest.raises(DataError, match=r"data.hf_dataset=someone/no-such-dataset \(split train\): cannot be "
+                                        r"opened .*HF_HUB_OFFLINE") as e:
+        prep(hf_dataset="someone/no-such-dataset")
+    assert "\n" not in str(e.value)
+
+
+def test_config_keys_are_checked():
+    with pytest.raises(ConfigError, match="data.hf_split='train': applies only with data.hf_dataset"):
+        DataConfig(hf_split="train")
+    with pytest.raises(ConfigError, match="data.hf_dataset='d': conflicts with data.path=a.txt"):
+        DataConfig(path="a.txt", hf_dataset="d")
+    with pytest.raises(ConfigError, match="data.hf_val_split='train': is the training split too"):
+        DataConfig(hf_dataset="d", hf_val_split="train")
+    with pytest.raises(ConfigError, match="data.hf_val_split='v': conflicts with data.val_path=v.txt"):
+        DataConfig(hf_dataset="d", hf_val_split="v", val_path="v.txt")
+
+
+def test_without_the_datasets_library_train_py_says_what_to_install(tmp_path):
+    """train.py with data=hf where `import datasets` fails: one line naming the extra, exit 2."""
+    fake = tmp_path / "site"
+    (fake / "datasets").mkdir(parents=True)
+    (fake / "datasets" / "__init__.py").write_text("raise ImportError('No module named datasets')\n")
+    ds = tmp_path / "ds"
+    (ds).mkdir()
+    (ds / "state.json").write_text("{}")
+    env = {"PYTHONPATH": f"{fake}{os.pathsep}{ROOT}", "MINILLM_DATA_DIR": str(tmp_path / "cache")}
+    proc = run_entry("train.py", "data=hf", f"data.hf_dataset={ds}", f"out_dir={tmp_path / 'run'}", *TINY_ARGS,
+                     env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ('error: data.hf_dataset needs the Hugging Face datasets library, '
+                                                    'which is not installed; install it with pip install -e ".[hf]"')
+    assert not (tmp_path / "cache" / "prepared").exists() or not list((tmp_path / "cache" / "prepared").iterdir())
+    assert "datasets" not in sys.modules or sys.modules["datasets"] is datasets  # this process untouched
