@@ -1,6 +1,8 @@
 """Corpus resolution and download, the split, token files, and preparation caching."""
 import hashlib
 import http.server
+import json
+import re
 import threading
 from functools import partial
 
@@ -11,7 +13,8 @@ from minillm.config import DataConfig, TokenizerConfig
 from minillm.data.prepare import prepare
 from minillm.data.corpus import resolve_corpus, split_corpus
 from minillm.data.token_file import HEADER_SIZE, read_tokens, write_tokens
-from minillm.errors import DataError, TokenFileError
+from minillm.errors import ConfigError, DataError, TokenFileError, TokenizerError
+from minillm.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -116,3 +119,98 @@ def test_prepare_encodes_both_splits_and_reuses_the_cache(corpus_file, data_dir)
     assert again.dir == first.dir and again.train.stat().st_mtime_ns == mtime   # reused
     other = prepare(cfg, TokenizerConfig(vocab_size=420))
     assert other.dir != first.dir   # a different tokenizer config never reuses stale files
+
+
+# ----------------------------------------------------------------------------- a damaged cache entry
+
+def _flip_byte(path, offset):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, fault", [
+    (lambda p: _flip_byte(p.train, HEADER_SIZE + 3), "train.bin: checksum mismatch"),
+    (lambda p: p.val.write_bytes(p.val.read_bytes()[:-2]), "val.bin: .* bytes on disk but the header promises"),
+    (lambda p: (p.dir / "meta.json").write_text((p.dir / "meta.json").read_text()[:40]),
+     r"meta.json: Unterminated string|meta.json: Expecting"),
+    (lambda p: p.tokenizer.write_bytes(b"garbage"), "tokenizer.model: not a sentencepiece model"),
+])
+def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(corpus_file, data_dir, caplog, damage, fault):
+    cfg, tcfg = DataConfig(path=str(corpus_file), num_workers=1), TokenizerConfig(vocab_size=400)
+    first = prepare(cfg, tcfg, progress=False)
+    good = {name: (first.dir / name).read_bytes() for name in ("train.bin", "val.bin", "tokenizer.model")}
+    meta = first.meta
+    damage(first)
+    again = prepare(cfg, tcfg, progress=False)
+    assert again.dir == first.dir
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert re.search(rf"the prepared data in .*{first.dir.name} is damaged \(.*{fault}.*\); it is derived data: "
+                     "rebuilding it", warning), warning
+    assert {name: (again.dir / name).read_bytes() for name in good} == good  # the same entry, rebuilt
+    assert again.meta["train_tokens"] == meta["train_tokens"] and json.loads((again.dir / "meta.json").read_text())
+    assert len(read_tokens(again.train, 400)) == meta["train_tokens"]
+    assert [p.name for p in again.dir.parent.iterdir()] == [first.dir.name]  # nothing left aside
+
+
+def test_training_proceeds_on_a_damaged_cache_entry(tmp_path, corpus_file, data_dir, caplog):
+    """The run that finds the entry damaged rebuilds it and trains (it used to fail in every run)."""
+    from minillm.config import LoggerConfig, ModelConfig, TrainConfig, TrainJobConfig
+    from minillm.trainer import train
+
+    def cfg(run):
+        return TrainJobConfig(out_dir=str(tmp_path / run), device="cpu",
+                              model=ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32),
+                              data=DataConfig(path=str(corpus_file), num_workers=1),
+                              tokenizer=TokenizerConfig(vocab_size=400),
+                              train=TrainConfig(max_steps=2, batch_size=2, eval_interval=0, eval_tokens=64),
+                              logger=LoggerConfig(progress=False))
+    first = prepare(cfg("a").data, cfg("a").tokenizer, progress=False)  # the entry train() will look for
+    [entry] = (data_dir / "prepared").iterdir()
+    assert entry == first.dir
+    _flip_byte(entry / "train.bin", HEADER_SIZE + 1)
+    (entry / "meta.json").write_text("{\"train_tok")
+    summary = train(cfg("b"))
+    assert "is damaged" in caplog.text and (tmp_path / "b" / "summary.json").is_file()
+    assert json.loads((tmp_path / "b" / "summary.json").read_text()) and summary is not None
+    assert read_tokens(entry / "train.bin", 400) is not None
+
+
+# ----------------------------------------------------------------------------- tokenizer.path
+
+def test_tokenizer_path_uses_that_model_and_keys_the_cache_on_its_bytes(tmp_path, corpus_file, data_dir):
+    from minillm.train_tokenizer import main as train_tokenizer_main
+    for name, vocab in (("a", 400), ("b", 420)):
+        assert train_tokenizer_main(["--input", str(corpus_file), "--vocab-size", str(vocab),
+                                     "--out", str(tmp_path / f"{name}.model")]) == 0
+    cfg = DataConfig(path=str(corpus_file), num_workers=1)
+    p = prepare(cfg, TokenizerConfig(path=str(tmp_path / "a.model")), progress=False)
+    assert p.tokenizer.read_bytes() == (tmp_path / "a.model").read_bytes()
+    assert p.meta["tokenizer_train_seconds"] == 0 and p.meta["tokenizer_report"]["model_type"] == "given"
+    tok = Tokenizer.load(p.tokenizer)
+    assert tok.decode(read_tokens(p.val, tok.vocab_size)) == split_corpus(corpus_file.read_text(), 0.1)[1]
+    # other tokenizer settings do not matter; other model bytes do
+    assert prepare(cfg, TokenizerConfig(path=str(tmp_path / "a.model"), vocab_size=999), progress=False).dir == p.dir
+    assert prepare(cfg, TokenizerConfig(path=str(tmp_path / "b.model")), progress=False).dir != p.dir
+    (tmp_path / "a.model").write_bytes((tmp_path / "b.model").read_bytes())  # replaced under the same name
+    assert prepare(cfg, TokenizerConfig(path=str(tmp_path / "a.model")), progress=False).dir != p.dir
+
+
+def test_tokenizer_path_errors_are_one_line_naming_the_key(tmp_path, corpus_file, data_dir):
+    import sentencepiece as spm
+    cfg = DataConfig(path=str(corpus_file), num_workers=1)
+    (tmp_path / "junk.model").write_bytes(b"not a model at all")
+    spm.SentencePieceTrainer.train(input=str(corpus_file), model_prefix=str(tmp_path / "plain"), vocab_size=100,
+                                   bos_id=-1, unk_id=0, eos_id=1, minloglevel=2)
+    cases = [(tmp_path / "none.model", r"tokenizer.path=.*none.model: no such file; give a sentencepiece .model "
+              r"file \(make one with python -m minillm.train_tokenizer"),
+             (tmp_path / "junk.model", r"tokenizer.path=.*junk.model: not a sentencepiece model \(.*\); give a .model"),
+             (tmp_path / "plain.model", r"tokenizer.path=.*plain.model: its unk, bos, eos ids are \(0, -1, 1\), "
+              r"minillm needs \(0, 1, 2\)")]
+    for path, message in cases:
+        with pytest.raises(TokenizerError, match=message) as e:
+            prepare(cfg, TokenizerConfig(path=str(path)), progress=False)
+        assert "\n" not in str(e.value)
+    assert not (data_dir / "prepared").exists() or not list((data_dir / "prepared").iterdir())
+    with pytest.raises(ConfigError, match="tokenizer.path='': is empty"):
+        TokenizerConfig(path="")

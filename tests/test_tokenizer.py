@@ -154,3 +154,46 @@ def test_the_old_tokenizer_command_says_where_it_moved():
     proc = subprocess.run([sys.executable, "-m", "minillm.tokenizer", "--input", "x.txt", "--out", "t.model"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "python -m minillm.train_tokenizer" in proc.stderr
+
+
+def _two_alphabet_files(folder, lines=3000):
+    """Two files, the second in another alphabet: a sample of only the first files would miss it."""
+    import random
+    rng = random.Random(0)
+    latin, greek = "apple banana cherry orange grape melon".split(), "αλφα βητα γαμμα δελτα εψιλον ζητα".split()
+    folder.mkdir()
+    for name, words in (("a.txt", latin), ("b.txt", greek)):
+        (folder / name).write_text("".join(" ".join(rng.choice(words) for _ in range(6)) + "\n" for _ in range(lines)))
+    return folder
+
+
+def test_training_sample_is_seeded_uniform_over_all_files_and_bounded():
+    from minillm.data.tokenizer_sample import training_sample
+    texts = [f"first {i}\n" for i in range(5000)] + [f"last {i}\n" for i in range(5000)]
+    cfg = TokenizerConfig(input_sentence_size=1000)
+    sample = training_sample(iter(texts), cfg)
+    assert len(sample) == 1000 and sample == training_sample(iter(texts), cfg)  # bounded, the same every time
+    last = sum(line.startswith("last") for line in sample)
+    assert 400 < last < 600 and len(set(sample)) == 1000   # uniform over the stream, not its head
+    assert training_sample(["a\nb\r\nc"], cfg) == ["a\n", "b\r\n", "c"]  # fewer lines: all, in order
+    long = TokenizerConfig(max_sentence_length=1024, input_sentence_size=101)
+    assert training_sample(["梦" * 600 + "\n"], long) == ["梦" * 256, "梦" * 256, "梦" * 88 + "\n"]  # 1801 bytes
+
+
+def test_tokenizer_trained_on_a_big_corpus_is_the_same_in_every_process(tmp_path):
+    """More lines than input_sentence_size: sentencepiece's own sample was drawn from a clock-seeded
+    generator (a different model per process); the seeded sample is drawn over both files."""
+    folder = _two_alphabet_files(tmp_path / "corpus")
+    models = []
+    for run in ("1", "2"):
+        out = tmp_path / f"t{run}.model"
+        proc = subprocess.run([sys.executable, "-m", "minillm.train_tokenizer", "--input", str(folder), "--vocab-size",
+                               "400", "--input-sentence-size", "500", "--val-fraction", "0.05", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        models.append(out.read_bytes())
+    assert models[0] == models[1]
+    tok = Tokenizer(models[0])
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert "▁βητα" in pieces or "βητα" in pieces  # words of the last file were sampled
+    assert "▁banana" in pieces or "banana" in pieces
