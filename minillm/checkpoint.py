@@ -312,15 +312,14 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int 
     d = ckpt_dir(run_dir)
     path = d / f"step_{step:06d}.pt"
     obj = {"format_version": CKPT_FORMAT_VERSION, **state}
-    written = False
+    writing, needed = path, lambda: _sealed_size(obj)
     try:
         _clear_temps(d)
         _atomic_write_bytes(path, lambda f: _save_sealed(obj, f))
-        written = True
+        writing, needed = d / "latest", lambda: len(path.name)
         _atomic_write_bytes(d / "latest", lambda f: f.write(path.name.encode()))
     except OSError as e:
-        needed = (lambda: len(path.name)) if written else (lambda: _sealed_size(obj))
-        raise _save_error(path, e, needed) from e
+        raise _save_error(writing, e, needed) from e
     _prune(run_dir, keep_last)
     return path
 
@@ -441,26 +440,31 @@ def _attempt(fn, path: Path, needed) -> str | None:
     try:
         fn()
     except BaseException as e:  # DCP's CheckpointException is a BaseException
-        os_error = _os_error_in(e)
+        os_error = next((x for x in _causes(e) if isinstance(x, OSError)), None)
+        if os_error is None and any(_SHORT_WRITE in str(x) for x in _causes(e)):
+            # DCP's torch.save of a small item into its stream: a failed write lost its errno on the way
+            full = (_free_bytes(path.parent) or 0) < needed()
+            os_error = OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO))
         if os_error is None:
             raise
         return str(_save_error(path, os_error, needed))
     return None
 
 
-def _os_error_in(e: BaseException) -> OSError | None:
-    """The OSError behind ``e``: itself, its cause or context, or (DCP's CheckpointException) a rank's."""
+_SHORT_WRITE = "unexpected pos"  # torch's zip writer, when a write of its stream came short
+
+
+def _causes(e: BaseException):
+    """``e``, its causes and contexts, and (DCP's CheckpointException) every rank's exception."""
     todo, seen = [e], set()
     while todo:
         x = todo.pop(0)
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, OSError):
-            return x
+        yield x
         failures = getattr(x, "failures", None)
         todo += [x.__cause__, x.__context__] + [f[0] for f in (failures.values() if isinstance(failures, dict) else ())]
-    return None
 
 
 def _agreed(error: str | None) -> None:
