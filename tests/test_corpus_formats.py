@@ -286,3 +286,52 @@ def test_zstd_lines_are_read_in_blocks_not_byte_by_byte(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "c.jsonl.zst", docs)
     assert [t for _, t in formats.iter_records(tmp_path / "c.jsonl.zst", "jsonl", "text")] == docs
     assert len(calls) < 20                                                # a line at a time would be ~2000 calls
+
+
+class _RecordingBar:
+    """Stands in for tqdm in corpus.py: records total, updates, postfix and disable."""
+    made = []
+
+    def __init__(self, total=None, disable=False, unit=None, **kw):
+        self.total, self.disable, self.unit, self.n, self.postfix = total, disable, unit, 0, ""
+        _RecordingBar.made.append(self)
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix_str(self, s, refresh=True):
+        self.postfix = s
+
+    def close(self):
+        pass
+
+
+def test_check_pass_progress_counts_disk_bytes_and_documents(tmp_path, monkeypatch):
+    import minillm.data.corpus as corpus
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_text(folder / "a.txt", TEXTS[0])
+    write_text(folder / "b.txt.gz", TEXTS[1])
+    write_jsonl(folder / "c.jsonl.zst", DOCS)
+    write_parquet(folder / "d.parquet", DOCS)
+    paths = sorted(folder.iterdir())
+    monkeypatch.setattr(corpus, "tqdm", _RecordingBar)
+    _RecordingBar.made.clear()
+    check_files(paths, False, progress=True)
+    [bar] = _RecordingBar.made
+    on_disk = sum(p.stat().st_size for p in paths)
+    assert bar.total == on_disk and bar.n == on_disk and bar.unit == "B"  # compressed files count compressed bytes
+    assert bar.disable is None                                            # tqdm: off when stderr is not a terminal
+    assert bar.postfix == f"{2 + 2 * len(TEXTS)} documents"                 # 2 text files, 5 + 5 records
+    check_files(paths, False, progress=False)
+    assert _RecordingBar.made[-1].disable is True                         # logger.progress=false
+    info = check_files(paths, False, progress=True)
+    assert sum(f.documents for f in info) == 2 + 2 * len(TEXTS)
+
+
+def test_check_bar_counts_documents_of_every_file():
+    from minillm.data.corpus import CheckBar
+    bar = CheckBar(None, False)
+    for n in (5, 7, 9):
+        bar.document(n)
+    assert (bar.docs, bar.text) == (3, 21)

@@ -159,10 +159,14 @@ class CheckBar:
         if self.by_documents:
             self.bar.update(1)
         if self.docs % 1024 == 1:
-            self.bar.set_postfix_str(f"{self.text / 1e6:,.1f} MB of text" if self.by_documents
-                                     else f"{self.docs:,} documents", refresh=False)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"{self.text / 1e6:,.1f} MB of text" if self.by_documents
+                                 else f"{self.docs:,} documents", refresh=False)
 
     def close(self) -> None:
+        self._postfix()
         self.bar.close()
 
 
