@@ -126,3 +126,89 @@ def test_check_resumable_refuses_a_sharded_checkpoint_without_fsdp_and_the_rever
         check_resumable(base, tmp_path, cfg, proto, DistInfo(), fsdp=True)
     with pytest.raises(RunError, match="different tokenizer"):
         check_resumable(base, tmp_path, cfg, b"another", DistInfo(), fsdp=False)
+
+
+def _fail_latest_once(monkeypatch, after: str):
+    """Make the next update of ``latest`` after ``after`` is written fail as a full disk does."""
+    import errno
+    import os
+    from minillm import checkpoint as ckpt
+    real = ckpt._atomic_write_bytes
+
+    def write(path, fn):
+        if path.name == "latest" and (path.parent / after).exists():
+            monkeypatch.setattr(ckpt, "_atomic_write_bytes", real)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, fn)
+    monkeypatch.setattr(ckpt, "_atomic_write_bytes", write)
+
+
+def test_a_complete_checkpoint_whose_latest_update_failed_is_used_unless_it_is_corrupt(tmp_path, monkeypatch, caplog):
+    save_checkpoint(tmp_path, 2, {"w": torch.ones(100)})
+    _fail_latest_once(monkeypatch, "step_000004.pt")
+    with pytest.raises(CheckpointError, match=r"ckpt: no space left on the device to write latest \(14 bytes needed"):
+        save_checkpoint(tmp_path, 4, {"w": torch.zeros(100)})
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_000002.pt"     # the pointer did not move
+    caplog.set_level("WARNING", logger="minillm")
+    assert latest_checkpoint(tmp_path).name == "step_000004.pt"               # complete and verified: used
+    assert "step_000004.pt is newer than step_000002.pt" in caplog.text
+    path = tmp_path / "ckpt" / "step_000004.pt"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+    assert latest_checkpoint(tmp_path).name == "step_000002.pt"               # corrupt: passed over
+    path.write_bytes(b"")                                                     # empty (a lost write): passed over
+    assert latest_checkpoint(tmp_path).name == "step_000002.pt"
+
+
+def test_a_run_whose_latest_update_failed_resumes_from_its_newest_checkpoint_bitwise(tmp_path, corpus_file,
+                                                                                       data_dir, monkeypatch, caplog):
+    """Issue 17 item 9, end to end: before the fix the relaunch resumed from step 2 and set the complete
+    step 4 aside in ckpt/abandoned/."""
+    from minillm.trainer import train
+    from test_trainer import final_params, tiny_cfg
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_cfg(straight, corpus_file, max_steps=6, ckpt_interval=2))
+    _fail_latest_once(monkeypatch, "step_000004.pt")
+    with pytest.raises(CheckpointError, match="continues from step_000004.pt"):
+        train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2))
+    caplog.set_level("INFO", logger="minillm")
+    assert train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2))["step"] == 6
+    assert f"resuming from {run / 'ckpt' / 'step_000004.pt'} at step 4" in caplog.text
+    assert not (run / "ckpt" / "abandoned").exists()
+    a, b = final_params(straight), final_params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_abandoned_checkpoints_are_bounded_by_keep_last(tmp_path):
+    from minillm.checkpoint import set_aside_newer
+    abandoned = tmp_path / "ckpt" / "abandoned"
+    for resume_at in (40, 30, 20, 10):           # four restarts from ever earlier points
+        for step in (resume_at + 1, resume_at + 2, resume_at + 3):
+            save_checkpoint(tmp_path, step, {"step": step}, keep_last=3)
+        set_aside_newer(tmp_path, resume_at, keep_last=3)
+        assert len(list(abandoned.iterdir())) <= 3
+    assert sorted(p.name for p in abandoned.iterdir()) == ["step_000041.pt", "step_000042.pt", "step_000043.pt"]
+    for step in (11, 12):                        # a save prunes abandoned/ to its keep_last too
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert sorted(p.name for p in abandoned.iterdir()) == ["step_000042.pt", "step_000043.pt"]
+
+
+def test_a_flip_in_the_checksum_marker_or_the_list_of_shards_is_refused(tmp_path):
+    from minillm.checkpoint import SUMS, _MARK, _write_sums
+    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(10)})
+    raw = bytearray(path.read_bytes())
+    raw[-64 - len(_MARK) + 3] ^= 0x20                                   # "minillm-sha256:" -> "minIllm-..."
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):    # not "no checksum: load unverified"
+        load_checkpoint(path)
+    folder = tmp_path / "step_000002"
+    (folder / "model").mkdir(parents=True)
+    save_checkpoint(tmp_path / "m", 2, {"format_version": 2, "sharded": True})
+    (folder / "meta.pt").write_bytes((tmp_path / "m" / "ckpt" / "step_000002.pt").read_bytes())
+    (folder / "model" / "__0_0.distcp").write_bytes(bytes(range(200)))
+    _write_sums(folder)
+    sums = (folder / SUMS).read_bytes()
+    (folder / SUMS).write_bytes(sums.replace(b"  model/", b" xmodel/"))  # that line no longer parses
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: checksum mismatch .* recorded none"):
+        load_checkpoint(folder, full_model=False)
