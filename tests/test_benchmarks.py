@@ -40,6 +40,12 @@ def test_run_all_quick_writes_every_result(tmp_path):
     assert 0 < row["startup_s"] < row["time_to_target_s"] <= row["process_s"]
     assert "experiment=shakespeare_cpu" in recipe["command"]
 
+    data = json.loads((tmp_path / "bench_data.json").read_text())["rows"]  # one corpus, every format
+    assert [r["format"] for r in data] == ["txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "hf"]
+    assert len({r["MB"] for r in data}) == 1 and len({r["docs"] for r in data[1:]}) == 1 and data[1]["docs"] > 10
+    assert data[0]["vs_txt"] == 1.0 and all(r["prepare_MB/s"] > 0 and r["check_MB/s"] > 0 for r in data)
+    assert all(r["peak_rss_mib"] >= r["base_rss_mib"] > 0 for r in data)
+
 
 def test_run_all_rejects_unknown_benchmark():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--only", "nosuch"],
