@@ -178,3 +178,16 @@ def test_without_the_datasets_library_train_py_says_what_to_install(tmp_path):
                                                     'which is not installed; install it with pip install -e ".[hf]"')
     assert not (tmp_path / "cache" / "prepared").exists() or not list((tmp_path / "cache" / "prepared").iterdir())
     assert "datasets" not in sys.modules or sys.modules["datasets"] is datasets  # this process untouched
+
+
+def test_files_alone_never_import_datasets_or_torch(tmp_path):
+    """datasets is imported only when data.hf_dataset is set; preparing files loads neither it nor torch."""
+    import subprocess
+    (tmp_path / "c.txt").write_text(make_corpus(200))
+    code = ("import sys; from minillm.config import DataConfig, TokenizerConfig; from minillm.data.prepare import prepare; "
+            f"prepare(DataConfig(path={str(tmp_path / 'c.txt')!r}, num_workers=1), TokenizerConfig(vocab_size=400), "
+            "progress=False); print(sorted(m for m in ('datasets', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "MINILLM_DATA_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -129,10 +129,10 @@ def _hf_corpus(data_cfg: DataConfig, progress: bool) -> _Corpus:
         val_files = check_files(expand_paths(data_cfg.val_path, "data.val_path"), data_cfg.skip_invalid,
                                 "data.val_path", text_field=data_cfg.text_field, progress=progress)
     where = train.spec if train.kind == "hub" else str(train.path.resolve())
-    fingerprint = train.fingerprint()
+    fingerprint, val_fingerprint = train.fingerprint(), val.fingerprint() if val else None
     settings = {"hf": {"dataset": where, "kind": train.kind, "config": train.config, "split": train.split,
                        "val_split": val.split if val else None, "fingerprint": fingerprint,
-                       "val_fingerprint": val.fingerprint() if val else None},
+                       "val_fingerprint": val_fingerprint},
                 "text_field": data_cfg.text_field,
                 "val_sha256": [f.sha256 for f in val_files] if val_files is not None else None,
                 "val_fraction": data_cfg.val_fraction if val is None and val_files is None else None}
@@ -140,7 +140,7 @@ def _hf_corpus(data_cfg: DataConfig, progress: bool) -> _Corpus:
     def checked() -> tuple[list[FileInfo], list[FileInfo] | None]:
         files = check_split(train, data_cfg.text_field, data_cfg.skip_invalid, progress, fingerprint)
         if val is not None:
-            return files, check_split(val, data_cfg.text_field, data_cfg.skip_invalid, progress, val.fingerprint())
+            return files, check_split(val, data_cfg.text_field, data_cfg.skip_invalid, progress, val_fingerprint)
         return files, val_files
     stem = re.sub(r"[^\w.-]+", "_", Path(where).name if train.kind != "hub" else where).strip("._") or "hf"
     return _Corpus(settings, stem, str(train), [train], checked)
