@@ -110,9 +110,9 @@ def hf_config_fields(cfg: ModelConfig, specials: dict) -> dict:
     return common | fields | {"use_sliding_window": False}
 
 
-def _hf_refuse(where, field: str, value, why: str) -> None:
-    raise ExportError(f"{where}: config.json has {field}={value!r}; {why}, which minillm's model cannot "
-                      "compute; use a folder without it")
+def _hf_refuse(where, field: str, value, what: str) -> None:
+    raise ExportError(f"{where}/config.json: {field}={value!r}: minillm's model has no {what}; "
+                      "train.init_from takes llama, qwen3 and gpt2 folders without it")
 
 
 def _rope_theta(hf, where) -> float:
@@ -123,18 +123,18 @@ def _rope_theta(hf, where) -> float:
     if kind != "default":
         _hf_refuse(where, "rope_scaling", {"rope_type": kind}, "RoPE scaling")
     if not isinstance(rope.get("rope_theta", 10000.0), (int, float)):  # one table per layer type
-        _hf_refuse(where, "rope_parameters", rope, "several RoPE tables")
+        _hf_refuse(where, "rope_parameters", rope, "per-layer RoPE tables")
     return float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
 
 
 def _llama_like(hf, where) -> dict:
     """ModelConfig fields of a Llama or Qwen3 config (checked: SiLU, head_dim, no scaling, no sliding window)."""
     if hf.hidden_act != "silu":
-        _hf_refuse(where, "hidden_act", hf.hidden_act, "an MLP activation other than SiLU (SwiGLU)")
+        _hf_refuse(where, "hidden_act", hf.hidden_act, "MLP activation but SiLU (SwiGLU)")
     if getattr(hf, "head_dim", None) not in (None, hf.hidden_size // hf.num_attention_heads):
-        _hf_refuse(where, "head_dim", hf.head_dim, "a head width other than hidden_size / num_attention_heads")
+        _hf_refuse(where, "head_dim", hf.head_dim, "head width but hidden_size / num_attention_heads")
     if hf.model_type == "llama" and hf.attention_bias != hf.mlp_bias:
-        _hf_refuse(where, "mlp_bias", hf.mlp_bias, f"biases in attention ({hf.attention_bias}) but not the MLP")
+        _hf_refuse(where, "mlp_bias", hf.mlp_bias, f"biases in only one of attention ({hf.attention_bias}) and MLP")
     if hf.model_type == "qwen3" and hf.attention_bias:
         _hf_refuse(where, "attention_bias", True, "attention biases without MLP biases")
     if getattr(hf, "sliding_window", None) or "sliding_attention" in (getattr(hf, "layer_types", None) or []):
@@ -151,10 +151,10 @@ _GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}  # gel
 def _gpt2(hf, where) -> dict:
     """ModelConfig fields of a GPT-2 config (checked: GELU kind, plain scaled attention)."""
     if hf.activation_function not in _GELU:
-        _hf_refuse(where, "activation_function", hf.activation_function, "an activation other than GELU")
+        _hf_refuse(where, "activation_function", hf.activation_function, "activation but GELU")
     if hf.scale_attn_by_inverse_layer_idx or not hf.scale_attn_weights:
         _hf_refuse(where, "scale_attn_by_inverse_layer_idx", hf.scale_attn_by_inverse_layer_idx,
-                   "attention scaled other than by 1/sqrt(head_dim)")
+                   "attention scaling but 1/sqrt(head_dim)")
     if getattr(hf, "add_cross_attention", False):
         _hf_refuse(where, "add_cross_attention", True, "cross-attention")
     return {"n_layer": hf.n_layer, "n_head": hf.n_head, "n_kv_head": hf.n_head, "n_embd": hf.n_embd,
@@ -168,8 +168,8 @@ def model_config_from_hf(hf, where) -> dict:
     naming the field of config.json that minillm cannot compute (architecture, RoPE scaling, sliding
     window, activation, ...)."""
     if hf.model_type not in ARCHITECTURES:
-        raise ExportError(f"{where}: config.json has model_type={hf.model_type!r}; minillm imports "
-                          f"{', '.join(ARCHITECTURES)} only")
+        raise ExportError(f"{where}/config.json: model_type={hf.model_type!r}: minillm imports "
+                          f"{', '.join(ARCHITECTURES)} models only")
     fields = _gpt2(hf, where) if hf.model_type == "gpt2" else _llama_like(hf, where)
     extra = getattr(hf, "minillm", None) or {}  # written by minillm's export
     fields |= {"name": extra.get("name", f"hf-{hf.model_type}"), "vocab_size": hf.vocab_size,

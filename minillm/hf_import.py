@@ -57,9 +57,9 @@ def load_hf_source(path: str | Path) -> dict:
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type not in ARCHITECTURES:
         raise ExportError(f"{folder}/config.json: model_type={model_type!r} has no minillm equivalent; "
-                          f"train.init_from takes {', '.join(ARCHITECTURES)} folders (or a minillm run)")
+                          f"train.init_from takes {', '.join(ARCHITECTURES)} folders, or a minillm run")
     tok = load_sentencepiece(folder)
-    fields = model_config_from_hf(AutoConfig.from_pretrained(folder), f"{folder}/config.json")
+    fields = model_config_from_hf(AutoConfig.from_pretrained(folder), folder)
     if fields["vocab_size"] < tok.vocab_size:
         raise ExportError(f"{folder}: config.json has vocab_size={fields['vocab_size']} but tokenizer.model has "
                           f"{tok.vocab_size} pieces; use the tokenizer the model was trained with")

@@ -87,7 +87,7 @@ def load_sentencepiece(folder: Path) -> Tokenizer:
         found = ", ".join(sorted(p.name for p in Path(folder).glob("tokenizer*")
                                  if p.name != "tokenizer_config.json")) or "no tokenizer files"
         raise ExportError(f"{folder}: no tokenizer.model (found: {found}); minillm needs a sentencepiece "
-                          "tokenizer, as Llama 2, Mistral or a minillm export have")
+                          "tokenizer, as Llama 2 folders and minillm exports have")
     try:
         tok = Tokenizer(path.read_bytes())
     except RuntimeError as e:

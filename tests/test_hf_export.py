@@ -1,0 +1,202 @@
+"""Export to Hugging Face transformers (python -m minillm.export): logits, greedy tokens and tokenizer ids
+match minillm's for every architecture it maps to; refusals and OUT_DIR rules are one line."""
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every load below is from a local folder
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from conftest import ROOT, make_corpus  # noqa: E402
+from minillm import checkpoint as ckpt  # noqa: E402
+from minillm.config import ModelConfig, TokenizerConfig  # noqa: E402
+from minillm.export import export, main  # noqa: E402
+from minillm.generation import Engine, Row, SamplingParams  # noqa: E402
+from minillm.hf_arch import ExportError, architecture, hf_config_fields, to_hf_state  # noqa: E402
+from minillm.model import GPT  # noqa: E402
+from minillm.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+
+MIXED = ("Hello, World!  Two  spaces,\ta tab\n\n and a blank line. 红楼梦 第一回 甄士隐梦幻识通灵 😀🎉👍🏽 "
+         "café naïve ﬁ ｆｕｌｌ 12345 67\r\n   trailing spaces   ")
+TEXT = make_corpus(600) + "甄士隐梦幻识通灵 贾雨村风尘怀闺秀 红楼梦 第一回\n" * 30 + "emoji 😀 and tabs\t\tand  spaces\n" * 10
+
+# name -> ModelConfig options (shapes are added by small_model); norm_eps far from transformers' defaults
+ARCHS = {
+    "llama-mha-tied": dict(norm_eps=1e-3),
+    "llama-gqa-untied-bias": dict(n_kv_head=2, tie_embeddings=False, bias=True, norm_eps=1e-4, rope_theta=500.0),
+    "llama-mqa": dict(n_kv_head=1, norm_eps=1e-2),
+    "qwen3-gqa": dict(n_kv_head=2, qk_norm=True, norm_eps=1e-3),
+    "gpt2-tanh-bias": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-3),
+    "gpt2-exact-nobias-untied": dict(pos="learned", norm="layernorm", mlp="gelu", gelu_approximate="none",
+                                     bias=False, tie_embeddings=False, norm_eps=1e-2, mlp_hidden=96),
+}
+EXPECTED = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small run fastest on one thread (and do not fight other processes for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tok() -> Tokenizer:
+    return train_tokenizer([TEXT], TokenizerConfig(vocab_size=400))
+
+
+def small_model(tok: Tokenizer, seed: int = 0, **options) -> GPT:
+    """A random model whose every weight matters: attention peaked (large q/k), norm scales and biases
+    away from 1 and 0, so a swapped split, a lost bias or a wrong eps moves the logits."""
+    shape = dict(n_layer=2, n_head=4, n_embd=64, block_size=48, vocab_size=tok.vocab_size)
+    cfg = ModelConfig(**{**shape, **options})
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.25)
+    return model
+
+
+def fake_run(folder: Path, model: GPT, tok: Tokenizer, step: int = 7) -> Path:
+    """A run folder holding one checkpoint of ``model`` (what train.py writes, minus training state)."""
+    state = {"model": model.state_dict(), "config": {"model": asdict(model.cfg)}, "train_state": {"step": step},
+             "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)}
+    ckpt.save_checkpoint(folder, step, state)
+    return folder
+
+
+def assert_parity(model: GPT, tok: Tokenizer, out: Path) -> float:
+    """transformers' model and tokenizer from ``out`` against minillm's: logits on full block_size rows
+    within 1e-4, 32 greedy tokens equal, tokenizer ids and decoded text equal. Returns the max diff."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(ids)[0] - hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    prompt = tok.encode("ROMEO: the king")
+    ours = Engine(model).generate_ids([Row(prompt)], 32, SamplingParams(temperature=0))[0]
+    hf.generation_config = transformers.GenerationConfig(do_sample=False, pad_token_id=0)  # no eos: 32 tokens
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32)[0, len(prompt):].tolist()
+    assert len(ours) == 32 and ours == theirs
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.encode(MIXED) == tok.encode(MIXED)
+    assert hf_tok.decode(tok.encode(MIXED)) == MIXED
+    return diff
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_random_models_of_each_architecture_match_transformers(name, tok, tmp_path):
+    model = small_model(tok, **ARCHS[name])
+    done = export(fake_run(tmp_path / "run", model, tok), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [EXPECTED[name.split("-")[0]]] == [EXPECTED[done["architecture"]]]
+    assert config["tie_word_embeddings"] == model.cfg.tie_embeddings and config["minillm"]["step"] == 7
+    assert done["max_logit_diff"] <= 1e-4
+    assert_parity(model, tok, tmp_path / "hf")
+    names = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "tokenizer.model"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_a_padded_vocabulary_exports(tok, tmp_path):
+    """model.vocab_size above the tokenizer's (padded to a multiple of 64) keeps its rows."""
+    model = small_model(tok, vocab_size=448, n_kv_head=2)
+    export(fake_run(tmp_path / "run", model, tok), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 448
+    assert_parity(model, tok, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("model_type,vocab", [("bpe", 400), ("unigram", 380), ("char", 300)])
+def test_tokenizer_ids_and_text_match_sentencepiece(model_type, vocab, tmp_path):
+    tok = train_tokenizer([TEXT], TokenizerConfig(vocab_size=vocab, model_type=model_type))
+    export(fake_run(tmp_path / "run", small_model(tok), tok), tmp_path / "hf", check=False)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = [MIXED, "", " ", "\n\n\n", "  leading", "trailing\t ", "ROMEO:\nthe king", "😀", "a\r\nb"]
+    if model_type != "unigram":  # unigram in tokenizers can match a special piece's text (hf_tokenizer.py)
+        texts += ["</s> <s> <pad> <unk>", "<0xE2> <0x41>"]
+    for text in texts:
+        assert hf_tok.encode(text) == tok.encode(text), text
+        assert hf_tok.decode(tok.encode(text)) == text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (1, 2, 3)
+
+
+def test_trained_run_exports_through_the_command_line(tmp_path, corpus_file, data_dir, capsys):
+    from test_trainer import tiny_cfg
+    from minillm.run_folder import load_run
+    from minillm.trainer import train
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=6))
+    out = tmp_path / "hf"
+    assert main([str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "llama" in printed and "step 6" in printed
+    loaded = load_run(run)
+    assert_parity(loaded.model, loaded.tokenizer, out)
+    assert main([str(run), str(out), "--no-check"]) == 0  # a previous export is replaced, and said so
+    assert "replaced the previous export" in capsys.readouterr().out
+
+
+def test_out_dir_that_is_not_an_export_is_never_overwritten(tok, tmp_path, capsys):
+    run = fake_run(tmp_path / "run", small_model(tok), tok)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main([str(run), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: OUT_DIR") and "not a minillm export" in err and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("options,key", [
+    (dict(norm="layernorm"), "model.norm"), (dict(mlp="gelu"), "model.mlp"), (dict(qk_norm=True, bias=True), "model.bias"),
+    (dict(pos="learned", mlp="gelu"), "model.norm"), (dict(pos="learned", norm="layernorm"), "model.mlp"),
+    (dict(pos="learned", norm="layernorm", mlp="gelu", qk_norm=True), "model.qk_norm"),
+    (dict(pos="learned", norm="layernorm", mlp="gelu", n_kv_head=1), "model.n_kv_head")])
+def test_a_combination_without_an_exact_equivalent_is_refused_naming_the_option(options, key, tok, tmp_path, capsys):
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size, **options)
+    with pytest.raises(ExportError, match=rf"^{key}="):
+        architecture(cfg)
+    if key == "model.norm":  # and through the command: one line, exit 2, nothing written
+        assert main([str(fake_run(tmp_path / "run", GPT(cfg), tok)), str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {key}=") and err.count("\n") == 1 and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_preset_maps_onto_transformers(preset):
+    """Names and shapes of every tensor agree (strict load on the meta device: no memory, no time)."""
+    cfg = ModelConfig(**yaml.safe_load(preset.read_text()), vocab_size=50257)
+    arch = architecture(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+        hf = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(arch, **hf_config_fields(cfg, {"eos_token_id": 2})))
+    mapped = to_hf_state(model.state_dict(), cfg, arch)
+    expected = {k: v.shape for k, v in hf.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    assert {k: v.shape for k, v in mapped.items()} == expected
+
+
+def test_without_the_hf_extra_the_command_says_what_to_install(tok, tmp_path, capsys, monkeypatch):
+    run = fake_run(tmp_path / "run", small_model(tok), tok)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    assert main([str(run), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[hf]"' in err and not (tmp_path / "hf").exists()
