@@ -71,6 +71,4 @@ def load_hf_source(path: str | Path) -> dict:
         raise ExportError(f"{folder}: the weights have no tensor {e.args[0]!r}, which a {model_type} model "
                           "with this config.json needs") from e
     state = {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
     return {"model": state, "tokenizer": tok, "model_config": fields, "step": 0, "where": folder}

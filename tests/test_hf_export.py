@@ -129,7 +129,7 @@ def test_tokenizer_ids_and_text_match_sentencepiece(model_type, vocab, tmp_path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     texts = [MIXED, "", " ", "\n\n\n", "  leading", "trailing\t ", "ROMEO:\nthe king", "😀", "a\r\nb"]
     if model_type != "unigram":  # unigram in tokenizers can match a special piece's text (hf_tokenizer.py)
-        texts += ["</s> <s> <pad> <unk>", "<0xE2> <0x41>"]
+        texts += ["</s> <s> <pad> <unk>", "</s>", "<0xE2>", "<0xE2> <0x41>"]
     for text in texts:
         assert hf_tok.encode(text) == tok.encode(text), text
         assert hf_tok.decode(tok.encode(text)) == text
