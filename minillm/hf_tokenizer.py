@@ -45,7 +45,7 @@ def _backend(tok: Tokenizer):
         vocab = [(p.piece, p.score) for p in m.pieces]
     else:  # bpe, and char (a BPE without merges: every piece is one character)
         vocab = {p.piece: i for i, p in enumerate(m.pieces)}
-    backend = SpmConverter.build_tokenizer_from_spm_proto(m, vocab, legacy=False)
+    backend = SpmConverter.build_tokenizer_from_spm_proto(m, vocab, legacy=True)
     user_defined = [p.piece for p in m.pieces if p.type == 4]
     if kind != _UNIGRAM and all(len(p) == 1 for p in user_defined):
         backend.model.ignore_merges = False  # single-character user pieces need no whole-word lookup

@@ -118,3 +118,42 @@ def test_coverage_warning_gives_the_measured_share(tok, caplog):
     caplog.clear()
     check_coverage({"tokenizer": english, "where": "pre"}, english.encode_array(make_corpus(50, seed=3)))
     assert caplog.text == ""
+
+
+def test_a_llama_folder_written_by_transformers_imports_with_its_tokenizer(tmp_path):
+    """Not a minillm export: bf16 weights, untied, a sentencepiece model with Llama's settings (dummy
+    prefix, nfkc normalization, no pad). minillm computes transformers' logits, and re-exported, its
+    tokenizer gives sentencepiece's ids."""
+    import io
+    import sentencepiece as spm
+    from minillm.hf_tokenizer import save_hf_tokenizer
+    from minillm.model import GPT
+    from test_hf_export import MIXED, TEXT
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=buf, vocab_size=400,
+                                   byte_fallback=True, character_coverage=0.9995, minloglevel=2)
+    config = transformers.LlamaConfig(vocab_size=416, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.25)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "tokenizer.model").write_bytes(buf.getvalue())
+    source = load_hf_source(tmp_path / "llama")
+    assert source["model_config"]["name"] == "hf-llama" and source["model_config"]["rope_theta"] == 1000.0
+    model = GPT(ModelConfig(**source["model_config"])).eval()
+    model.load_state_dict(source["model"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    ids = torch.randint(0, 416, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
+    save_hf_tokenizer(source["tokenizer"], tmp_path / "tok", 64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for text in (MIXED, " leading space", "two\n\nlines", "ｆｕｌｌ width"):
+        assert hf_tok.encode(text) == source["tokenizer"].encode(text), text
