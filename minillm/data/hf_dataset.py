@@ -108,17 +108,27 @@ class HFSplit:
         naming it (with ``skip_bad``: comes as its error); no such column: RecordError listing them."""
         d, top = self.open(), field.split(".")[0]
         columns = d.column_names
-        if columns is not None:
-            if top not in columns:
-                raise no_column(top, list(columns))
-            d = d.select_columns([top])
+        if columns is not None and top not in columns:
+            raise no_column(top, list(columns))
+        files = self._arrow_files(d)
 
         def values() -> Iterator[Any]:
-            for batch in d.iter(batch_size=_BATCH):
+            if files:
+                yield from _stream_column(files, top)
+                return
+            for batch in (d.select_columns([top]) if columns is not None else d).iter(batch_size=_BATCH):
                 if top not in batch:
                     raise no_column(top, list(batch))
                 yield from batch[top]
         return field_records(values(), field, skip_bad)
+
+    def _arrow_files(self, d: Any) -> list[str] | None:
+        """The Arrow files of a saved dataset, in row order, when they hold exactly its rows (no indices
+        mapping): read as streams, their pages do not stay mapped in the process as datasets' memory map
+        does (which kept the whole split resident: +1 MB of RSS per MB read)."""
+        if self.kind != "disk" or getattr(d, "_indices", None) is not None:
+            return None
+        return [c["filename"] for c in d.cache_files] or None
 
     def rows(self) -> int | None:
         """The number of rows if known without reading them (a saved Dataset; else the metadata)."""
@@ -129,6 +139,16 @@ class HFSplit:
             return int(d.info.splits[self.split or "train"].num_examples)
         except (DataError, KeyError, TypeError, AttributeError):
             return None
+
+
+def _stream_column(files: list[str], column: str) -> Iterator[Any]:
+    """The values of ``column`` in Arrow IPC stream files (what save_to_disk writes), a record batch at a
+    time, read with plain reads (bounded memory) rather than a memory map."""
+    import pyarrow as pa
+    for name in files:
+        with pa.OSFile(name) as src:
+            for batch in pa.ipc.open_stream(src):
+                yield from batch.column(column).to_pylist()
 
 
 def hf_splits(cfg: DataConfig) -> tuple[HFSplit, HFSplit | None]:
