@@ -9,10 +9,18 @@
 
 "Readable" includes the checksum written with every checkpoint (minillm/checkpoint.py).
 
+A checkpoint continues only the run that wrote it: the same model (``check_compatible``), tokenizer,
+prepared data (the token files' counts and checksums, so an edited corpus is caught and a moved one
+is not) and the settings that shape training (``SHAPING``: seed, optim.*, steps, spike filter, and the
+global batch: batch_size x grad_accum_steps x processes, so moving to another number of processes
+with the same global batch is no change). A difference is refused in one line naming every key with its old and new value, unless
+``train.allow_changes=true``: then it is logged and the run folder keeps every config it has had.
+
 Rank 0 chooses; the other ranks load the checkpoint it chose, never one of their own choosing.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict
@@ -82,6 +90,44 @@ def _choose_checkpoint(cfg: TrainJobConfig, run_dir: Path, full_model: bool) -> 
     return None, None
 
 
+# Keys (or key prefixes) of the flattened config whose change reshapes the run's trajectory. optim.fused
+# only picks AdamW's implementation. The batch is compared as the global batch (check_settings), data
+# and tokenizer by what they produce (check_resumable).
+SHAPING = ("seed", "optim.", "train.max_steps", "train.spike_zscore", "train.spike_window")
+NOT_SHAPING = ("optim.fused",)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def setting_changes(saved: dict, current: dict, saved_world: int = 1, world: int = 1) -> dict[str, tuple]:
+    """{key: (checkpoint's value, configured value)} for every SHAPING key that differs, and for the
+    global batch in sequences (batch_size x grad_accum_steps x processes). Keys the checkpoint
+    predates are not compared."""
+    old, new = flatten(saved), flatten(current)
+    changes = {k: (old[k], v) for k, v in new.items()
+               if k in old and old[k] != v and k.startswith(SHAPING) and k not in NOT_SHAPING}
+    batch = [c["train"]["batch_size"] * c["train"]["grad_accum_steps"] * w
+             for c, w in ((saved, saved_world), (current, world))]
+    if batch[0] != batch[1]:
+        changes["global batch (batch_size x grad_accum_steps x processes)"] = tuple(batch)
+    return changes
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    """``optim.lr 0.003 -> 0.001, ...`` (the data's descriptions unquoted)."""
+    show = lambda k, v: v if k.startswith("data (") else repr(v)  # noqa: E731
+    return ", ".join(f"{k} {show(k, old)} -> {show(k, new)}" for k, (old, new) in changes.items())
+
+
 def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
     """Refuse a checkpoint whose model differs from the configured one, naming the field (RunError)."""
     defaults = asdict(ModelConfig())  # a key added after the checkpoint was written has its default there
@@ -102,14 +148,17 @@ def suggest_out_dir(out_dir: str | Path) -> str:
     return str(path.with_name(f"{stem}-{k}"))
 
 
-def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_proto: bytes,
-                    info: dist.DistInfo, fsdp: bool) -> None:
-    """Refuse (RunError) a checkpoint of another model, tokenizer or sharding; warn on a new world size."""
+def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_proto: bytes, data_id: dict,
+                    info: dist.DistInfo, fsdp: bool) -> dict[str, tuple]:
+    """Refuse (RunError) a checkpoint of another model, tokenizer or sharding, or (unless
+    train.allow_changes) other training settings or data; warn on a new world size. Returns the
+    changes allowed, {key: (old, new)}."""
     check_compatible(state["config"]["model"], cfg.model, where)
     if bytes(state["tokenizer"].numpy().tobytes()) != tokenizer_proto:
         raise RunError(f"{where}: was trained with a different tokenizer than the tokenizer.* and data.* "
-                       f"settings give now (another corpus?); to start a new run, pass "
+                       f"settings give now (another or an edited corpus?); to start a new run, pass "
                        f"out_dir={suggest_out_dir(cfg.out_dir)}, or use that run's settings to continue it")
+    changes = check_settings(state, where, cfg, data_id, info.world_size)
     if state.get("world_size", 1) != info.world_size:
         log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
                     where, state.get("world_size", 1), info.world_size)
@@ -117,6 +166,31 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
         kind, needs = ("sharded", "fsdp") if state.get("sharded") else ("full", "ddp")
         raise RunError(f"{where}: a {kind} checkpoint resumes only with train.parallel={needs} "
                        "(any checkpoint loads in sample.py)")
+    return changes
+
+
+def check_settings(state: dict, where: Path, cfg: TrainJobConfig, data_id: dict, world: int) -> dict[str, tuple]:
+    """The SHAPING settings, global batch and prepared data of the checkpoint against the run's: refused
+    in one line (RunError) when they differ, unless train.allow_changes; then logged. Returns them."""
+    changes = setting_changes(state["config"], json.loads(json.dumps(asdict(cfg))), state.get("world_size", 1),
+                              world)
+    saved_data = state.get("data")
+    if saved_data is not None and saved_data != data_id:
+        changes["data (prepared tokens)"] = (_describe_data(saved_data), _describe_data(data_id))
+    if not changes:
+        return changes
+    if not cfg.train.allow_changes:
+        raise RunError(f"{where}: the run was trained with other settings: {describe_changes(changes)}; "
+                       "rerun with the checkpoint's values to continue it, or pass train.allow_changes=true "
+                       f"to continue with the new ones (logged; every config is kept), or start a new run "
+                       f"with out_dir={suggest_out_dir(cfg.out_dir)}")
+    log.warning("warning: continuing %s with changed settings (train.allow_changes=true): %s", where,
+                describe_changes(changes))
+    return changes
+
+
+def _describe_data(data_id: dict) -> str:
+    return ", ".join(f"{split} {d['count']} tokens crc {d['crc']:08x}" for split, d in sorted(data_id.items()))
 
 
 def check_same_optimizer(state: dict, where: Path, cfg: TrainJobConfig) -> None:

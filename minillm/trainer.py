@@ -41,11 +41,12 @@ from minillm import evaluation, ops
 from minillm.config import TrainJobConfig
 from minillm.data.batches import BatchSource
 from minillm.data.prepare import PreparedData, prepare
-from minillm.data.token_file import read_tokens
+from minillm.data.token_file import read_header, read_tokens
 from minillm.device import autocast_for, peak_memory_mb
+from minillm.distributed import failure
 from minillm.distributed import process_group as dist
 from minillm.distributed.wrapping import full_value, grad_sync, local, shard_fsdp, wrap_ddp
-from minillm.errors import RunError
+from minillm.errors import RunError, UserError
 from minillm.flops import mfu, peak_flops
 from minillm.guards import NonFiniteError, StepGuard
 from minillm.metrics import MetricsLogger
@@ -80,6 +81,14 @@ def train(cfg: TrainJobConfig) -> dict:
                      dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
         with hold_run_folder(cfg.out_dir, info):  # one run per folder, before anything in it is touched
             return Trainer(cfg, info).fit()
+    except UserError as e:
+        failure.report(info, str(e))  # for the peers waiting on this rank (minillm/distributed/failure.py)
+        raise
+    except Exception:
+        peer = failure.peer_failure(info)
+        if peer is None:
+            raise
+        raise RunError(f"rank {info.rank} stopped: rank {peer[0]} failed: {peer[1]}") from None
     finally:
         dist.teardown()
 
@@ -101,6 +110,7 @@ class RunData:
     tokenizer: Tokenizer
     train: np.ndarray
     val: np.ndarray
+    id: dict  # what identifies the prepared data in a checkpoint: each split's token count and checksum
 
 
 def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | None = None) -> RunData:
@@ -112,7 +122,10 @@ def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | N
     if info.local_rank != 0:
         prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     tok = Tokenizer.load(prepared.tokenizer)
-    data = RunData(prepared, tok, read_tokens(prepared.train, tok.vocab_size), read_tokens(prepared.val, tok.vocab_size))
+    data_id = {split: {k: read_header(path)[k] for k in ("count", "crc")}
+               for split, path in (("train", prepared.train), ("val", prepared.val))}
+    data = RunData(prepared, tok, read_tokens(prepared.train, tok.vocab_size),
+                   read_tokens(prepared.val, tok.vocab_size), data_id)
     if len(data.val) < 2:
         raise RunError(f"the validation split has {len(data.val)} tokens; it needs at least 2 "
                        "(a larger corpus or data.val_fraction)")
@@ -167,7 +180,7 @@ class Trainer:
         self.fsdp = info.enabled and self.tc.parallel == "fsdp"
         state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
         if state is not None:
-            check_resumable(state, self.resumed_from, cfg, self.data.tokenizer.proto, info, self.fsdp)
+            check_resumable(state, self.resumed_from, cfg, self.data.tokenizer.proto, self.data.id, info, self.fsdp)
         self.state = TrainState()
         self.finished = state is not None and state["train_state"]["step"] >= self.tc.max_steps
         if self.finished:  # nothing to train: fit() reports it; no component is built
@@ -239,6 +252,7 @@ class Trainer:
         sharded = ("model", "optimizer") if self.fsdp else ()
         out = {name: c.state_dict() for name, c in self.components().items() if name not in sharded}
         return out | {"config": json.loads(json.dumps(asdict(self.cfg))), "world_size": self.info.world_size,
+                      "data": self.data.id,
                       "tokenizer": torch.frombuffer(bytearray(self.data.tokenizer.proto), dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict, sharded_dir: Path | None = None) -> None:
@@ -407,7 +421,7 @@ class Trainer:
             ckpt.set_aside_newer(self.run_dir, self.state.step)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data.tokenizer.save(self.run_dir / "tokenizer.model")
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        keep_config_history(self.run_dir, json.dumps(asdict(self.cfg), indent=2), self.state.step)
         self.metrics = MetricsLogger(self.run_dir, self.cfg.logger.wandb, asdict(self.cfg),
                                      self.state.step if self.resumed_from is not None else None)
 
@@ -453,3 +467,16 @@ class Trainer:
         log.info("done: step %d, val loss %.4f, val bpb %.4f, %.1fs; run folder %s", summary["step"],
                  summary["final_val_loss"], summary["final_val_bpb"], summary["wall_s"], self.run_dir)
 
+
+
+def keep_config_history(run_dir: Path, config: str, step: int) -> None:
+    """Write config.json; a different config.json already there (an earlier part of the run, or a run
+    continued with train.allow_changes) is kept as config.<k>.json, k = 1, 2, ... in order."""
+    path = run_dir / "config.json"
+    if path.exists() and path.read_text() != config:
+        k = 1
+        while (run_dir / f"config.{k}.json").exists():
+            k += 1
+        path.rename(run_dir / f"config.{k}.json")
+        log.info("config.json changed at step %d; the previous one is kept as config.%d.json", step, k)
+    path.write_text(config)

@@ -82,7 +82,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, corpus_fil
     assert_same_training(one, two)
     # A 2-process checkpoint continues in 1 process (with a warning) and finishes.
     err = single([f"data.path={corpus_file}", f"out_dir={two}", *COMMON, "train.max_steps=9",
-                  "train.batch_size=8"], env)
+                  "train.batch_size=8", "train.allow_changes=true"], env)   # the same global batch: no change
+    assert "changed settings (train.allow_changes=true): train.max_steps 6 -> 9" in err
     assert "written by 2 processes, now 1" in err and records(two)[-1]["step"] == 9
 
 
@@ -258,7 +259,7 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_round_trips(tmp_path, corpu
     launch([*args, f"out_dir={fsdp}", "train.max_steps=4", "train.parallel=fsdp"], env)
     shard = ckpt.latest_checkpoint(fsdp)
     assert shard.is_dir() and (shard / "meta.pt").is_file() and (shard / "model" / ".metadata").is_file()
-    err = launch([*args, f"out_dir={fsdp}", "train.max_steps=6", "train.parallel=fsdp"], env)
+    err = launch([*args, f"out_dir={fsdp}", "train.max_steps=6", "train.parallel=fsdp", "train.allow_changes=true"], env)
     assert "resuming from" in err and "step 4" in err
     assert_same_training(ddp, fsdp)   # sharded compute and a sharded resume give DDP's numbers
     # The sharded checkpoint loads in a single process for sampling, with DDP's weights.

@@ -34,7 +34,7 @@ def test_train_resume_sample(tmp_path, corpus_file, env):
     assert [r["step"] for r in evals] == [3, 6] and all(0 < r["val_bpb"] < 20 for r in evals)
 
     # Continue the same run to step 10: it resumes from step 6, it does not restart.
-    r = train(run, corpus_file, env, "train.max_steps=10", "train.eval_interval=3")
+    r = train(run, corpus_file, env, "train.max_steps=10", "train.eval_interval=3", "train.allow_changes=true")
     assert "resuming from" in r.stderr and "step 6" in r.stderr
     assert [x["step"] for x in metrics(run)] == list(range(1, 11))
 

@@ -84,7 +84,7 @@ def test_resume_auto_falls_back_past_a_flipped_bit(tmp_path, corpus_file, data_d
     train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))
     flip_payload_bit(run / "ckpt" / "step_000004.pt")
     caplog.set_level("INFO", logger="minillm")
-    summary = train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2))
+    summary = train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2, allow_changes=True))
     assert "step_000004.pt: checksum mismatch" in caplog.text and "falling back" in caplog.text
     assert "resuming from" in caplog.text and "at step 2" in caplog.text
     assert summary["step"] == 6
@@ -99,7 +99,7 @@ def test_explicit_resume_to_an_older_checkpoint_is_honoured_when_the_newer_is_co
     older = run / "ckpt" / "step_000002.pt"
     flip_payload_bit(run / "ckpt" / "step_000004.pt")
     caplog.set_level("INFO", logger="minillm")
-    summary = train(tiny_cfg(run, corpus_file, max_steps=5, ckpt_interval=2, resume=str(older)))
+    summary = train(tiny_cfg(run, corpus_file, max_steps=5, ckpt_interval=2, resume=str(older), allow_changes=True))
     assert "continuing from train.resume=" in caplog.text and "at step 2" in caplog.text
     assert summary["step"] == 5
     flip_payload_bit(run / "ckpt" / "step_000005.pt")

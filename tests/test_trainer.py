@@ -53,7 +53,8 @@ def test_resume_is_bitwise_exact_and_needs_sampler_and_rng_state(tmp_path, corpu
         # a fresh process, as a user restarting a job would
         r = run_entry("train.py", f"data.path={corpus_file}", f"out_dir={run}", *TINY_ARGS,
                       "model.dropout=0.1", "optim.schedule=constant", "train.eval_interval=0",
-                      "train.max_steps=8", "device=cpu", env={"MINILLM_DATA_DIR": str(data_dir)})
+                      "train.max_steps=8", "train.allow_changes=true", "device=cpu",
+                      env={"MINILLM_DATA_DIR": str(data_dir)})
         assert r.returncode == 0, r.stderr[-2000:]
         return run
 
@@ -90,7 +91,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, corpus_file, data_dir, 
     latest = ckpt.latest_checkpoint(run)
     latest.write_bytes(latest.read_bytes()[:100])            # truncated
     caplog.set_level("INFO", logger="minillm")
-    summary = train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2))
+    summary = train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2, allow_changes=True))
     assert "falling back" in caplog.text and "resuming from" in caplog.text and "step_000002.pt" in caplog.text
     assert summary["step"] == 6
 
@@ -210,7 +211,7 @@ def test_resume_survives_a_torn_metrics_line(tmp_path, corpus_file, data_dir):
     train(tiny_cfg(run, corpus_file, max_steps=2))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "train_lo')                      # a crash mid-write
-    train(tiny_cfg(run, corpus_file, max_steps=4))
+    train(tiny_cfg(run, corpus_file, max_steps=4, allow_changes=True))
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
@@ -283,9 +284,10 @@ def test_resume_path_is_not_reapplied_once_the_run_has_moved_on(tmp_path, corpus
     base, run = tmp_path / "base", tmp_path / "run"
     train(tiny_cfg(base, corpus_file, max_steps=4, ckpt_interval=2))
     start = base / "ckpt" / "step_000002.pt"
-    train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2, resume=str(start)))
+    train(tiny_cfg(run, corpus_file, max_steps=6, ckpt_interval=2, resume=str(start), allow_changes=True))
     caplog.set_level("INFO", logger="minillm")
-    summary = train(tiny_cfg(run, corpus_file, max_steps=8, ckpt_interval=2, resume=str(start)))  # relaunched
+    summary = train(tiny_cfg(run, corpus_file, max_steps=8, ckpt_interval=2, resume=str(start),  # relaunched
+                             allow_changes=True))
     assert "continuing from it" in caplog.text and "at step 6" in caplog.text
     assert summary["step"] == 8
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == list(range(3, 9))

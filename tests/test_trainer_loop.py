@@ -109,11 +109,11 @@ def test_a_checkpoint_is_the_components_state_dicts_by_name(tmp_path, corpus_fil
     trainer.fit()
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
     assert set(trainer.components()) == {"model", "optimizer", "batches", "guard", "rng", "train_state"}
-    assert set(state) == set(trainer.components()) | {"config", "tokenizer", "world_size", "format_version"}
+    assert set(state) == set(trainer.components()) | {"config", "tokenizer", "world_size", "data", "format_version"}
     assert state["train_state"] == trainer.state.state_dict() == {"step": 3, "tokens_seen": 3 * 4 * 32,
                                                                  "best_val_loss": trainer.state.best_val_loss}
     assert state["batches"] == trainer.batches.state_dict() and state["guard"] == trainer.guard.state_dict()
-    fresh = make_trainer(run, corpus_file, max_steps=5)   # resume=auto picks the checkpoint up
+    fresh = make_trainer(run, corpus_file, max_steps=5, allow_changes=True)   # resume=auto picks it up
     assert fresh.state.step == 3 and fresh.batches.state_dict() == trainer.batches.state_dict()
     for name, t in trainer.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[name], t), name
@@ -121,12 +121,12 @@ def test_a_checkpoint_is_the_components_state_dicts_by_name(tmp_path, corpus_fil
 
 def test_a_finished_run_builds_nothing_and_reports_itself(tmp_path, corpus_file, data_dir, caplog):
     """Re-running a finished run says so and returns its summary, even with settings that could not
-    resume it (another optimizer): nothing is built, nothing in the folder changes."""
+    resume it (another optimizer, allowed): nothing is built, nothing in the folder changes."""
     run = tmp_path / "run"
     first = make_trainer(run, corpus_file, max_steps=3).fit()
     before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     caplog.set_level("INFO", logger="minillm")
-    again = make_trainer(run, corpus_file, optim=OptimConfig(name="muon"), max_steps=3)
+    again = make_trainer(run, corpus_file, optim=OptimConfig(name="muon"), max_steps=3, allow_changes=True)
     assert again.finished and not hasattr(again, "model")
     assert again.fit() == first
     assert "already finished at step 3" in caplog.text and "resuming from" not in caplog.text
@@ -138,8 +138,11 @@ def test_resuming_with_another_optimizer_is_one_line(tmp_path, corpus_file, data
 
     run = tmp_path / "run"
     make_trainer(run, corpus_file, max_steps=2).fit()
+    with pytest.raises(RunError, match=r"other settings: optim.name 'adamw' -> 'muon', optim.warmup_steps 3 -> 30;"):
+        make_trainer(run, corpus_file, optim=OptimConfig(name="muon"), max_steps=2)
+    # allowing changes cannot continue an AdamW state with Muon
     with pytest.raises(RunError, match=r"optim.name=adamw, the config says muon; resume with optim=adamw"):
-        make_trainer(run, corpus_file, optim=OptimConfig(name="muon"), max_steps=4)
+        make_trainer(run, corpus_file, optim=OptimConfig(name="muon"), max_steps=4, allow_changes=True)
 
 
 def to_format_1(state: dict) -> dict:
@@ -169,7 +172,7 @@ def test_a_format_1_muon_run_resumes_where_it_stopped(tmp_path, corpus_file, dat
     make_trainer(run, corpus_file, optim=muon, max_steps=3).fit()
     path = ckpt.latest_checkpoint(run)
     torch.save(to_format_1(torch.load(path, weights_only=True)), path)
-    resumed = make_trainer(run, corpus_file, optim=muon, max_steps=6)
+    resumed = make_trainer(run, corpus_file, optim=muon, max_steps=6, allow_changes=True)
     assert resumed.state.step == 3
     resumed.fit()
     for name, t in params(straight).items():
