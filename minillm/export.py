@@ -82,7 +82,7 @@ def write_export(model: GPT, tok: Tokenizer, folder: Path, dtype: str, source: d
     hf = hf_model(model, tok, DTYPES[dtype])
     hf.config.minillm = {**hf.config.minillm, **source}
     specials = {k: v for k, v in special_ids(tok).items() if v is not None}
-    hf.generation_config = GenerationConfig(**specials, max_length=model.cfg.block_size, do_sample=False)
+    hf.generation_config = GenerationConfig(**specials, do_sample=False)  # greedy, as sample.py temperature=0
     hf.save_pretrained(folder)
     save_hf_tokenizer(tok, folder, model.cfg.block_size)
 

@@ -72,6 +72,18 @@ def small_model(tok: Tokenizer, seed: int = 0, **options) -> GPT:
     return model
 
 
+def tiny_cfg(run, corpus, **train_kw):
+    """The tiny run of tests/test_trainer.py (seconds on a CPU), for train()."""
+    from minillm.config import (DataConfig, LoggerConfig, OptimConfig, TrainConfig, TrainJobConfig)
+    return TrainJobConfig(
+        out_dir=str(run), device="cpu",
+        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=32, dropout=0.1),
+        data=DataConfig(path=str(corpus)), tokenizer=TokenizerConfig(vocab_size=400),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="constant"),
+        train=TrainConfig(**{"max_steps": 6, "batch_size": 4, "log_interval": 1, "eval_interval": 0, **train_kw}),
+        logger=LoggerConfig(progress=False))
+
+
 def fake_run(folder: Path, model: GPT, tok: Tokenizer, step: int = 7) -> Path:
     """A run folder holding one checkpoint of ``model`` (what train.py writes, minus training state)."""
     state = {"model": model.state_dict(), "config": {"model": asdict(model.cfg)}, "train_state": {"step": step},
@@ -137,7 +149,6 @@ def test_tokenizer_ids_and_text_match_sentencepiece(model_type, vocab, tmp_path)
 
 
 def test_trained_run_exports_through_the_command_line(tmp_path, corpus_file, data_dir, capsys):
-    from test_trainer import tiny_cfg
     from minillm.run_folder import load_run
     from minillm.trainer import train
     run = tmp_path / "run"

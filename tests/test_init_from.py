@@ -14,12 +14,11 @@ from minillm.config import ModelConfig
 from minillm.errors import RunError, UserError
 from minillm.init_from import byte_fallback_share, check_coverage, load_source
 from minillm.trainer import train
-from test_trainer import tiny_cfg
 
 transformers = pytest.importorskip("transformers")
 from minillm.export import export  # noqa: E402
 from minillm.hf_import import load_hf_source  # noqa: E402
-from test_hf_export import ARCHS, fake_run, one_thread, small_model, tok  # noqa: E402,F401  (fixtures)
+from test_hf_export import ARCHS, fake_run, one_thread, small_model, tiny_cfg, tok  # noqa: E402,F401  (fixtures)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
