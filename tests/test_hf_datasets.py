@@ -67,10 +67,10 @@ def test_saved_dataset_dict_round_trips_with_a_validation_split(tmp_path):
 
 
 def test_saved_dataset_val_fraction_is_the_last_rows_whole(tmp_path, monkeypatch):
-    # a saved dataset's Arrow files are read as streams, not through its memory map (bounded RSS)
-    monkeypatch.setattr(datasets.Dataset, "iter", lambda *a, **k: pytest.fail("read through the memory map"))
     rows = [make_corpus(30, seed=s) for s in range(10)]
     datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "one"), num_shards=3)  # read in order
+    # a saved dataset's Arrow files are read as streams, not through its memory map (bounded RSS)
+    monkeypatch.setattr(datasets.Dataset, "iter", lambda *a, **k: pytest.fail("read through the memory map"))
     p = prep(hf_dataset=str(tmp_path / "one"), val_fraction=0.25)
     train, val = documents(p), documents(p, "val")
     assert train + val == rows and len(val) in (2, 3)  # whole rows: the one holding the cut byte starts val
