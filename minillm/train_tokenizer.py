@@ -35,7 +35,7 @@ def train_on_files(specs: Sequence[str], cfg: TokenizerConfig, val_spec: str | N
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"--val-fraction={val_fraction}: must be in (0, 1)")
     paths = [p for spec in specs for p in expand_paths(spec, "--input")]
-    files = check_files(paths, skip_invalid, "--input", "--skip-invalid", text_field)
+    files = check_files(paths, skip_invalid, "--input", "--skip-invalid", text_field, progress=True)
     source = describe_files(files, " ".join(specs))
     if val_spec:
         train = whole_files(files)
