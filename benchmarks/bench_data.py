@@ -167,8 +167,8 @@ def bench_size(size_mb: float, formats: list[str], workers: int, tmp: Path, tok_
     if not tok.exists():
         train_on_sample(_documents(int(tok_mb * 1e6), seed=1), TokenizerConfig(vocab_size=1024)).save(tok)
     rows = []
-    for fmt in formats:
-        rows.append({"size_mb": size_mb, **run_format(fmt, paths[fmt], tok, workers, tmp / f"cache-{fmt}-{size_mb:g}")})
+    for i, fmt in enumerate(formats):  # a fresh, empty cache for every row
+        rows.append({"size_mb": size_mb, **run_format(fmt, paths[fmt], tok, workers, tmp / f"cache-{size_mb:g}-{i}")})
         print(f"# {fmt}: {rows[-1]['prepare_s']:.1f} s, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     base = next((r for r in rows if r["format"] == "txt"), None)
     for r in rows:
