@@ -314,3 +314,18 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout(tmp_path, corpus_file, e
     assert p.returncode != 0
     assert time.time() - start < 200                  # an error after ~dist_timeout_s, not an endless wait
     assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
+
+
+def test_a_rank_failing_on_bad_input_stops_its_peer_in_one_line(tmp_path, env):
+    """Rank 0 prepares the data first and fails on a missing corpus; rank 1, waiting in the barrier,
+    stops with one line naming rank 0, not gloo's "Connection reset by peer" traceback."""
+    missing = tmp_path / "missing.txt"
+    p = launch([f"data.path={missing}", f"out_dir={tmp_path / 'run'}", *COMMON, "train.max_steps=2"], env,
+               wait=False)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    errors = sorted(l for l in err.splitlines() if l.startswith("error:"))
+    assert errors == [f"error: data.path={missing}: no such file or folder; give a UTF-8 text file, a folder or a glob",
+                      f"error: rank 1 stopped: rank 0 failed: data.path={missing}: no such file or folder; give "
+                      "a UTF-8 text file, a folder or a glob"], err[-3000:]
+    assert "Connection reset" not in err and "gloo" not in err.replace("(gloo)", "")
