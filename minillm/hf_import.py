@@ -48,6 +48,13 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _has_gpt2_biases(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether any LayerNorm or Linear bias of a GPT-2 state dict is nonzero (not the old causal-mask
+    buffers ``attn.bias``/``attn.masked_bias`` of the original gpt2 files)."""
+    layers = ("ln_1", "ln_2", "ln_f", "c_attn", "c_proj", "c_fc")
+    return any(bool(t.any()) for k, t in weights.items() if k.endswith(".bias") and k.split(".")[-2] in layers)
+
+
 def load_hf_source(path: str | Path) -> dict:
     """The fine-tuning source in a transformers folder (see the module docstring). Raises ExportError
     naming the field, file or tensor that cannot be used."""
@@ -63,8 +70,10 @@ def load_hf_source(path: str | Path) -> dict:
     if fields["vocab_size"] < tok.vocab_size:
         raise ExportError(f"{folder}: config.json has vocab_size={fields['vocab_size']} but tokenizer.model has "
                           f"{tok.vocab_size} pieces; use the tokenizer the model was trained with")
-    cfg = ModelConfig(**fields)
     weights = _read_weights(folder)
+    if model_type == "gpt2" and not fields["bias"] and _has_gpt2_biases(weights):
+        fields["bias"] = True  # exported bias-free, trained with biases since: keep them
+    cfg = ModelConfig(**fields)
     try:
         state = from_hf_state(weights, cfg, model_type)
     except KeyError as e:

@@ -33,6 +33,17 @@ def test_export_then_import_gives_bitwise_equal_weights_and_the_same_config(name
     assert source["tokenizer"].proto == tok.proto and source["step"] == 0
 
 
+def test_biases_trained_into_a_bias_free_gpt2_export_are_kept(tok, tmp_path):
+    from safetensors.torch import load_file, save_file
+    export(fake_run(tmp_path / "run", small_model(tok, **ARCHS["gpt2-exact-nobias-untied"]), tok), tmp_path / "hf",
+           check=False)
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    weights["transformer.h.1.mlp.c_fc.bias"][3] = 0.5  # as a fine-tune in transformers would
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    source = load_hf_source(tmp_path / "hf")
+    assert source["model_config"]["bias"] is True and source["model"]["blocks.1.mlp.fc.bias"][3] == 0.5
+
+
 def chinese_corpus(path, n_lines=300, seed=0):
     rng = random.Random(seed)
     path.write_text("".join("".join(chr(rng.randint(0x4E00, 0x4FFF)) for _ in range(30)) + "\n"
