@@ -189,12 +189,26 @@ def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             cfg = compose(config_name=config_name, overrides=argv)
-        if not isinstance(OmegaConf.to_object(cfg), schema):
+        job = OmegaConf.to_object(cfg)
+        if not isinstance(job, schema):
             fail(f"{config_name}.yaml does not compose to {schema.__name__}")
+        if isinstance(job, TrainJobConfig):
+            check_out_dir(job.out_dir)
     except ConfigError as e:
         fail(str(e))
     except Exception as e:  # Hydra and OmegaConf raise many types for bad overrides
         fail(format_error(e))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """One line (exit 2) when out_dir, or a folder above it, is a file: Hydra would fail creating it."""
+    path = Path(out_dir).expanduser()
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                fail(f"out_dir={out_dir}: {'it' if p == path else p} is a file, not a folder; choose another "
+                     "out_dir (nothing was changed)")
+            return
 
 
 def to_dataclass(cfg: DictConfig, cls: type[T]) -> T:

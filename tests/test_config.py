@@ -137,3 +137,15 @@ def test_n_kv_head_follows_n_head_unless_set(overrides, n_head, n_kv_head):
 def test_non_finite_floats_are_refused_by_name(build, key, value):
     with pytest.raises(ConfigError, match=rf"^{key}={value!r}: must be a finite number$"):
         build(value)
+
+
+@pytest.mark.parametrize("sub", ["", "/inner/run"])
+def test_out_dir_naming_a_file_is_one_line_and_the_file_is_kept(tmp_path, sub):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    r = run_entry("train.py", f"out_dir={f}{sub}", "train.max_steps=1")
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == (f"error: out_dir={f}{sub}: {'it' if not sub else f} is a file, not a folder; choose "
+                        "another out_dir (nothing was changed)")
+    assert f.read_text() == "mine"
