@@ -211,7 +211,9 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-@pytest.mark.parametrize("nodes,parallel", [(1, "ddp"), (2, "ddp"), (1, "fsdp")],
+# The two-node and FSDP variants take ~20 s and ~40 s on 2 cores: in the slow tier (`pytest -m slow`).
+@pytest.mark.parametrize("nodes,parallel", [(1, "ddp"), pytest.param(2, "ddp", marks=pytest.mark.slow),
+                                            pytest.param(1, "fsdp", marks=pytest.mark.slow)],
                          ids=["one-node", "two-nodes", "one-node-fsdp"])
 def test_killed_rank_restarts_and_resumes(tmp_path, corpus_file, env, nodes, parallel):
     # Two ranks, on one torchrun or on two "nodes" (one torchrun each, c10d rendezvous on loopback;
