@@ -84,8 +84,8 @@ class Tokenizer:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            raise TokenizerError(f"{path.parent}: cannot write {path.name} ({_why(e, len(self.proto), path.parent)})"
-                                 "; free space or make the folder writable, then run again") from e
+            raise TokenizerError(f"{path.parent}: cannot write {path.name} ({_why(e, len(self.proto), path.parent)}"
+                                 ", then run again") from e
 
     def _piece_bytes(self, i: int) -> bytes:
         if self.sp.is_control(i) or self.sp.is_unknown(i):
@@ -147,16 +147,17 @@ class Tokenizer:
 
 
 def _why(e: OSError, size: int, folder: Path) -> str:
-    """What an OSError of a write means, in a few words; for a full disk, the bytes needed and free."""
+    """What an OSError of a write means and what to do, in a few words; for a full disk, the bytes
+    needed and free."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = f", {shutil.disk_usage(folder).free:,} free"
         except OSError:
             free = ""
-        return f"no space left on the device: {size:,} bytes needed{free}"
+        return f"no space left on the device: {size:,} bytes needed{free}); free space there"
     if e.errno == errno.EROFS:
-        return "read-only file system"
-    return e.strerror or str(e)
+        return "read-only file system); make it writable or choose another folder"
+    return f"{e.strerror or e}); check the folder"
 
 
 class StreamDecoder:

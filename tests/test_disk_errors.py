@@ -138,7 +138,9 @@ def _bind_read_only(folder):
 
 
 def test_a_read_only_run_folder_is_refused_in_one_line(tmp_path):
+    from minillm.config import TokenizerConfig
     from minillm.distributed.process_group import DistInfo
+    from minillm.tokenizer import train_tokenizer
     from minillm.run_lock import hold_run_folder
     disk = tmp_path / "ro"
     _mount(disk, "size=1m", "ro")
@@ -149,6 +151,10 @@ def test_a_read_only_run_folder_is_refused_in_one_line(tmp_path):
         with pytest.raises(CheckpointError, match=rf"^{disk}/ckpt: read-only file system, cannot write step_000001.pt;"
                                                   r".* it starts from the beginning \(no checkpoint was saved yet\)$"):
             ckpt.save_checkpoint(disk, 1, {"w": torch.ones(3)})
+        tok = train_tokenizer([make_corpus(300)], TokenizerConfig(vocab_size=400))
+        with pytest.raises(TokenizerError, match=rf"^{disk}: cannot write tokenizer.model \(read-only file system\); "
+                                                 "make it writable or choose another folder, then run again$"):
+            tok.save(disk / "tokenizer.model")
     finally:
         _umount(disk)
 
@@ -162,7 +168,7 @@ def test_small_files_on_a_full_disk_leave_no_temp_file_and_keep_the_old_version(
     fill(small_disk, 0)
     for _ in range(3):                                             # each retry: one line, no new temp file
         with pytest.raises(TokenizerError, match=rf"^{small_disk}: cannot write tokenizer.model \(no space left on "
-                                                 rf"the device: {len(tok.proto):,} bytes needed, 0 free\); free space"):
+                                                 rf"the device: {len(tok.proto):,} bytes needed, 0 free\); free space there, then run again$"):
             tok.save(small_disk / "tokenizer.model")
         with pytest.raises(CheckpointError, match=rf"^{small_disk}: no space left on the device to write config.json "
                                                   r"\(8 bytes needed, 0 bytes free\); free space there, then run again$"):
