@@ -111,6 +111,9 @@ def test_a_format_1_checkpoint_loads_in_format_2(tmp_path):
 
 def test_check_resumable_refuses_a_sharded_checkpoint_without_fsdp_and_the_reverse(tmp_path):
     """A sharded (FSDP) checkpoint resumes only under train.parallel=fsdp, a full one only without it."""
+    import json
+    from dataclasses import asdict
+
     from minillm.config import ModelConfig, TrainJobConfig
     from minillm.distributed.process_group import DistInfo
     from minillm.errors import RunError
@@ -118,14 +121,15 @@ def test_check_resumable_refuses_a_sharded_checkpoint_without_fsdp_and_the_rever
 
     cfg = TrainJobConfig(model=ModelConfig(vocab_size=300))
     proto = b"tokenizer"
-    base = {"config": {"model": {**vars(cfg.model)}}, "tokenizer": torch.frombuffer(bytearray(proto), dtype=torch.uint8)}
-    check_resumable(base, tmp_path, cfg, proto, DistInfo(), fsdp=False)
+    base = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": torch.frombuffer(bytearray(proto), dtype=torch.uint8)}
+    data_id = {"train": {"count": 10, "crc": 1}}
+    check_resumable(base, tmp_path, cfg, proto, data_id, DistInfo(), fsdp=False)
     with pytest.raises(RunError, match="a sharded checkpoint resumes only with train.parallel=fsdp"):
-        check_resumable(base | {"sharded": True}, tmp_path, cfg, proto, DistInfo(), fsdp=False)
+        check_resumable(base | {"sharded": True}, tmp_path, cfg, proto, data_id, DistInfo(), fsdp=False)
     with pytest.raises(RunError, match="a full checkpoint resumes only with train.parallel=ddp"):
-        check_resumable(base, tmp_path, cfg, proto, DistInfo(), fsdp=True)
+        check_resumable(base, tmp_path, cfg, proto, data_id, DistInfo(), fsdp=True)
     with pytest.raises(RunError, match="different tokenizer"):
-        check_resumable(base, tmp_path, cfg, b"another", DistInfo(), fsdp=False)
+        check_resumable(base, tmp_path, cfg, b"another", data_id, DistInfo(), fsdp=False)
 
 
 def _fail_latest_once(monkeypatch, after: str):
