@@ -1,17 +1,25 @@
 """Causal attention: minillm's Triton FlashAttention-2 vs SDPA (flash, cuDNN) and FlashAttention.
 
     python benchmarks/bench_attention.py               # GPU: T 512..16384, d 64 and 128, causal, bf16
+    python benchmarks/bench_attention.py --fwd-bwd     # also forward+backward rows
     python benchmarks/bench_attention.py --quick       # CPU smoke run of the torch reference/SDPA path
 
-Speed is TFLOP/s of the attention matmuls: forward 4*B*H*T^2*D (QK^T and PV, 2 FLOPs per MAC), half of
-that when causal; backward 2.5x the forward (dV, dP, dQ, dK plus the recomputed QK^T). Shapes follow
-the FlashAttention papers: B*T = 16k tokens, hidden 2048, so H = 2048 / D. The backward is timed alone
-(``o.backward(do, retain_graph=True)`` on a graph built once). "%peak" is against the dense bf16
-tensor-core peak of known devices (H100 SXM 989 TFLOP/s, A100 312). Every implementation's output is
-checked against a reference before it is timed.
+Speed is TFLOP/s of the attention matmuls, counted as FlashAttention-2's own benchmark counts them
+(Dao-AILab/flash-attention, benchmarks/benchmark_flash_attention.py, ``flops()``): forward
+f = 4*B*H*T^2*D (QK^T and PV, 2 FLOPs per multiply-add), half of that when causal; backward 2.5 f
+(dV, dP, dQ, dK plus the recomputed QK^T); forward+backward 3.5 f. Shapes follow the FlashAttention
+papers: B*T = 16k tokens, hidden 2048, so H = 2048 / D.
 
-Goal on an H100 (unmeasured until run there): forward >= 330 TFLOP/s and backward >= 250 TFLOP/s at
-d=128, causal, T >= 4096.
+Timing (benchmarks/common.py): "ms" is the kernel time, ``triton.testing.do_bench`` median with an L2
+flush before each call on CUDA; "call_ms" is one synchronous call with the host's overhead (Python,
+autograd, launches), and "host_ms" their difference. The backward is timed alone with
+``torch.autograd.grad`` on a graph built once (never ``.backward()`` repeated, which would add a
+read-add-write of dQ, dK, dV into ``.grad`` on every repeat). Before anything is timed, every
+implementation's output and all three gradients are checked against an fp32 reference (relative L2
+error, column "err"). "%peak" is against the dense bf16 tensor-core peak of known devices.
+
+Goal on an H100/H200 (unmeasured until run there): forward >= 330 TFLOP/s and forward+backward >= 250
+TFLOP/s at d=128, causal, bf16, T >= 4096 (benchmarks/gpu/ reports each against its goal).
 """
 from __future__ import annotations
 
@@ -22,10 +30,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import bench_parser, environment, print_table, save_figure, timeit, write_results  # noqa: E402
+from benchmarks.common import (bench_parser, call_ms, environment, grad_fn, kernel_ms, print_table,  # noqa: E402
+                               rel_err, save_figure, write_results)
 
 PEAK_TFLOPS = {"H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 989, "H200": 989,
                "A100": 312, "L40S": 362, "4090": 165}
+# FLOPs of each timed direction as a multiple of the forward's (FlashAttention-2's benchmark script)
+DIRECTION_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+# Largest relative L2 error accepted before timing: fp32 (TF32 off) far under 1e-3; bf16/fp16 operands
+# land between 1e-3 and 1e-2 (METHOD.md), dQ of long sequences a little above.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -36,8 +50,10 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def flops(B: int, H: int, T: int, D: int, causal: bool, direction: str) -> float:
+    """FLOPs of one call (FlashAttention-2's benchmarks/benchmark_flash_attention.py ``flops``):
+    f = 4*B*H*T*T*D, halved when causal; x2.5 for the backward, x3.5 for forward+backward."""
     f = 4.0 * B * H * T * T * D / (2 if causal else 1)
-    return f * 2.5 if direction == "bwd" else f
+    return f * DIRECTION_FACTOR[direction]
 
 
 def implementations(device: str) -> dict:
@@ -61,7 +77,7 @@ def implementations(device: str) -> dict:
              "sdpa-flash": backend(SDPBackend.FLASH_ATTENTION),
              "sdpa-cudnn": backend(SDPBackend.CUDNN_ATTENTION)}
     try:
-        from flash_attn import flash_attn_func  # layout (B, T, H, D)
+        from flash_attn import flash_attn_func  # layout (B, T, H, D); takes GQA directly
         impls["flash-attn"] = lambda q, k, v, c: flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=c).transpose(1, 2)
     except Exception:  # not installed: leave it out of the table
@@ -69,52 +85,132 @@ def implementations(device: str) -> dict:
     return impls
 
 
-def bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want):
-    g = torch.Generator(device=device).manual_seed(0)
+def make_inputs(B, H, H_kv, T, D, dtype, device, seed=0):
+    """q, do: (B, H, T, D); k, v: (B, H_kv, T, D); q, k, v are leaves that require grad. N(0, 1), never
+    zeros (METHOD.md: zeros hide unwritten outputs and can run faster than real data)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g, requires_grad=True)
     k = torch.randn(B, H_kv, T, D, device=device, dtype=dtype, generator=g, requires_grad=True)
     v = torch.randn(B, H_kv, T, D, device=device, dtype=dtype, generator=g, requires_grad=True)
     do = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g)
+    return q, k, v, do
+
+
+def reference(want, q, k, v, do):
+    """(O, dQ, dK, dV) of ``want`` on fp32 copies of the inputs (autograd.grad: no .grad touched)."""
+    xs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    o = want(*xs)
+    return (o.detach(), *torch.autograd.grad(o, xs, do.float()))
+
+
+def timed_calls(fn, q, k, v, do, causal, o) -> dict:
+    """direction -> the closure that is timed. The backward reuses ``o``'s graph (built once)."""
+    return {"fwd": lambda: fn(q, k, v, causal),
+            "bwd": grad_fn(o, (q, k, v), do),
+            "fwd+bwd": lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)}
+
+
+def bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want,
+              directions=("fwd", "bwd"), on_mismatch="raise"):
+    """Rows for one implementation at one shape: checked (O, dQ, dK, dV) first, then each direction timed.
+
+    ``on_mismatch="raise"`` stops the script on a wrong result; ``"record"`` returns one row with
+    ``status="wrong"`` and no timings (benchmarks/gpu/ keeps going and reports it)."""
+    q, k, v, do = make_inputs(B, H, H_kv, T, D, dtype, device)
+    base = {"impl": name, "dtype": str(dtype).replace("torch.", ""), "B": B, "H": H, "H_kv": H_kv, "T": T,
+            "D": D, "causal": causal}
     try:
         o = fn(q, k, v, causal)
+        got = (o.detach(), *torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
     except Exception as e:  # e.g. a cuDNN backend that does not take this shape: report, not crash
-        print(f"[bench_attention] {name} T={T} D={D}: unavailable ({type(e).__name__})", file=sys.stderr)
+        print(f"[bench_attention] {name} T={T} D={D} H_kv={H_kv}: unavailable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:120] if str(e) else ''})", file=sys.stderr)
         return []
-    ref = want(q.detach(), k.detach(), v.detach())
-    tol = 2e-2 if dtype != torch.float32 else 1e-4
-    if not torch.allclose(o.float(), ref.float(), atol=tol, rtol=tol):
-        raise SystemExit(f"{name} T={T} D={D}: output differs from the reference "
-                         f"(max err {(o.float() - ref.float()).abs().max().item():.3g})")
-    fwd_ms = timeit(lambda: fn(q, k, v, causal), reps=reps, device=device)
-    bwd_ms = timeit(lambda: o.backward(do, retain_graph=True), reps=reps, device=device)
+    errs = [rel_err(a, b) for a, b in zip(got, reference(want, q, k, v, do))]
+    del got
+    err = max(errs)
+    if not err <= TOLERANCE[dtype]:
+        msg = (f"{name} T={T} D={D} causal={causal}: differs from the reference (relative error "
+               f"O {errs[0]:.3g}, dQ {errs[1]:.3g}, dK {errs[2]:.3g}, dV {errs[3]:.3g} > {TOLERANCE[dtype]})")
+        if on_mismatch == "raise":
+            raise SystemExit(msg)
+        print(f"[bench_attention] {msg}", file=sys.stderr)
+        return [{**base, "dir": "check", "status": "wrong", "err": err}]
+    calls = timed_calls(fn, q, k, v, do, causal, o)
     rows = []
-    for direction, ms in (("fwd", fwd_ms), ("bwd", bwd_ms)):
-        rows.append({"impl": name, "dtype": str(dtype).replace("torch.", ""), "B": B, "H": H,
-                     "H_kv": H_kv, "T": T, "D": D, "causal": causal, "dir": direction, "ms": ms,
-                     "TFLOP/s": flops(B, H, T, D, causal, direction) / (ms * 1e-3) / 1e12})
+    for direction in directions:
+        ms = kernel_ms(calls[direction], device, reps)
+        cms = call_ms(calls[direction], device, reps)
+        rows.append({**base, "dir": direction, "ms": ms, "call_ms": cms, "host_ms": max(0.0, cms - ms),
+                     "TFLOP/s": flops(B, H, T, D, causal, direction) / (ms * 1e-3) / 1e12, "err": err,
+                     "status": "ok"})
+    assert q.grad is None and k.grad is None and v.grad is None  # timing never accumulated into .grad
     return rows
 
 
 def plot(rows, path: Path) -> None:
+    """TFLOP/s against T: one row of panels per (head dim, causal, GQA), one panel per direction."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    dims = sorted({r["D"] for r in rows})
-    fig, axes = plt.subplots(len(dims), 2, figsize=(10, 3.5 * len(dims)), squeeze=False)
-    for i, D in enumerate(dims):
-        for j, direction in enumerate(("fwd", "bwd")):
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]
+    groups = sorted({(r["D"], r["causal"], r["H"] // r["H_kv"]) for r in rows})
+    dirs = [d for d in DIRECTION_FACTOR if any(r["dir"] == d for r in rows)]
+    fig, axes = plt.subplots(max(1, len(groups)), max(1, len(dirs)), figsize=(5 * max(1, len(dirs)),
+                             3.2 * max(1, len(groups))), squeeze=False)
+    for i, (D, causal, ratio) in enumerate(groups):
+        for j, direction in enumerate(dirs):
             ax = axes[i][j]
             for impl in sorted({r["impl"] for r in rows}):
-                pts = sorted((r["T"], r["TFLOP/s"]) for r in rows
-                             if r["impl"] == impl and r["D"] == D and r["dir"] == direction)
+                pts = sorted((r["T"], r["TFLOP/s"]) for r in rows if r["impl"] == impl and r["dir"] == direction
+                             and (r["D"], r["causal"], r["H"] // r["H_kv"]) == (D, causal, ratio))
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=impl)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{direction}, d={D}")
+            ax.set_title(f"{direction}, d={D}, {'causal' if causal else 'full'}, "
+                         f"{'MHA' if ratio == 1 else f'GQA {ratio}:1'}", fontsize=9)
             ax.set_xlabel("T")
             ax.set_ylabel("TFLOP/s")
-            ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=100)
+            ax.legend(fontsize=7)
+    save_figure(fig, path, dpi=90)
+
+
+def measure(dims, seqlens, tokens, hidden, gqa, causal, dtype, device, reps, directions=("fwd", "bwd"),
+            on_mismatch="raise", impls=None, peak=None) -> list[dict]:
+    """Every implementation at every (D, T): B = tokens // T, H = hidden // D, H_kv = H // gqa.
+    Adds "vs_sdpa" (SDPA's time over this one's, same direction, same run) and "%peak"."""
+    from minillm.kernels.attention import attention_ref
+    impls = impls or implementations(device)
+    rows = []
+    for D in dims:
+        H = max(1, hidden // D)
+        H_kv = max(1, H // gqa)
+        for T in seqlens:
+            B = max(1, tokens // T)
+
+            def want(q, k, v, B=B, H=H, T=T):
+                # fp32 math reference while its T x T scores (and their gradient) stay under 1 GB,
+                # else SDPA's fp32 path (memory-efficient kernel), which never builds them
+                if device == "cuda" and B * H * T * T * 4 > 2**30:
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                return attention_ref(q, k, v, causal=causal)
+
+            group = []
+            for name, fn in impls.items():
+                group += bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want,
+                                   directions=directions, on_mismatch=on_mismatch)
+            base_name = "sdpa-flash" if device == "cuda" else "sdpa"
+            for r in group:
+                if r["status"] != "ok":
+                    continue
+                base = next((g for g in group if g["impl"] == base_name and g["dir"] == r["dir"]), None)
+                r["vs_sdpa"] = base["ms"] / r["ms"] if base else float("nan")
+                if peak:
+                    r["%peak"] = 100 * r["TFLOP/s"] / peak
+            rows += group
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -125,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048, help="H*D (H = hidden // D)")
     p.add_argument("--gqa", type=int, default=1, help="query heads per kv head")
     p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--fwd-bwd", action="store_true", help="also time forward+backward in one call")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
@@ -139,41 +236,20 @@ def main(argv=None) -> int:
         dims = [int(d) for d in args.head_dims.split(",")]
         tokens, hidden, dtype, reps = args.tokens, args.hidden, torch.bfloat16, 20
 
-    from minillm.kernels.attention import attention_ref
     env = environment()
     peak = peak_tflops(env["device"]) if device == "cuda" else None
-    impls = implementations(device)
-    rows = []
-    for D in dims:
-        H = max(1, hidden // D)
-        H_kv = max(1, H // args.gqa)
-        for T in seqlens:
-            B = max(1, tokens // T)
-
-            def want(q, k, v, B=B, H=H, T=T):
-                # fp32 math reference while its T x T scores stay under 2 GB, else SDPA's default
-                if device == "cuda" and B * H * T * T * 4 > 2**31:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-                return attention_ref(q.float(), k.float(), v.float(), causal=causal)
-
-            group = []
-            for name, fn in impls.items():
-                group += bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want)
-            base_name = "sdpa-flash" if device == "cuda" else "sdpa"
-            for r in group:
-                base = next((g for g in group if g["impl"] == base_name and g["dir"] == r["dir"]), None)
-                r["vs_sdpa"] = base["ms"] / r["ms"] if base else float("nan")
-                if peak:
-                    r["%peak"] = 100 * r["TFLOP/s"] / peak
-            rows += group
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    cols = ["impl", "dtype", "B", "H", "T", "D", "dir", "ms", "TFLOP/s"] + (["%peak"] if peak else [])
-    print_table(rows, cols + ["vs_sdpa"])
+    directions = ("fwd", "bwd", "fwd+bwd") if args.fwd_bwd else ("fwd", "bwd")
+    rows = measure(dims, seqlens, tokens, hidden, args.gqa, causal, dtype, device, reps, directions, peak=peak)
+    cols = ["impl", "dtype", "B", "H", "T", "D", "dir", "ms", "call_ms", "TFLOP/s"] + (["%peak"] if peak else [])
+    print_table(rows, cols + ["vs_sdpa", "err"])
     path = write_results("bench_attention", rows, out_dir=args.out_dir,
                          extra={"quick": args.quick, "causal": causal, "peak_tflops": peak,
-                                "goal": {"fwd_tflops": 330, "bwd_tflops": 250, "D": 128,
-                                         "T_min": 4096, "device": "H100"}})
+                                "flops": "FlashAttention-2 benchmark_flash_attention.py: fwd 4*B*H*T^2*D "
+                                         "(/2 causal), bwd 2.5x, fwd+bwd 3.5x",
+                                "timing": "ms: do_bench median with L2 flush (CUDA); call_ms: one synchronous "
+                                          "call with host overhead; backward via torch.autograd.grad",
+                                "goal": {"fwd_tflops": 330, "fwd_bwd_tflops": 250, "D": 128,
+                                         "T_min": 4096, "device": "H100/H200", "dtype": "bf16"}})
     plot(rows, path.with_suffix(".png"))
     return 0
 
