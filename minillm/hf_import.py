@@ -2,7 +2,8 @@
 
     is_hf_folder(path)      whether ``path`` is a transformers model folder (config.json with model_type)
     load_hf_source(path)    {"model": minillm state dict, "tokenizer": Tokenizer, "model_config": dict,
-                             "step": 0, "where": Path}, the shape minillm.init_from.load_source returns
+                             "step": int, "where": Path}, the shape minillm.init_from.load_source returns
+                             (step: the exported checkpoint's, 0 for a folder minillm did not write)
 
 The ModelConfig is built from config.json by minillm/hf_arch.py (a field minillm cannot compute, such as
 RoPE scaling or a sliding window, is refused in one line naming it); the weights are read with
@@ -61,7 +62,8 @@ def load_hf_source(path: str | Path) -> dict:
     require_hf()
     from transformers import AutoConfig
     folder = Path(path).expanduser()
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    raw = json.loads((folder / "config.json").read_text())
+    model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ExportError(f"{folder}/config.json: model_type={model_type!r} has no minillm equivalent; "
                           f"train.init_from takes {', '.join(ARCHITECTURES)} folders, or a minillm run")
@@ -80,4 +82,5 @@ def load_hf_source(path: str | Path) -> dict:
         raise ExportError(f"{folder}: the weights have no tensor {e.args[0]!r}, which a {model_type} model "
                           "with this config.json needs") from e
     state = {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}
-    return {"model": state, "tokenizer": tok, "model_config": fields, "step": 0, "where": folder}
+    step = int((raw.get("minillm") or {}).get("step", 0))  # a minillm export's source step
+    return {"model": state, "tokenizer": tok, "model_config": fields, "step": step, "where": folder}

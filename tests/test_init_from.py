@@ -30,7 +30,7 @@ def test_export_then_import_gives_bitwise_equal_weights_and_the_same_config(name
     assert set(source["model"]) == set(original)
     assert all(torch.equal(source["model"][k], original[k]) for k in original)
     assert source["model_config"] == {k: v for k, v in asdict(model.cfg).items() if k != "dropout"}
-    assert source["tokenizer"].proto == tok.proto and source["step"] == 0
+    assert source["tokenizer"].proto == tok.proto and source["step"] == 7  # the exported checkpoint's step
 
 
 def test_biases_trained_into_a_bias_free_gpt2_export_are_kept(tok, tmp_path):
@@ -157,6 +157,7 @@ def test_a_llama_folder_written_by_transformers_imports_with_its_tokenizer(tmp_p
     (tmp_path / "llama" / "tokenizer.model").write_bytes(buf.getvalue())
     source = load_hf_source(tmp_path / "llama")
     assert source["model_config"]["name"] == "hf-llama" and source["model_config"]["rope_theta"] == 1000.0
+    assert source["step"] == 0 and source["model_config"]["bias"] is False
     model = GPT(ModelConfig(**source["model_config"])).eval()
     model.load_state_dict(source["model"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
