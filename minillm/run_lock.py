@@ -53,8 +53,10 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
+        self.created: list[Path] = []  # the folders acquire() created, the run folder first
 
     def acquire(self) -> "RunLock":
+        self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -70,6 +72,17 @@ class RunLock:
         self._fd = fd
         _held.add(fd)
         return self
+
+    def discard_if_alone(self) -> None:
+        """Remove the lock file, and the folders acquire() created, when the run folder holds nothing else
+        (a run stopped on bad input before its first file); called while the lock is still held."""
+        try:
+            if [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+                self.path.unlink()
+                for folder in self.created:
+                    folder.rmdir()
+        except OSError:  # something appeared meanwhile, or no permission: leave the folder as it is
+            pass
 
     def release(self) -> None:
         if self._fd is not None:
@@ -119,6 +132,10 @@ def hold_run_folder(run_dir: str | Path, info: dist.DistInfo) -> Iterator[None]:
         raise RunError(refusal)
     try:
         yield
+    except BaseException:
+        if lock is not None:
+            lock.discard_if_alone()  # a run that failed before writing anything leaves no empty folder
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -308,3 +308,16 @@ def test_a_real_sharded_checkpoint_lists_every_file_and_a_flipped_shard_is_refus
     target.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=rf"{target.name}: checksum mismatch"):
         ckpt.load_checkpoint(shard, full_model=False)
+
+
+def test_a_run_refused_on_bad_input_leaves_no_folder_behind(tmp_path):
+    """Hydra creates no folder (hydra.run.dir=.), and the folders the trainer created for a run that
+    failed before writing anything are removed; a folder the user made stays."""
+    new = tmp_path / "runs" / "first"
+    r = run_entry("train.py", "data=text", f"out_dir={new}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: data=text:"), r.stderr
+    assert not (tmp_path / "runs").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    r = run_entry("train.py", "data=text", f"out_dir={mine}")
+    assert r.returncode == 2 and mine.is_dir() and list(mine.iterdir()) == []
