@@ -477,6 +477,6 @@ def keep_config_history(run_dir: Path, config: str, step: int) -> None:
         k = 1
         while (run_dir / f"config.{k}.json").exists():
             k += 1
-        path.rename(run_dir / f"config.{k}.json")
+        ckpt.write_run_file(run_dir / f"config.{k}.json", path.read_bytes())  # a copy first: never lost
         log.info("config.json changed at step %d; the previous one is kept as config.%d.json", step, k)
-    path.write_text(config)
+    ckpt.write_run_file(path, config)  # atomic; a full disk or read-only folder is one line
