@@ -35,7 +35,7 @@ from minillm.run_folder import load_run
 from minillm.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHECK_TOL = {"float32": 1e-4, "bfloat16": None, "float16": None}  # max |logit diff|; None: not compared
+CHECK_TOL = {"float32": 1e-4, "bfloat16": None, "float16": None}  # max |logit diff| per unit of max |logit|
 
 
 def is_previous_export(folder: Path) -> bool:
@@ -89,17 +89,21 @@ def write_export(model: GPT, tok: Tokenizer, folder: Path, dtype: str, source: d
 
 def check_export(model: GPT, folder: Path, dtype: str) -> float | None:
     """Max |logit difference| between minillm and the export loaded by transformers, on one full
-    block_size sequence of random ids (fixed seed); ExportError when over CHECK_TOL. None: not compared."""
+    block_size sequence of random ids (fixed seed). ExportError when over CHECK_TOL times max(1, the
+    largest |logit|) (float32 sums in another order drift with the logits' scale). None: not compared."""
     if CHECK_TOL[dtype] is None:
         return None
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.randint(0, model.cfg.vocab_size, (1, model.cfg.block_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (model(ids)[0] - hf(ids).logits).abs().max().item()
-    if not diff <= CHECK_TOL[dtype]:
-        raise ExportError(f"{folder}: transformers' logits differ from minillm's by {diff:.3g} (> "
-                          f"{CHECK_TOL[dtype]}); the export is left out, please report this")
+        ours = model(ids)[0]
+        diff = (ours - hf(ids).logits).abs().max().item()
+    allowed = CHECK_TOL[dtype] * max(1.0, ours.abs().max().item())
+    if not diff <= allowed:
+        raise ExportError(f"transformers' logits differ from minillm's by {diff:.3g} (allowed {allowed:.3g}); "
+                          "nothing was written: this is a minillm bug, please report it (--no-check writes "
+                          "the folder anyway)")
     return diff
 
 

@@ -211,3 +211,18 @@ def test_without_the_hf_extra_the_command_says_what_to_install(tok, tmp_path, ca
     assert main([str(run), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install -e ".[hf]"' in err and not (tmp_path / "hf").exists()
+
+
+def test_the_export_check_refuses_a_folder_whose_logits_differ(tok, tmp_path, monkeypatch):
+    """A mapping bug (planted: one norm scale lost) is caught before OUT_DIR appears."""
+    import minillm.export as ex
+    real = ex.to_hf_state
+
+    def broken(sd, cfg, arch):
+        out = real(sd, cfg, arch)
+        out["model.norm.weight"] = torch.ones_like(out["model.norm.weight"])
+        return out
+    monkeypatch.setattr(ex, "to_hf_state", broken)
+    with pytest.raises(ExportError, match="logits differ from minillm's"):
+        export(fake_run(tmp_path / "run", small_model(tok), tok), tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
