@@ -412,7 +412,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model, optimizer, me
     _agreed(error)
     obj = {"format_version": CKPT_FORMAT_VERSION, "sharded": True, **meta}
     if is_main:
-        error = _attempt(lambda: _publish_sharded(tmp, final, obj), final, lambda: _sealed_size(obj))
+        error = _attempt(lambda: _publish_sharded(tmp, final, obj), final, lambda: _sealed_size(obj)) or \
+            _attempt(lambda: _atomic_write_bytes(d / "latest", lambda f: f.write(final.name.encode())), d / "latest",
+                     lambda: len(final.name))
         if not error:
             _prune(run_dir, keep_last)
     _agreed(error if is_main else None)
@@ -421,7 +423,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model, optimizer, me
 
 
 def _publish_sharded(tmp: Path, final: Path, meta: dict) -> None:
-    """Rank 0's part of a sharded save: meta.pt, SHA256SUMS, the rename, ``latest``."""
+    """Rank 0's part of a sharded save before ``latest``: meta.pt, SHA256SUMS, the rename."""
     try:
         _atomic_write_bytes(tmp / "meta.pt", lambda f: _save_sealed(meta, f))
         _write_sums(tmp)
@@ -431,7 +433,6 @@ def _publish_sharded(tmp: Path, final: Path, meta: dict) -> None:
         _remove(tmp)
         raise
     _fsync_dir(final.parent)
-    _atomic_write_bytes(final.parent / "latest", lambda f: f.write(final.name.encode()))
 
 
 def _attempt(fn, path: Path, needed) -> str | None:

@@ -228,12 +228,22 @@ if rank == 0:
 td.barrier()
 attempt(2)                                   # the shards do not fit
 td.barrier()
+real_sums = ckpt._write_sums
 if rank == 0:
     (disk / "filler").unlink()
     def no_sums(folder):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     ckpt._write_sums = no_sums               # rank 0's own part fails: every rank must hear of it
 attempt(3)
+if rank == 0:
+    ckpt._write_sums = real_sums
+    real = ckpt._atomic_write_bytes
+    def no_latest(path, fn):
+        if path.name == "latest":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, fn)
+    ckpt._atomic_write_bytes = no_latest     # the pointer's update fails after the rename
+attempt(4)
 td.destroy_process_group()
 """
 
@@ -248,11 +258,14 @@ def test_a_sharded_save_that_fails_fails_on_every_rank_in_one_line(small_disk, t
     assert r.returncode == 0, r.stderr[-3000:]
     said = {rank: [line.split(": error: ", 1)[1] for line in r.stdout.splitlines() if line.startswith(f"rank {rank}: error: ")]
             for rank in (0, 1)}
-    assert said[0] == said[1] and len(said[0]) == 2, r.stdout     # every rank: the same line, no hang
-    full, ro = said[0]
+    assert said[0] == said[1] and len(said[0]) == 3, r.stdout     # every rank: the same line, no hang
+    full, ro, pointer = said[0]
     assert full.startswith(f"{run / 'ckpt'}: no space left on the device to write step_000002 (") and "KB needed" in full
     assert full.endswith("then relaunch the same command: it continues from step_000001 (intact)")
     assert ro.startswith(f"{run / 'ckpt'}: read-only file system, cannot write step_000003;")
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000001"] and temp_files(run) == []
-    assert ckpt.latest_checkpoint(run).name == "step_000001"
+    assert pointer.startswith(f"{run / 'ckpt'}: no space left on the device to write latest (11 bytes needed")
+    assert pointer.endswith("it continues from step_000004 (intact)")  # complete and verified: used (item 9)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000001", "step_000004"] and temp_files(run) == []
+    assert (run / "ckpt" / "latest").read_text() == "step_000001"
+    assert ckpt.latest_checkpoint(run).name == "step_000004"
     ckpt.verify_checksum(run / "ckpt" / "step_000001", require=True)
