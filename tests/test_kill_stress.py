@@ -122,6 +122,8 @@ def assert_same_final_state(a, b):
     for name, t in sa["model"].items():
         assert torch.equal(t, sb["model"][name]), name
     assert json.dumps(sa["batches"]) == json.dumps(sb["batches"]) and sa["guard"] == sb["guard"]
+    if "optimizer" not in sa:  # a sharded checkpoint: its optimizer is in the shards, verified by checksum
+        return
     fa, fb = sa["optimizer"]["state"], sb["optimizer"]["state"]
     for i in fa:
         for k, v in fa[i].items():
@@ -182,9 +184,10 @@ def bit_flips(run, rng, n: int) -> dict:
     return out
 
 
-def test_kill_9_two_ddp_ranks(tmp_path, corpus_file, data_dir):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_kill_9_two_ranks(parallel, tmp_path, corpus_file, data_dir):
     env = {**os.environ, "MINILLM_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
-    args = (f"data.path={corpus_file}", *ARGS, "train.max_steps=40", "model.dropout=0.0")
+    args = (f"data.path={corpus_file}", *ARGS, "train.max_steps=40", "model.dropout=0.0", f"train.parallel={parallel}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
     straight, run = tmp_path / "straight", tmp_path / "run"
     r = subprocess.run([*torchrun, *args, f"out_dir={straight}"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -192,8 +195,34 @@ def test_kill_9_two_ddp_ranks(tmp_path, corpus_file, data_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     counts = stress([*torchrun, *args, f"out_dir={run}"], run, env, 5, random.Random(KILL_SEED + 1),
                     tmp_path / "stderr.log")
-    print(f"\nkill -9, two DDP ranks (torchrun, gloo): {counts['kills']} kills survived ({counts['during_save']} "
-          f"during a checkpoint write) in {counts['launches']} launches; final state bitwise equal")
+    print(f"\nkill -9, two ranks ({parallel.upper()}, torchrun, gloo): {counts['kills']} kills survived "
+          f"({counts['during_save']} during a checkpoint write) in {counts['launches']} launches; final state bitwise equal")
     assert_same_final_state(straight, run)
     assert [r["step"] for r in read_records(run / "metrics.jsonl")] == list(range(1, 41))
     assert counts["kills"] == 5
+    if parallel == "fsdp":
+        flips = sharded_bit_flips(run, random.Random(KILL_SEED), 100)
+        print(f"bit flips in the newest sharded checkpoint (any of its files): {flips['caught']} of {flips['tried']} "
+              f"caught, {flips['loaded']} loaded")
+        assert flips["caught"] == flips["tried"]
+
+
+def sharded_bit_flips(run, rng, n: int) -> dict:
+    """Flip one random bit of a random file of the newest sharded checkpoint ``n`` times (restoring it)."""
+    newest = ckpt.latest_checkpoint(run)
+    files = sorted(p for p in newest.rglob("*") if p.is_file())
+    out = {"tried": 0, "caught": 0, "loaded": 0}
+    for _ in range(n):
+        target = rng.choice(files)
+        pristine = target.read_bytes()
+        raw = bytearray(pristine)
+        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        target.write_bytes(bytes(raw))
+        out["tried"] += 1
+        try:
+            ckpt.load_checkpoint(newest, full_model=False)
+            out["loaded"] += 1
+        except CheckpointError:
+            out["caught"] += 1
+        target.write_bytes(pristine)
+    return out
