@@ -73,12 +73,6 @@ def train(cfg: TrainJobConfig) -> dict:
     """
     info = dist.setup(cfg.device, cfg.train.dist_timeout_s)
     try:
-        if cfg.train.global_batch_tokens is not None:
-            cfg.train.grad_accum_steps = derive_grad_accum(cfg.train.global_batch_tokens, cfg.train.batch_size,
-                                                           cfg.model.block_size, info.world_size)
-        if info.enabled:
-            log.info("distributed: %d processes (%s), global batch %d sequences", info.world_size,
-                     dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
         with hold_run_folder(cfg.out_dir, info):  # one run per folder, before anything in it is touched
             return Trainer(cfg, info).fit()
     except UserError as e:
@@ -91,6 +85,16 @@ def train(cfg: TrainJobConfig) -> dict:
         raise RunError(f"rank {info.rank} stopped: rank {peer[0]} failed: {peer[1]}") from None
     finally:
         dist.teardown()
+
+
+def set_global_batch(cfg: TrainJobConfig, info: dist.DistInfo) -> None:
+    """grad_accum_steps from train.global_batch_tokens when set; log the global batch of several processes."""
+    if cfg.train.global_batch_tokens is not None:
+        cfg.train.grad_accum_steps = derive_grad_accum(cfg.train.global_batch_tokens, cfg.train.batch_size,
+                                                       cfg.model.block_size, info.world_size)
+    if info.enabled:
+        log.info("distributed: %d processes (%s), global batch %d sequences", info.world_size,
+                 dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
 
 
 def derive_grad_accum(global_batch_tokens: int, batch_size: int, block_size: int, world_size: int) -> int:
@@ -171,8 +175,10 @@ class Trainer:
         self.t_start = time.time()
         seed_everything(cfg.seed)
         ops.configure(cfg.kernels, info.device)
-        # Fine-tuning: the source run's weights and tokenizer (which also encodes the new corpus).
+        # Fine-tuning: the source's weights and tokenizer (which also encodes the new corpus); its model
+        # shape becomes the run's, so the global batch is set after it (block_size).
         source = load_source(cfg)
+        set_global_batch(cfg, info)
         self.data = load_data(cfg, info, source["tokenizer"] if source is not None else None)
         if source is not None and info.is_main:
             check_coverage(source, self.data.train)
