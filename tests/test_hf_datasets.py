@@ -141,6 +141,16 @@ def test_bad_rows_name_the_row_or_are_skipped_and_counted(tmp_path, data_dir, ca
     assert list(p.meta["skipped_records"].values()) == [1] and "skipped 1 bad rows" in caplog.text
 
 
+def test_a_damaged_arrow_file_is_one_line(tmp_path, data_dir):
+    ds = saved_dict(tmp_path / "ds")
+    [arrow] = (ds / "train").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-300])
+    with pytest.raises(DataError, match=r"data.hf_dataset=.*ds: cannot be opened \(OSError: .*\); save the dataset "
+                                        r"again \(save_to_disk\), or check data.hf_dataset and data.hf_split$") as e:
+        prep(hf_dataset=str(ds), hf_val_split="validation")
+    assert "\n" not in str(e.value) and no_entry(data_dir)
+
+
 def test_missing_paths_and_an_offline_hub_are_one_line(tmp_path):
     with pytest.raises(DataError, match=r"data.hf_dataset=.*nope: no such folder"):
         prep(hf_dataset=str(tmp_path / "nope"))

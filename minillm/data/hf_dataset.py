@@ -88,8 +88,9 @@ class HFSplit:
         except Exception as e:  # datasets raises many kinds (ValueError, FileNotFoundError, hub errors)
             what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = "" if self.kind != "hub" else " (a hub dataset needs the network: is HF_HUB_OFFLINE set?)"
-            raise DataError(f"{self}: cannot be opened ({type(e).__name__}: {what}){where}; check "
-                            "data.hf_dataset, data.hf_config and data.hf_split") from e
+            fix = ("save the dataset again (save_to_disk), or check data.hf_dataset and data.hf_split" if self.kind == "disk"
+                   else "check data.hf_dataset, data.hf_config and data.hf_split")
+            raise DataError(f"{self}: cannot be opened ({type(e).__name__}: {what}){where}; {fix}") from e
 
     def _pick(self, saved: Any, ds: Any) -> Any:
         """The split of a saved DatasetDict, or a saved Dataset itself."""
@@ -146,9 +147,13 @@ def _stream_column(files: list[str], column: str) -> Iterator[Any]:
     time, read with plain reads (bounded memory) rather than a memory map."""
     import pyarrow as pa
     for name in files:
-        with pa.OSFile(name) as src:
-            for batch in pa.ipc.open_stream(src):
-                yield from batch.column(column).to_pylist()
+        try:
+            with pa.OSFile(name) as src:
+                for batch in pa.ipc.open_stream(src):
+                    yield from batch.column(column).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise RecordError(f"{name} is not a readable Arrow file ({str(e).strip().splitlines()[0]}); save the "
+                              "dataset again") from e
 
 
 def hf_splits(cfg: DataConfig) -> tuple[HFSplit, HFSplit | None]:
