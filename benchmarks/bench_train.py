@@ -22,6 +22,10 @@ Presets
     tiny      minillm's default model (RoPE, RMSNorm, SwiGLU, vocab 1024, context 256, batch 16)
     recipe    configs/experiment/shakespeare_cpu.yaml's model and batch
     gpt2      GPT-2 small (124M), context 1024, batch 8 (CUDA only in practice)
+    llama     configs/model/llama-small.yaml: RMSNorm, RoPE, SwiGLU, GQA 12:4, untied; context 1024, batch 8
+Kernels (--kernels, comma list; one row per preset x variant x kernels)
+    auto      Triton on CUDA, torch elsewhere (minillm/ops.py); torch: SDPA and torch norms; triton: the
+              kernels in kernels/ (CUDA, or the interpreter under TRITON_INTERPRET=1)
 Variants
     eager     torch eager, AdamW single-tensor loop (torch's CPU default; nanoGPT's setting on CPU)
     fused     eager, AdamW fused=True (one fused kernel for all parameters; works on CPU in torch 2.13)
@@ -61,6 +65,10 @@ PRESETS = {
     "gpt2": dict(model=dict(name="gpt2-small", vocab_size=50304, n_layer=12, n_head=12, n_embd=768, block_size=1024,
                             norm="layernorm", pos="learned", mlp="gelu", tie_embeddings=True, bias=True),
                  batch_size=8, optim=dict()),
+    "llama": dict(model=dict(name="llama-small", vocab_size=50304, n_layer=12, n_head=12, n_kv_head=4, n_embd=768,
+                             block_size=1024, norm="rmsnorm", pos="rope", rope_theta=10000.0, mlp="swiglu",
+                             tie_embeddings=False, bias=False),
+                  batch_size=8, optim=dict()),
 }
 VARIANTS = {
     "eager": dict(compile=False, optim=dict(fused=False)),
@@ -115,7 +123,7 @@ def run_worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    ops.configure("auto", device)
+    ops.configure(spec.get("kernels", "auto"), device)
     cfg = ModelConfig(**spec["model"])
     model = GPT(cfg).to(device)
     optimizer = build_optimizer(model, OptimConfig(**spec["optim"]), device)
@@ -169,7 +177,8 @@ def run_worker(spec: dict) -> dict:
     tps = B * T / step_s
     fpt = model.flops_per_token()
     peak = peak_flops(device, spec.get("bf16", True))
-    row = {"preset": spec["preset"], "variant": spec["variant"], "params_M": model.num_params() / 1e6,
+    row = {"preset": spec["preset"], "variant": spec["variant"], "kernels": ops.backend(),
+           "params_M": model.num_params() / 1e6,
            "B": B, "T": T, "tokens_per_s": tps, "tokens_per_s_min": B * T * spec["steps"] / max(windows),
            "tokens_per_s_max": B * T * spec["steps"] / min(windows), "step_ms": step_s * 1e3,
            **{k: statistics.median(v) for k, v in phase.items()},
@@ -228,7 +237,8 @@ def plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['preset']}/{r['variant']}" for r in rows]
+    labels = [f"{r['preset']}/{r['variant']}" + (f"/{r['kernels']}" if len({x.get('kernels') for x in rows}) > 1
+                                                  else "") for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2.0))
     left = [0.0] * len(rows)
     for key, color in (("fwd_ms", "tab:blue"), ("bwd_ms", "tab:orange"), ("opt_ms", "tab:green")):
@@ -259,6 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--kernels", default="auto", help="comma list of auto, torch, triton (minillm/ops.py)")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown to each row")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -280,16 +291,19 @@ def main(argv=None) -> int:
         presets, variants = args.preset.split(","), args.variants.split(",")
     # Rounds interleave the variants (A B C A B C ...) so a change in machine load hits them alike;
     # each row reports the median over rounds, and the spread of every window in every round.
+    kernel_choices = ["auto"] if args.quick else args.kernels.split(",")
     runs: dict[tuple, list[dict]] = {}
     for _ in range(args.rounds):
         for preset in presets:
             for variant in variants:
-                spec = spec_for(preset, variant) | {"device": device, "steps": args.steps, "repeats": args.repeats,
-                                                    "warmup": args.warmup, "threads": args.threads,
-                                                    "profile": args.profile}
-                runs.setdefault((preset, variant), []).append(run_in_subprocess(spec))
+                for kernels in kernel_choices:
+                    spec = spec_for(preset, variant) | {"device": device, "steps": args.steps,
+                                                        "repeats": args.repeats, "warmup": args.warmup,
+                                                        "threads": args.threads, "profile": args.profile,
+                                                        "kernels": kernels}
+                    runs.setdefault((preset, variant, kernels), []).append(run_in_subprocess(spec))
     rows = []
-    for (preset, variant), rs in runs.items():
+    for (preset, variant, _kernels), rs in runs.items():
         row = dict(statistics_median_row(rs))
         row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rs]
         row["tokens_per_s_min"] = min(r["tokens_per_s_min"] for r in rs)
@@ -298,7 +312,7 @@ def main(argv=None) -> int:
         base = next((r for r in rows if r["preset"] == preset), row)  # the preset's first variant
         row["vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
         rows.append(row)
-    cols = ["preset", "variant", "params_M", "B", "T", "tokens_per_s", "vs_first", "step_ms", "fwd_ms", "bwd_ms",
+    cols = ["preset", "variant", "kernels", "params_M", "B", "T", "tokens_per_s", "vs_first", "step_ms", "fwd_ms", "bwd_ms",
             "opt_ms", "flops_per_s"] + (["mfu"] if device == "cuda" else []) + ["peak_mem_mib", "warmup_s"]
     print_table(rows, cols)
     env = environment()
