@@ -190,9 +190,12 @@ def measure(dims, seqlens, tokens, hidden, gqa, causal, dtype, device, reps, dir
 
             def want(q, k, v, B=B, H=H, T=T):
                 # fp32 math reference while its T x T scores (and their gradient) stay under 1 GB,
-                # else SDPA's fp32 path (memory-efficient kernel), which never builds them
+                # else SDPA's fp32 path (memory-efficient kernel), which never builds them; K/V are
+                # repeated per query head there, since not every SDPA backend takes GQA in fp32
                 if device == "cuda" and B * H * T * T * 4 > 2**30:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                    rep = q.shape[1] // k.shape[1]
+                    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                          is_causal=causal)
                 return attention_ref(q, k, v, causal=causal)
 
             group = []

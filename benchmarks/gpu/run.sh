@@ -11,6 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_SILENT=true TRITON_DEFAULT_FP_FUSION=1
+# autotuning results go to Triton's disk cache too, so the parts (separate processes) tune each shape once
+export TRITON_CACHE_AUTOTUNING=1
 unset TRITON_INTERPRET
 
 if ls .whl/*.whl >/dev/null 2>&1; then
