@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minillm.checkpoint import describe_write_error, write_run_file
 from minillm.config import WandbConfig
+from minillm.errors import CheckpointError
 
 
 def read_records(path: Path) -> list[dict]:
@@ -31,9 +33,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         kept = [] if resume_step is None else [r for r in read_records(self.path) if r["step"] <= resume_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        write_run_file(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # atomic; one line on failure
         self._f = open(self.path, "a")
         self.wandb = None
         if wandb_cfg.mode != "disabled":
@@ -43,8 +43,14 @@ class MetricsLogger:
                                     dir=str(self.run_dir), resume="allow")
 
     def log(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        """Append one record (CheckpointError, one line, when the disk is full or read-only: a torn last
+        line is skipped by read_records, and the relaunch continues from the last checkpoint)."""
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise CheckpointError(describe_write_error(self.path, e) + ", then relaunch the same command: it "
+                                  "continues from the last checkpoint") from e
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

@@ -6,6 +6,7 @@ gradient norm, throughput. summary.json: final/best validation, tokens, wall tim
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -53,18 +54,20 @@ def plot_run(run_dir: str | Path) -> Path | None:
             ax.legend()
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=90)
+    out, png = Path(run_dir) / "curves.png", io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
+    from minillm.checkpoint import write_run_file
+    write_run_file(out, png.getvalue())
     return out
 
 
 def write_report(run_dir: str | Path, summary: dict) -> None:
     """summary.json (atomically) and curves.png."""
+    from minillm.checkpoint import write_run_file  # atomic; a full disk or read-only folder is one line
+
     run_dir = Path(run_dir)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
+    write_run_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     plot_run(run_dir)
 
 

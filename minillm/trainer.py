@@ -424,7 +424,7 @@ class Trainer:
         if not self.info.is_main:
             return
         if self.resumed_from is not None:
-            ckpt.set_aside_newer(self.run_dir, self.state.step)
+            ckpt.set_aside_newer(self.run_dir, self.state.step, self.tc.keep_last)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data.tokenizer.save(self.run_dir / "tokenizer.model")
         keep_config_history(self.run_dir, json.dumps(asdict(self.cfg), indent=2), self.state.step)

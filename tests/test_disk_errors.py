@@ -219,9 +219,9 @@ save(1)
 def attempt(step):
     try:
         save(step)
-        print(f"rank {rank}: saved", flush=True)
+        os.write(1, f"rank {rank}: saved\n".encode())  # one write: the two ranks' lines never interleave
     except CheckpointError as e:
-        print(f"rank {rank}: error: {e}", flush=True)
+        os.write(1, f"rank {rank}: error: {e}\n".encode())
 if rank == 0:
     with open(disk / "filler", "wb") as f:
         f.write(b"\0" * (shutil.disk_usage(disk).free - 100_000))
