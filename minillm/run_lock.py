@@ -67,8 +67,15 @@ class RunLock:
             who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
             raise RunError(f"out_dir={self.run_dir} is in use by another run ({who}); wait for it to end, "
                            "or choose another out_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: leave no empty lock file (and no folder this call made) behind
+            self._fd = fd
+            self.discard_if_alone()
+            self._fd = None
+            os.close(fd)
+            raise
         self._fd = fd
         _held.add(fd)
         return self
