@@ -10,7 +10,7 @@ def _fmt(v, digits: int = 4) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.{digits}g}"
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.{digits}g}"
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
@@ -21,6 +21,13 @@ def md_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _vs_best(line: dict, impls: list[str]) -> None:
+    """line["vs_best"]: the first implementation's rate over the best other one's (same shape, same run)."""
+    others = [line[i] for i in impls[1:] if line.get(i)]
+    if impls and line.get(impls[0]) and others:
+        line["vs_best"] = line[impls[0]] / max(others)
 
 
 def attention_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
@@ -40,8 +47,10 @@ def attention_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
                 line[r["impl"]] = r["TFLOP/s"]
                 if r["impl"] == impls[0]:
                     line["ms"], line["call_ms"], line["err"] = r["ms"], r["call_ms"], r["err"]
+        _vs_best(line, impls)
         out.append(line)
-    return out, ["D", "mask", "heads", "T", "dir", *impls, f"ms ({impls[0] if impls else '-'})", "call_ms", "err"]
+    return out, ["D", "mask", "heads", "T", "dir", *impls, "vs_best", f"ms ({impls[0] if impls else '-'})", "call_ms",
+                 "err"]
 
 
 def norms_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
@@ -57,8 +66,10 @@ def norms_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
                 line[r["impl"]] = r["GB/s"]
                 if r["impl"] == impls[0]:
                     line["ms"], line["call_ms"], line["err"] = r["ms"], r["call_ms"], r["err"]
+        _vs_best(line, impls)
         out.append(line)
-    return out, ["norm", "dtype", "N", "dir", *impls, f"ms ({impls[0] if impls else '-'})", "call_ms", "err"]
+    return out, ["norm", "dtype", "N", "dir", *impls, "vs_best", f"ms ({impls[0] if impls else '-'})", "call_ms",
+                 "err"]
 
 
 def _rename(rows: list[dict], old: str, new: str) -> list[dict]:
