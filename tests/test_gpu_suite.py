@@ -126,6 +126,19 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(dry_runs):
     assert goals["attention forward"] == "n/a" and goals["RMSNorm forward"] == "miss"
 
 
+def test_tests_part_keeps_the_cases_of_a_pytest_stopped_at_its_budget():
+    """A pytest killed at the budget writes no junit XML: the cases come from its -v lines instead."""
+    from benchmarks.gpu.parts import verbose_rows
+    text = ("tests/test_gpu_suite.py::test_gpu_mqa_by_flash_rule[257-True-dtype0] PASSED [  5%]\n"
+            "tests/test_kernels_attention.py::test_gpu_non_causal_and_strided_bf16 FAILED [ 10%]\n"
+            "tests/test_kernels_norm.py::test_bf16_on_gpu[layer-768] SKIPPED (needs CUDA) [ 15%]\n"
+            "tests/test_kernels_norm.py::test_bf16_on_gpu[rms-768] ")  # the case it was killed in
+    assert [(r["test"], r["outcome"]) for r in verbose_rows(text)] == [
+        ("test_gpu_suite::test_gpu_mqa_by_flash_rule[257-True-dtype0]", "passed"),
+        ("test_kernels_attention::test_gpu_non_causal_and_strided_bf16", "failed"),
+        ("test_kernels_norm::test_bf16_on_gpu[layer-768]", "skipped")]
+
+
 # --------------------------------------------------------------------------- goals: pass/miss logic
 def test_goal_judgement_pass_miss_and_not_measured():
     from benchmarks.gpu.suite import evaluate_goals
