@@ -135,6 +135,7 @@ def _flip_byte(path, offset):
     (lambda p: (p.dir / "meta.json").write_text((p.dir / "meta.json").read_text()[:40]),
      r"meta.json: Unterminated string|meta.json: Expecting"),
     (lambda p: p.tokenizer.write_bytes(b"garbage"), "tokenizer.model: not a sentencepiece model"),
+    (lambda p: (p.dir / "meta.json").unlink(), "meta.json is missing"),
 ])
 def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(corpus_file, data_dir, caplog, damage, fault):
     cfg, tcfg = DataConfig(path=str(corpus_file), num_workers=1), TokenizerConfig(vocab_size=400)

@@ -179,7 +179,12 @@ def reusable(out: Path) -> dict | None:
     """The meta of a complete, readable cache entry at ``out``, or None. The entry is derived data: one
     that cannot be read (meta.json not JSON, tokenizer, a token file truncated or failing its checksum)
     is removed with a warning naming the file and the fault, so it is built again."""
-    if not (out / "meta.json").is_file():  # written last: its absence means no (complete) entry
+    if not out.exists():  # asked first: a concurrent preparer's rename brings the folder and its meta.json at once
+        return None
+    if not (out / "meta.json").is_file():  # so this folder lost it
+        log.warning("the prepared data in %s is damaged (%s is missing); it is derived data: rebuilding it",
+                    out, out / "meta.json")
+        _discard(out)
         return None
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
