@@ -237,7 +237,11 @@ def verify_checksum(path: Path, require: bool = False) -> None:
     if not path.is_file():
         return  # the load names it
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        size, head = os.fstat(f.fileno()).st_size, f.read(4)
+        if head != b"PK\x03\x04":  # what torch.save writes first (a zip's first local header)
+            raise CheckpointError(f"{path}: not a checkpoint (torch.save writes a zip, which starts with "
+                                  f"b'PK\\x03\\x04'; this file starts with {head!r}); give a run folder or a "
+                                  "ckpt/step_N.pt file")
         f.seek(max(0, size - 64 - len(_MARK) - 22))
         tail = f.read()
         if not _is_sealed(tail):

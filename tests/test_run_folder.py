@@ -321,3 +321,15 @@ def test_a_run_refused_on_bad_input_leaves_no_folder_behind(tmp_path):
     mine.mkdir()
     r = run_entry("train.py", "data=text", f"out_dir={mine}")
     assert r.returncode == 2 and mine.is_dir() and list(mine.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"hello, I am notes\n", b"", bytes(range(256)) * 4])
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, content):
+    f = tmp_path / "notes.pt"
+    f.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(f))}: not a checkpoint \(torch.save writes a "
+                                              r"zip, which starts with b'PK\\x03\\x04'; this file starts with"):
+        ckpt.load_checkpoint(f)
+    r = run_entry("sample.py", f"ckpt={f}")
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {f}: not a checkpoint"), r.stderr

@@ -172,7 +172,7 @@ def test_bad_inputs_are_one_clear_error(run, tmp_path):
     blank.write_text("\n\n  \n")
     cases = [(job(tmp_path / "missing"), CheckpointError, "no such checkpoint file or run folder"),
              (job(foreign), CheckpointError, "no checkpoint in this folder"),
-             (job(foreign / "notes.txt"), CheckpointError, "cannot be read as a checkpoint"),
+             (job(foreign / "notes.txt"), CheckpointError, "notes.txt: not a checkpoint"),
              (job(no_tok), CheckpointError, "has no tokenizer, so it cannot be sampled"),
              (job(run, prompt_file=str(tmp_path / "nope.txt")), ConfigError, "no such file"),
              (job(run, prompt_file=str(blank)), ConfigError, "holds no prompt")]
