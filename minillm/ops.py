@@ -11,8 +11,8 @@ backends stand behind them:
 
 ``configure("auto", device)`` picks Triton on CUDA when the kernels import and the torch path
 otherwise; the choice is logged once. A call the Triton kernel cannot serve (attention with a KV
-cache, where query and key lengths differ, with an explicit mask, or a head dim over 128) falls through
-to the torch path.
+cache, where query and key lengths differ, with an explicit mask, a head dim over 128, or fp32 on CUDA)
+falls through to the torch path.
 """
 from __future__ import annotations
 
@@ -86,9 +86,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if attn_mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
     fn = _kernels.get("attention")
-    if fn is not None and q.shape[2] == k.shape[2] and q.shape[-1] <= 128:
+    if fn is not None and triton_serves_attention(q, k):
         return fn(q, k, v, causal=causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+
+
+def triton_serves_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the Triton attention kernel takes this call: equal query and key lengths, head dim at most
+    128, and on CUDA only fp16/bf16, the dtypes whose kernel configurations the build report compiles
+    and checks (kernels/build_report.py); fp32 on CUDA goes to SDPA. Under TRITON_INTERPRET=1 (CPU) fp32
+    is served: it is the interpreter tier's exact reference dtype."""
+    if q.shape[2] != k.shape[2] or q.shape[-1] > 128:
+        return False
+    return q.device.type != "cuda" or q.dtype in (torch.float16, torch.bfloat16)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -67,3 +67,22 @@ def test_model_on_triton_kernels_matches_torch(norm, pos, n_kv_head, bias):
     torch.testing.assert_close(tri_logits, ref_logits, rtol=1e-4, atol=1e-4)
     for name, g in ref_grads.items():
         torch.testing.assert_close(tri_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+class _Like:
+    """What triton_serves_attention reads of a tensor: shape, dtype, device (a CUDA tensor cannot exist here)."""
+
+    def __init__(self, shape, dtype, device):
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+
+
+@pytest.mark.parametrize("dtype, device, tq, d, served", [
+    (torch.bfloat16, "cuda", 64, 64, True), (torch.float16, "cuda", 64, 128, True),
+    (torch.float32, "cuda", 64, 64, False),                 # no fp32 configuration is built for CUDA
+    (torch.float32, "cpu", 64, 64, True),                   # the interpreter tier's reference dtype
+    (torch.bfloat16, "cuda", 1, 64, False),                 # a KV-cache step: Tq != Tk
+    (torch.bfloat16, "cuda", 64, 256, False),               # head dim over 128
+])
+def test_which_attention_calls_the_triton_kernel_takes(dtype, device, tq, d, served):
+    q, k = _Like((2, 4, tq, d), dtype, device), _Like((2, 4, 64, d), dtype, device)
+    assert ops.triton_serves_attention(q, k) is served
