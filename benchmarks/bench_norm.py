@@ -57,10 +57,14 @@ def torch_fn(kind):
     return lambda x, w, b: F.rms_norm(x, (x.shape[-1],), w, 1e-6)
 
 
-def implementations(kind: str, device: str) -> dict:
-    """name -> fn(x, w, b). On CPU (--quick) only the torch paths; the Triton kernels need a GPU."""
+def implementations(kind: str, device: str, interpret: bool = False) -> dict:
+    """name -> fn(x, w, b). On CPU (--quick) the torch paths, plus minillm's kernels when ``interpret``
+    (the caller has set TRITON_INTERPRET=1 before any kernel module was imported: slow, tiny sizes only)."""
     from minillm.kernels import layernorm as ln
     impls = {"torch": torch_fn(kind)}
+    if device != "cuda" and interpret:
+        impls["minillm"] = ((lambda x, w, b: ln.layer_norm(x, w, b)) if kind == "layer"
+                            else (lambda x, w, b: ln.rms_norm(x, w)))
     if device == "cuda":
         impls["minillm"] = ((lambda x, w, b: ln.layer_norm(x, w, b)) if kind == "layer"
                             else (lambda x, w, b: ln.rms_norm(x, w)))
@@ -131,7 +135,8 @@ def bench_one(kind, impl, fn, M, N, dtype, device, reps, ref_out, on_mismatch="r
     return rows
 
 
-def measure(sizes, dtypes, M, device, reps, copy, peak=None, on_mismatch="raise", kinds=("layer", "rms")):
+def measure(sizes, dtypes, M, device, reps, copy, peak=None, on_mismatch="raise", kinds=("layer", "rms"),
+            interpret=False):
     """Every implementation at every (norm, dtype, N); adds vs_torch (eager's time over this one's,
     same direction, same run), %copy and %peak."""
     from minillm.kernels.layernorm import layer_norm_ref, rms_norm_ref
@@ -139,7 +144,7 @@ def measure(sizes, dtypes, M, device, reps, copy, peak=None, on_mismatch="raise"
     for kind in kinds:
         ref = ((lambda x, w, b: layer_norm_ref(x, w, b)) if kind == "layer"
                else (lambda x, w, b: rms_norm_ref(x, w)))
-        impls = implementations(kind, device)
+        impls = implementations(kind, device, interpret)
         for dtype in dtypes:
             for N in sizes:
                 group = []

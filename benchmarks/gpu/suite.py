@@ -32,7 +32,8 @@ from benchmarks.gpu.parts import PARTS  # noqa: E402
 
 # Seconds per part in the default (< 6 minute) run, in the order they run; --full multiplies them.
 BUDGET_S = {"tests": 75, "attention": 70, "norms": 35, "train": 90, "e2e": 60}  # 330 s; +10 s grace each
-DRY_BUDGET_S = {"tests": 60, "attention": 40, "norms": 30, "train": 60, "e2e": 90}
+# The dry run's budgets are safety nets only: generous, since a shared CPU can be many times slower.
+DRY_BUDGET_S = {"tests": 150, "attention": 150, "norms": 150, "train": 150, "e2e": 200}
 
 # The goals of issue 18, each read off the rows of one part. ``where``: the rows that count; ``pick``:
 # how several such rows become one value ("min": the goal must hold at every size that counts).
@@ -60,7 +61,7 @@ GOALS = [
 ]
 # The dry run reads the same goals off its tiny CPU rows, so the pass/miss logic runs end to end.
 # (metric and target too for training: a CPU has no MFU, so the dry run reads tokens/s against 1e12).
-DRY_WHERE = {"attention": {"dtype": "float32", "D": 32, "impl": "sdpa"}, "norms": {"dtype": "float32", "impl": "torch"},
+DRY_WHERE = {"attention": {"dtype": "float32", "D": 32, "impl": "sdpa"}, "norms": {"dtype": "float32"},
              "train": {"preset": "nanogpt", "kernels": "torch", "metric": "tokens_per_s", "target": 1e12}}
 
 
