@@ -631,6 +631,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     # O is laid out (B, T, H, D) and returned as a (B, H, T, D) view, so the model's
     # y.transpose(1, 2).contiguous().view(B, T, C) is a no-op copy.
     o = q.new_empty(B, T, H, D).transpose(1, 2)
+    _check_span("O (the output, laid out (B, T, H, D))", o)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     if T == 0 or B * H == 0:
         return o, lse
@@ -649,6 +650,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
          lse: torch.Tensor, causal: bool, softmax_scale: float):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
+    _check_span("dO (the incoming gradient)", do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if T == 0 or B * H == 0:
         return dq, dk, dv
@@ -724,6 +726,16 @@ flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 # Public API and reference
 # --------------------------------------------------------------------------------------------------
+def _check_span(name: str, t: torch.Tensor) -> None:
+    """Offsets inside one (batch, head) slice are int32 in the kernels (the batch and head parts are
+    int64): the slice's last element, (T-1, D-1), must lie below 2^31 elements from its first. Checked
+    for q, k, v, for O (laid out (B, T, H, D), so its T stride is H*D) and for the incoming dO."""
+    T, D = t.shape[2], t.shape[3]
+    if T and D and (T - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3)) >= 2**31:
+        raise ValueError(f"flash_attention: {name} spans >= 2^31 elements within one head "
+                         f"(T={T}, strides {t.stride()}); make it contiguous or split T")
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"flash_attention: q, k, v must be 4-D (B, H, T, D); got {tuple(q.shape)}, "
@@ -743,10 +755,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: q, k, v on different devices: {q.device}, {k.device}, "
                          f"{v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        # offsets inside one (batch, head) slice are int32 in the kernels (batch/head parts are int64)
-        if (T - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3)) >= 2**31:
-            raise ValueError(f"flash_attention: {name} spans >= 2^31 elements within one head "
-                             f"(T={T}, strides {t.stride()}); make it contiguous or split T")
+        _check_span(name, t)
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError("flash_attention: CPU tensors need TRITON_INTERPRET=1 set before triton is "
                          "imported (tests do this); otherwise use the torch path")

@@ -310,3 +310,22 @@ def test_gpu_autotuner_prunes_with_the_real_argument_names(kind):
     got = {(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0), c.num_warps, c.num_stages) for c in kept}
     assert got == {c[:4] for c in attn.prune(kind, 90, 128, 2, 4096)}
     assert got
+
+
+def test_spans_beyond_int32_are_refused_for_q_o_and_do():
+    """Within-head offsets are int32: q, k, v, the output O (laid out (B, T, H, D): T stride H*D) and
+    the incoming gradient dO each must span fewer than 2^31 elements. Meta tensors: no memory, and the
+    check comes before any launch."""
+    def meta(shape, stride=None):
+        t = torch.empty(shape, device="meta")
+        return t if stride is None else t.as_strided(shape, stride)
+    B, H, T, D = 1, 32, 1 << 20, 128        # q contiguous spans (T-1)*D < 2^31; O spans (T-1)*H*D >= 2^31
+    q = meta((B, H, T, D))
+    with pytest.raises(ValueError, match=r"O \(the output, laid out \(B, T, H, D\)\) spans >= 2\^31"):
+        attn._fwd(q, q[:, :1], q[:, :1], True, 0.1)
+    small = meta((1, 2, 64, 16))
+    far = meta((1, 2, 64, 16), (0, 0, 1 << 26, 1))  # dO with a T stride of 2^26: 63 * 2^26 >= 2^31
+    with pytest.raises(ValueError, match=r"dO \(the incoming gradient\) spans >= 2\^31"):
+        attn._bwd(far, small, small, small, small, meta((1, 2, 64)), True, 0.1)
+    with pytest.raises(ValueError, match=r"flash_attention: q spans >= 2\^31"):
+        flash_attention(far, small, small)
