@@ -42,10 +42,13 @@ def register_schemas() -> None:
     cs.store(name="sample_schema", node=schema(SampleJobConfig))
 
 
-def corpus_name(name: str, path: str | None) -> str:
-    """The default run name's corpus part, ``${minillm.corpus_name:${data.name},${data.path}}`` in
-    configs/train.yaml: data.name, except for data=text, where it names what data.path points at (a
-    file's stem, a folder's name, a glob's last fixed folder), so each corpus gets its own out_dir."""
+def corpus_name(name: str, path: str | None, hf_dataset: str | None = None) -> str:
+    """The default run name's corpus part, ``${minillm.corpus_name:${data.name},${data.path},${data.hf_dataset}}``
+    in configs/train.yaml: data.name, except for data=text, where it names what data.path points at (a
+    file's stem, a folder's name, a glob's last fixed folder), and for data=hf, where it is the dataset
+    folder's name (a hub name's last part), so each corpus gets its own out_dir."""
+    if name == "hf" and hf_dataset:
+        return re.sub(r"[^\w.-]+", "_", Path(str(hf_dataset)).expanduser().name).strip("._") or name
     if name != "text" or not path:
         return name
     p = Path(str(path)).expanduser()

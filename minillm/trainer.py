@@ -120,11 +120,11 @@ class RunData:
 def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | None = None) -> RunData:
     """Prepare (or reuse) the corpus. Local rank 0 of each node prepares first, so a node-local cache
     works on every node; concurrent preparers on a shared cache are safe (the first rename wins)."""
-    if info.local_rank == 0:
-        prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
+    if info.local_rank == 0:  # progress bars (checking, tokenizer sample, encoding) on a terminal only
+        prepared = prepare(cfg.data, cfg.tokenizer, progress=cfg.logger.progress, tokenizer=tokenizer)
     dist.barrier(info)
     if info.local_rank != 0:
-        prepared = prepare(cfg.data, cfg.tokenizer, tokenizer=tokenizer)
+        prepared = prepare(cfg.data, cfg.tokenizer, progress=False, tokenizer=tokenizer)
     tok = Tokenizer.load(prepared.tokenizer)
     data_id = {split: {k: read_header(path)[k] for k in ("count", "crc")}
                for split, path in (("train", prepared.train), ("val", prepared.val))}

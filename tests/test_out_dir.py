@@ -22,6 +22,8 @@ def default_out_dir(*overrides: str) -> str:
     (("data=text", "data.path='/data/books/**/*.txt'"), "out/books-tiny"),
     (("data=text", "data.path='/data/my corpus (v1).txt'"), "out/my_corpus_v1-tiny"),
     (("data=text", "data.path=a.txt", "out_dir=runs/mine"), "runs/mine"),
+    (("data=hf", "data.hf_dataset=/data/datasets/wiki_zh"), "out/wiki_zh-tiny"),       # a saved dataset
+    (("data=hf", "data.hf_dataset=user/fine-web.edu"), "out/fine-web.edu-tiny"),       # a hub name
 ])
 def test_default_out_dir_names_the_corpus(overrides, want):
     assert default_out_dir(*overrides) == want
