@@ -2,11 +2,13 @@
 import hashlib
 import http.server
 import json
+import os
 import re
 import threading
 from functools import partial
 
 import numpy as np
+
 import pytest
 
 from minillm.config import DataConfig, TokenizerConfig
@@ -61,6 +63,11 @@ def test_offline_without_a_copy_says_where_to_put_the_file(data_dir):
 def test_explicit_path_errors(tmp_path, data_dir):
     with pytest.raises(DataError, match="missing.txt: no such file or folder"):
         resolve_corpus(DataConfig(path=str(tmp_path / "missing.txt")))
+    with pytest.raises(DataError, match=r"^data.path=/dev/zero: not a regular file \(a character device\)"):
+        resolve_corpus(DataConfig(path="/dev/zero"))       # endless: it would be read forever
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match=r"pipe: not a regular file \(a named pipe\)"):
+        resolve_corpus(DataConfig(path=str(tmp_path / "pipe")))
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(invalid byte 0xe9 at offset 3\).*data.skip_invalid=true"):

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -92,7 +93,16 @@ def expand_paths(spec: str, key: str) -> list[Path]:
         return files
     if path.is_file():
         return [path]
+    if path.exists():  # a device (/dev/zero), a pipe or a socket: no end to read up to, no content to hash
+        raise DataError(f"{key}={spec}: not a regular file ({_kind(path)}); give a UTF-8 text file, a folder "
+                        "or a glob")
     raise DataError(f"{key}={spec}: no such file or folder; give a UTF-8 text file, a folder or a glob")
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    return ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
 
 
 def resolve_corpus(cfg: DataConfig) -> list[Path]:
