@@ -96,8 +96,11 @@ def evaluate_goals(parts: dict[str, dict], dry_run: bool = False) -> list[dict]:
     for g in GOALS:
         rows = parts.get(g["part"], {}).get("rows", [])
         value, n = goal_value(g, rows, dry_run)
-        if dry_run:
-            g = {**g, "target": DRY_WHERE.get(g["part"], {}).get("target", g["target"])}
+        if dry_run:  # say what the dry run actually read
+            dry = DRY_WHERE.get(g["part"], {})
+            g = {**g, "target": dry.get("target", g["target"]), "metric": dry.get("metric", g["metric"]),
+                 "text": "dry run: the CPU rows " + ", ".join(f"{k}={v}" for k, v in dry.items()
+                                                            if k not in ("metric", "target"))}
         result = "n/a" if value is None else ("pass" if value >= g["target"] else "miss")
         out.append({"goal": g["name"], "metric": g["metric"], "measured": value, "target": g["target"],
                     "result": result, "rows": n, "over": g["text"]})
