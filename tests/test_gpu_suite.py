@@ -29,15 +29,15 @@ on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRI
 # ------------------------------------------------------------------------------------- the dry run
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
-    """Two dry runs side by side: every part (a), and attention + norms with attention made to fail (b)."""
+    """Two dry runs side by side: every part (a), and norms + attention with norms made to fail (b)."""
     base = tmp_path_factory.mktemp("gpu_suite")
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "MINILLM_GPU_SUITE_INJECT")}
     procs = {
         "a": subprocess.Popen([sys.executable, str(SUITE), "--dry-run", "--out-dir", str(base / "a")], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        "b": subprocess.Popen([sys.executable, str(SUITE), "--dry-run", "--parts", "attention,norms",
+        "b": subprocess.Popen([sys.executable, str(SUITE), "--dry-run", "--parts", "norms,attention",
                                "--out-dir", str(base / "b")], cwd=ROOT,
-                              env={**env, "MINILLM_GPU_SUITE_INJECT": "attention"},
+                              env={**env, "MINILLM_GPU_SUITE_INJECT": "norms"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
     }
     out = {}
@@ -119,14 +119,14 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(dry_runs):
     code, text, out = dry_runs["b"]
     assert code == 1, text[-3000:]  # the suite says something failed ...
     res = _results(dry_runs["b"])
-    assert res["parts"]["attention"]["status"] == "error"
-    assert "injected failure in part attention" in res["parts"]["attention"]["error"]
-    assert res["parts"]["norms"]["status"] == "ok" and res["parts"]["norms"]["rows"]  # ... and norms still ran
-    assert (out / "norms.png").is_file() and not (out / "attention.png").exists()
+    assert res["parts"]["norms"]["status"] == "error"
+    assert "injected failure in part norms" in res["parts"]["norms"]["error"]
+    assert res["parts"]["attention"]["status"] == "ok" and res["parts"]["attention"]["rows"]  # ... attention ran
+    assert (out / "attention.png").is_file() and not (out / "norms.png").exists()
     summary = (out / "summary.md").read_text()
-    assert "| attention | error |" in summary and "| norms | ok |" in summary
+    assert "| norms | error |" in summary and "| attention | ok |" in summary
     goals = {g["goal"]: g["result"] for g in res["goals"]}
-    assert goals["attention forward"] == "n/a" and goals["RMSNorm forward"] == "miss"
+    assert goals["RMSNorm forward"] == "n/a" and goals["attention forward"] == "miss"
 
 
 def test_tests_part_keeps_the_cases_of_a_pytest_stopped_at_its_budget():
