@@ -86,3 +86,31 @@ class _Like:
 def test_which_attention_calls_the_triton_kernel_takes(dtype, device, tq, d, served):
     q, k = _Like((2, 4, tq, d), dtype, device), _Like((2, 4, 64, d), dtype, device)
     assert ops.triton_serves_attention(q, k) is served
+
+
+def _top_level_kernels(cwd: Path, extra_path: str = "") -> str:
+    """What `import kernels` gives a process started at ``cwd`` (sys.path[0] = cwd, as python -m ...)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import kernels, sys\n"
+            "try:\n    import kernels.layernorm\n    sub = 'loaded'\nexcept ImportError:\n    sub = 'none'\n"
+            "print(getattr(kernels, 'WHO', 'stand-in'), kernels.__file__, list(kernels.__path__), sub)")
+    env = {**os.environ, "PYTHONPATH": extra_path}
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_the_top_level_name_kernels_is_never_ours(tmp_path):
+    """From a checkout's root, `import kernels` (transformers probes for Hugging Face's kernel hub) finds
+    our folder first on sys.path: it must hand over to the hub's package when one is installed, and be an
+    empty stand-in otherwise, through which none of our modules loads a second time."""
+    root = Path(__file__).resolve().parent.parent
+    assert _top_level_kernels(root) == "stand-in None [] none"
+    hub = tmp_path / "site" / "kernels"
+    hub.mkdir(parents=True)
+    (hub / "__init__.py").write_text("WHO = 'hub'\n")
+    out = _top_level_kernels(root, str(tmp_path / "site"))
+    assert out == f"hub {hub / '__init__.py'} ['{hub}'] none"
