@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # every benchmark's quick path, ~80 s on 2 cores; the default run checks one (below)
 def test_run_all_quick_writes_every_result(tmp_path):
     scripts = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
     assert {"bench_train", "bench_recipe"} <= set(scripts)

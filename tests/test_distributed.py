@@ -87,6 +87,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, corpus_fil
     assert "written by 2 processes, now 1" in err and records(two)[-1]["step"] == 9
 
 
+@pytest.mark.slow  # ~16 s; the default run covers torchrun restarts and DDP on one node
 def test_two_nodes_on_loopback(tmp_path, corpus_file, env):
     run, ref = tmp_path / "multinode", tmp_path / "ref"
     port = free_port()
