@@ -46,13 +46,17 @@ def environment() -> dict:
     }
 
 
-def timeit(fn: Callable[[], object], warmup: int = 3, reps: int = 10, device: str = "cpu") -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+def timeit(fn: Callable[[], object], warmup: int = 3, reps: int = 10, device: str = "cpu",
+           before: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events on GPU, perf_counter on CPU);
+    ``before()`` runs ahead of each timed call, outside the timed region (e.g. an L2 flush)."""
     for _ in range(warmup):
         fn()
     times = []
     if device == "cuda":
         for _ in range(reps):
+            if before is not None:
+                before()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -99,18 +103,7 @@ def kernel_ms(fn: Callable[[], object], device: str = "cpu", reps: int = 10, war
             return float(do_bench(fn, warmup=max(1.0, rep_ms / 4), rep=rep_ms, return_mode="median"))
         except ImportError:
             flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(reps):
-                flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
+            return timeit(fn, warmup=warmup, reps=reps, device="cuda", before=flush.zero_)
     return timeit(fn, warmup=warmup, reps=reps, device="cpu")
 
 
