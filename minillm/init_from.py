@@ -17,13 +17,13 @@ it: the weights could not load otherwise). ``model.dropout`` is never taken: it 
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 
 from minillm import checkpoint as ckpt
-from minillm.config import ModelConfig, TrainJobConfig
+from minillm.config import ModelConfig, TokenizerConfig, TrainJobConfig
 from minillm.errors import RunError
 from minillm.hf_import import is_hf_folder, load_hf_source
 from minillm.model import GPT
@@ -36,8 +36,9 @@ _KEEP = ("dropout",)        # model settings the fine-tuning run chooses itself
 
 def load_source(cfg: TrainJobConfig) -> dict | None:
     """The run's starting point named by train.init_from, or None when it is unset. Sets cfg.model's
-    shape from the source (see the module docstring); RunError for a conflicting model setting,
-    CheckpointError / ExportError (one line) for a source that cannot be read or mapped."""
+    shape and tokenizer settings from the source (see the module docstring and use_source_tokenizer);
+    RunError for a conflicting model setting or a tokenizer.path, CheckpointError / ExportError (one line) for a
+    source that cannot be read or mapped."""
     if not cfg.train.init_from:
         return None
     path = Path(cfg.train.init_from).expanduser()
@@ -47,9 +48,29 @@ def load_source(cfg: TrainJobConfig) -> dict | None:
         where = ckpt.resolve_checkpoint(path)
         state = ckpt.load_checkpoint(where)
         source = {"model": state["model"], "tokenizer": Tokenizer(bytes(state["tokenizer"].numpy().tobytes())),
-                  "model_config": state["config"]["model"], "step": state["train_state"]["step"], "where": where}
+                  "model_config": state["config"]["model"], "step": state["train_state"]["step"], "where": where,
+                  "tokenizer_config": state["config"].get("tokenizer")}
     take_model_shape(cfg.model, source["model_config"], source["where"])
+    use_source_tokenizer(cfg, source.get("tokenizer_config") or {"vocab_size": source["tokenizer"].vocab_size})
     return source
+
+
+def use_source_tokenizer(cfg: TrainJobConfig, saved: dict) -> None:
+    """With train.init_from the source's tokenizer encodes the new corpus (its ids are what the weights
+    know), so tokenizer.* settings cannot apply: tokenizer.path is refused (RunError), other settings that
+    differ from the source's (``saved``: its config's tokenizer section; for a transformers folder only its
+    vocabulary size, the rest taken as the defaults) are a warning, and cfg.tokenizer becomes the source's, so config.json records the truth."""
+    if cfg.tokenizer.path:
+        raise RunError(f"train.init_from={cfg.train.init_from}: fine-tuning uses the source's tokenizer, so "
+                       f"tokenizer.path={cfg.tokenizer.path} cannot apply; drop it (or train a new model with it)")
+    default = asdict(TokenizerConfig())
+    base = {k: saved.get(k, v) for k, v in default.items()}
+    unused = [f"tokenizer.{k}={getattr(cfg.tokenizer, k)!r}" for k in default
+              if k != "num_threads" and getattr(cfg.tokenizer, k) != base[k]]
+    if unused:
+        log.warning("warning: fine-tuning uses the tokenizer of train.init_from=%s; not used: %s",
+                    cfg.train.init_from, ", ".join(unused))
+    cfg.tokenizer = TokenizerConfig(**{**base, "num_threads": cfg.tokenizer.num_threads})
 
 
 def _is_default(current: ModelConfig, key: str, default: ModelConfig) -> bool:
@@ -65,6 +86,7 @@ def take_model_shape(current: ModelConfig, saved: dict, where: Path) -> None:
     for a field the config sets to another value than the source's."""
     default, taken, keys = ModelConfig(), [], [f.name for f in fields(ModelConfig) if f.name not in _KEEP]
     chosen = {k: not _is_default(current, k, default) for k in keys}  # before any field changes
+    conflicts = []
     for key in keys:
         value = saved.get(key, getattr(default, key))
         if key == "n_kv_head" and saved.get(key) is None:  # a config saved before n_kv_head was resolved: n_head
@@ -72,11 +94,14 @@ def take_model_shape(current: ModelConfig, saved: dict, where: Path) -> None:
         if getattr(current, key) == value or (chosen[key] and key == "name"):
             continue
         if chosen[key]:
-            raise RunError(f"train.init_from={where}: the source has model.{key}={value!r} but the config says "
-                           f"{getattr(current, key)!r}; leave model.{key} unset (the source's is taken) or "
-                           "set it to the source's value")
+            conflicts.append((key, value, getattr(current, key)))
+            continue
         setattr(current, key, value)
         taken.append(f"{key}={value}")
+    if conflicts:  # every one at once, not the first of several
+        listed = ", ".join(f"model.{k}={v!r} but the config says {c!r}" for k, v, c in conflicts)
+        raise RunError(f"train.init_from={where}: the source has {listed}; leave those model settings unset "
+                       "(the source's are taken) or set them to the source's values")
     if taken:
         log.info("fine-tuning: model settings taken from %s: %s", where, ", ".join(taken))
 

@@ -77,10 +77,20 @@ def test_a_model_setting_that_contradicts_the_source_is_refused_naming_it(tok, t
     pre = fake_run(tmp_path / "pre", small_model(tok, n_layer=2, n_head=2, n_kv_head=1, n_embd=32), tok, step=2)
     cfg = tiny_cfg(tmp_path / "bad", tmp_path / "unused.txt", max_steps=1, init_from=str(pre))
     cfg.model = ModelConfig(n_layer=3)
-    with pytest.raises(RunError, match=r"the source has model.n_layer=2 but the config says 3; leave model.n_layer "
-                                       r"unset") as e:
+    with pytest.raises(RunError, match=r"the source has model.n_layer=2 but the config says 3; leave those model "
+                                       r"settings unset") as e:
         load_source(cfg)
     assert "out_dir" not in str(e.value)
+    cfg.model = ModelConfig(n_layer=3, n_embd=48, n_head=3)  # every conflict in one line, not the first
+    with pytest.raises(RunError, match=r"model.n_layer=2 but the config says 3, model.n_head=2 but the config says 3, "
+                                       r"model.n_embd=32 but the config says 48; leave those"):
+        load_source(cfg)
+    cfg.model = ModelConfig()
+    cfg.tokenizer.path = "zh.model"                     # the source's tokenizer encodes the corpus: refused
+    with pytest.raises(RunError, match=r"uses the source's tokenizer, so tokenizer.path=zh.model cannot apply"):
+        load_source(cfg)
+    cfg.tokenizer.path = None
+    cfg.model = ModelConfig(n_layer=3)
     cfg.model = ModelConfig(n_layer=4, name="mine")  # n_layer at its default: taken; a name of one's own: kept
     assert load_source(cfg)["step"] == 2 and (cfg.model.n_layer, cfg.model.name, cfg.model.n_embd) == (2, "mine", 32)
 
@@ -168,3 +178,16 @@ def test_a_llama_folder_written_by_transformers_imports_with_its_tokenizer(tmp_p
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
     for text in (MIXED, " leading space", "two\n\nlines", "ｆｕｌｌ width"):
         assert hf_tok.encode(text) == source["tokenizer"].encode(text), text
+
+
+def test_tokenizer_settings_fine_tuning_cannot_use_are_a_warning_and_config_records_the_source(tok, tmp_path,
+                                                                                                 caplog):
+    pre = fake_run(tmp_path / "pre", small_model(tok, n_layer=2, n_head=2, n_kv_head=1, n_embd=32), tok, step=2)
+    cfg = tiny_cfg(tmp_path / "fine", tmp_path / "unused.txt", max_steps=1, init_from=str(pre))
+    cfg.model = ModelConfig()
+    cfg.tokenizer.vocab_size, cfg.tokenizer.character_coverage = 3000, 0.9995   # e.g. tokenizer=cjk given
+    caplog.set_level("INFO", logger="minillm")
+    load_source(cfg)
+    assert (f"fine-tuning uses the tokenizer of train.init_from={pre}; not used: tokenizer.vocab_size=3000, "
+            "tokenizer.character_coverage=0.9995") in caplog.text
+    assert cfg.tokenizer.vocab_size == tok.vocab_size and cfg.tokenizer.character_coverage == 1.0  # what config.json gets
