@@ -155,9 +155,11 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
     changes allowed, {key: (old, new)}."""
     check_compatible(state["config"]["model"], cfg.model, where)
     if bytes(state["tokenizer"].numpy().tobytes()) != tokenizer_proto:
-        raise RunError(f"{where}: was trained with a different tokenizer than the tokenizer.* and data.* "
-                       f"settings give now (another or an edited corpus?); to start a new run, pass "
-                       f"out_dir={suggest_out_dir(cfg.out_dir)}, or use that run's settings to continue it")
+        raise RunError(f"{where}: was trained with a different tokenizer than the settings give now "
+                       f"({_tokenizer_cause(state['config'], cfg)}); continue it with its own tokenizer, "
+                       f"tokenizer.path={Path(cfg.out_dir) / 'tokenizer.model'} (then a changed corpus can be "
+                       f"allowed with train.allow_changes=true), or start a new run with "
+                       f"out_dir={suggest_out_dir(cfg.out_dir)}")
     changes = check_settings(state, where, cfg, data_id, info.world_size)
     if state.get("world_size", 1) != info.world_size:
         log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
@@ -167,6 +169,15 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
         raise RunError(f"{where}: a {kind} checkpoint resumes only with train.parallel={needs} "
                        "(any checkpoint loads in sample.py)")
     return changes
+
+
+def _tokenizer_cause(saved: dict, cfg: TrainJobConfig) -> str:
+    """Why the tokenizer differs: the data.* / tokenizer.* keys that changed, else an edited corpus (the
+    tokenizer is trained on the training split, so any edit there retrains it)."""
+    old, new = flatten(saved), flatten(json.loads(json.dumps(asdict(cfg))))
+    keys = [k for k, v in new.items() if k.startswith(("data.", "tokenizer.")) and k in old and old[k] != v
+            and k not in ("data.num_workers", "tokenizer.num_threads")]
+    return describe_changes({k: (old[k], new[k]) for k in keys}) if keys else "the corpus was edited?"
 
 
 def check_settings(state: dict, where: Path, cfg: TrainJobConfig, data_id: dict, world: int) -> dict[str, tuple]:

@@ -97,13 +97,19 @@ def test_a_corpus_edited_after_the_checkpoint_is_refused(tmp_path, corpus_file, 
         corpus.write_text(text[:at] + text[at:].replace("the", "THE", 1))
     # appending moves the train split (the first 90% of the bytes), so the tokenizer trained on it differs
     # too: refused as another tokenizer, which no key can allow; an edit inside validation keeps it
-    expected = (r"different tokenizer .* \(another or an edited corpus\?\)" if edit == "append" else
+    expected = (r"different tokenizer than the settings give now \(the corpus was edited\?\); continue it with its "
+                r"own tokenizer, tokenizer.path=.*run/tokenizer.model \(then a changed corpus can be allowed"
+                if edit == "append" else
                 r"data \(prepared tokens\) train \d+ tokens crc [0-9a-f]{8}, val \d+ tokens crc [0-9a-f]{8} -> "
                 r"train \d+ tokens crc")
     with pytest.raises(RunError, match=expected):
         train(tiny_cfg(run, corpus, max_steps=3))
     if edit == "inside_val":  # appending also moves the train split, so the tokenizer differs: always refused
         assert train(tiny_cfg(run, corpus, max_steps=3, allow_changes=True))["step"] == 3
+    else:                     # ... unless the run keeps its own tokenizer, as the message says
+        cfg = tiny_cfg(run, corpus, max_steps=3, allow_changes=True)
+        cfg.tokenizer.path = str(run / "tokenizer.model")
+        assert train(cfg)["step"] == 3
 
 
 def test_a_moved_corpus_with_the_same_content_resumes(tmp_path, corpus_file, data_dir):

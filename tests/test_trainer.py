@@ -202,7 +202,8 @@ def test_resume_refuses_another_tokenizer(tmp_path, corpus_file, data_dir):
     train(tiny_cfg(run, corpus_file, max_steps=2))
     cfg = tiny_cfg(run, corpus_file, max_steps=4)
     cfg.tokenizer.split_digits = False
-    with pytest.raises(RunError, match="different tokenizer"):
+    with pytest.raises(RunError, match=r"different tokenizer than the settings give now \(tokenizer.split_digits "
+                                       r"True -> False\)"):   # the key that changed is named
         train(cfg)
 
 
