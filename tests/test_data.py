@@ -65,6 +65,12 @@ def test_explicit_path_errors(tmp_path, data_dir):
         resolve_corpus(DataConfig(path=str(tmp_path / "missing.txt")))
     with pytest.raises(DataError, match=r"^data.path=/dev/zero: not a regular file \(a character device\)"):
         resolve_corpus(DataConfig(path="/dev/zero"))       # endless: it would be read forever
+    named = tmp_path / "shk[1].txt"                       # glob characters in an existing name: that file
+    named.write_text("text\n")
+    assert resolve_corpus(DataConfig(path=str(named))) == [named]
+    (tmp_path / "x[1]").mkdir()
+    (tmp_path / "x[1]" / "a.txt").write_text("a\n")
+    assert resolve_corpus(DataConfig(path=str(tmp_path / "x[1]"))) == [tmp_path / "x[1]" / "a.txt"]
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(DataError, match=r"pipe: not a regular file \(a named pipe\)"):
         resolve_corpus(DataConfig(path=str(tmp_path / "pipe")))

@@ -77,9 +77,10 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = 30.0) ->
 # ----------------------------------------------------------------------------- finding the files
 
 def expand_paths(spec: str, key: str) -> list[Path]:
-    """Files named by ``spec``: a file, a folder (every non-hidden file under it) or a glob; sorted."""
+    """Files named by ``spec``: a file, a folder (every non-hidden file under it) or a glob; sorted. A path
+    that exists is taken literally, so a name holding glob characters (``shk[1].txt``) is that file."""
     spec = os.path.expanduser(str(spec))
-    if glob.has_magic(spec):
+    if glob.has_magic(spec) and not os.path.exists(spec):
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not files:
             raise DataError(f"{key}={spec}: the pattern matches no files; check the path and quoting")
