@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     job.out_dir = cli.job_dir(job.out_dir)
     cli.setup_logging(int(os.environ.get("RANK", "0")))
     try:
-        with cli.user_errors():
+        with cli.user_errors(made_by_hydra=job.out_dir if cli.in_sweep() else None):
             train(job)
     except TrainingInterrupted as e:  # SIGTERM -> 143, SIGINT -> 130, after the checkpoint
         print(f"{e}; continue with the same command (train.resume=auto)", file=sys.stderr, flush=True)

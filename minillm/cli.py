@@ -164,11 +164,8 @@ def format_error(e: BaseException) -> str:
             return str(x)
     for x in _chain(e):
         if isinstance(x, OmegaConfBaseException) and getattr(x, "full_key", None):
-            msg = str(getattr(x, "msg", "") or x).strip().splitlines()[0]
-            if isinstance(x, ConfigKeyError):
-                return (f"{x.full_key}: unknown key ({msg}); check the spelling "
-                        "(`--cfg job` prints every key)")
-            return f"{x.full_key}: {msg}"
+            return _omegaconf_line(x.full_key, str(getattr(x, "msg", "") or x).strip().splitlines()[0],
+                                   isinstance(x, ConfigKeyError))
     text = str(e).strip()
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:
@@ -179,12 +176,26 @@ def format_error(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _omegaconf_line(key: str, msg: str, unknown: bool) -> str:
+    """OmegaConf's message for ``key`` as minillm's one line: what is wrong and what to do."""
+    if unknown or re.search(r"Key '[^']+' not in '", msg):
+        return f"{key}: unknown key ({msg}); check the spelling (`--cfg job` prints every key)"
+    if "is not Optional" in msg:
+        return f"{key}=null: this key needs a value (`--cfg job` shows its default)"
+    wrong = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+    if wrong:
+        return f"{key}={wrong.group(1)}: must be {'an' if wrong.group(2)[0] in 'AEIOU' else 'a'} {wrong.group(2).lower()}"
+    return f"{key}: {msg}"
+
+
 def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
     """Compose the config as Hydra will and fail in one line if it is wrong.
 
-    Skipped when Hydra's own flags are present (--help, --cfg, -m, ...): Hydra handles those.
+    With ``--cfg``/``--resolve``/``--package`` the overrides are checked the same way (Hydra only prints
+    the config then); skipped for -m sweeps and the flags that print help or information.
     """
-    if any(a.startswith("-") for a in argv):
+    argv = _printing_flags_removed(argv)
+    if argv is None:
         return
     from hydra import compose, initialize_config_dir
 
@@ -214,6 +225,27 @@ def check_out_dir(out_dir: str) -> None:
             return
 
 
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p")  # Hydra flags that print the config, with their value
+
+
+def _printing_flags_removed(argv: list[str]) -> list[str] | None:
+    """The overrides of ``argv`` without the flags that only print the config; None when another Hydra
+    flag is present (-m, --help, --info, --config-name, ...): Hydra handles those itself."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _VALUE_FLAGS:
+            skip = True
+        elif a == "--resolve" or a.startswith(("--cfg=", "--package=")):
+            continue
+        elif a.startswith("-"):
+            return None
+        else:
+            out.append(a)
+    return out
+
+
 def to_dataclass(cfg: DictConfig, cls: type[T]) -> T:
     """The validated schema object for a composed config (one-line exit if a value is impossible)."""
     try:
@@ -223,6 +255,14 @@ def to_dataclass(cfg: DictConfig, cls: type[T]) -> T:
     if not isinstance(obj, cls):
         fail(f"config did not compose to {cls.__name__}")
     return obj
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a -m sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def job_dir(out_dir: str) -> str:
@@ -247,10 +287,14 @@ def setup_logging(rank: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(made_by_hydra: str | None = None) -> Iterator[None]:
     """Turn the library's input errors (minillm.errors.UserError) into one line and a nonzero exit;
-    bugs keep their traceback."""
+    bugs keep their traceback. ``made_by_hydra``: a -m job's folder, which Hydra creates before the job
+    runs; removed when the job fails and left it empty."""
     try:
         yield
     except UserError as e:
+        if made_by_hydra is not None:
+            with contextlib.suppress(OSError):
+                Path(made_by_hydra).rmdir()  # only if empty
         fail(str(e))

@@ -149,3 +149,25 @@ def test_out_dir_naming_a_file_is_one_line_and_the_file_is_kept(tmp_path, sub):
     assert lines[0] == (f"error: out_dir={f}{sub}: {'it' if not sub else f} is a file, not a folder; choose "
                         "another out_dir (nothing was changed)")
     assert f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--cfg", "job", "model=nope"), "error: model=nope: no such option (available: gpt2-small, llama-small, tiny)"),
+    (("--cfg", "job", "--resolve", "model.n_layr=3"), "error: model.n_layr: unknown key (Key 'n_layr' not in "
+                                                      "'ModelConfig'); check the spelling"),
+    (("out_dir=null",), "error: out_dir=null: this key needs a value"),
+    (("train.max_steps=abc",), "error: train.max_steps=abc: must be an integer"),
+    (("optim.lr=fast",), "error: optim.lr=fast: must be a float"),
+])
+def test_hydra_printing_flags_and_omegaconf_messages_are_one_minillm_line(args, expected, tmp_path):
+    r = run_entry("train.py", *args)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), r.stderr
+
+
+def test_a_sweep_job_that_fails_on_bad_input_leaves_no_empty_job_folder(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    r = run_entry("train.py", "-m", "data=text", f"data.path={tmp_path / 'a.txt'},{tmp_path / 'b.txt'}",
+                  f"out_dir={sweep}")
+    assert r.returncode == 2 and f"error: data.path={tmp_path / 'a.txt'}: no such file" in r.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"]     # Hydra's record of the sweep only
