@@ -143,7 +143,7 @@ class DataConfig:
             value = getattr(self, key)
             _check(value is None or str(value).strip() != "", "data." + key, value, "is empty; give a value or leave it unset")
             if key != "hf_dataset" and value is not None:
-                _check(self.hf_dataset is not None, "data." + key, value, "applies only with data.hf_dataset; set it")
+                _check(self.hf_dataset is not None, "data." + key, value, "applies only with data.hf_dataset; set data.hf_dataset or drop this key")
         if self.hf_dataset is None:
             return
         _check(self.path is None, "data.hf_dataset", self.hf_dataset,

@@ -111,7 +111,8 @@ def resolve_corpus(cfg: DataConfig) -> list[Path]:
     if cfg.path is not None:
         return expand_paths(cfg.path, "data.path")
     if cfg.filename is None:
-        raise DataError(f"data={cfg.name}: has neither a path nor a file name; set data.path")
+        where = "data.hf_dataset (a saved or local dataset folder, or a hub name)" if cfg.name == "hf" else "data.path"
+        raise DataError(f"data={cfg.name}: has neither a path nor a file name; set {where}")
     cached = cache_dir() / cfg.filename
     if cached.is_file():
         if cfg.sha256 and sha256_file(cached) != cfg.sha256:

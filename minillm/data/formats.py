@@ -189,7 +189,7 @@ def _field(obj: Any, field: str, where: str) -> str:
     """The string at the dotted path ``field`` of a decoded record."""
     for key in field.split("."):
         if not isinstance(obj, dict) or key not in obj:
-            raise RecordError(f"{where}: no field '{field}'; set data.text_field (--text-field) to the field "
+            raise RecordError(f"{where}: no field '{field}'; set data.text_field (train_tokenizer: --text-field) to the field "
                               "that holds the text")
         obj = obj[key]
     if not isinstance(obj, str):
@@ -266,7 +266,7 @@ def _encodable(text: str) -> bool:
 
 
 def no_column(top: str, columns: list[str]) -> RecordError:
-    return RecordError(f"no column '{top}' (columns: {', '.join(columns)}); set data.text_field (--text-field) "
+    return RecordError(f"no column '{top}' (columns: {', '.join(columns)}); set data.text_field (train_tokenizer: --text-field) "
                        "to the column that holds the text")
 
 
