@@ -119,7 +119,7 @@ def no_entry(data_dir):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(text_field="body"), r"ds: no column 'body' \(columns: text, id\); set data.text_field \(--text-field\) to "
+    (dict(text_field="body"), r"ds: no column 'body' \(columns: text, id\); set data.text_field \(train_tokenizer: --text-field\) to "
                               r"the column that holds the text$"),
     (dict(hf_split="test"), r"no such split \(it has train, validation\); set data.hf_split"),
     (dict(hf_config="en"), r"data.hf_config=en: a dataset saved with save_to_disk .* has no configurations"),
