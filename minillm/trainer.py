@@ -187,6 +187,9 @@ class Trainer:
         state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
         if state is not None:
             check_resumable(state, self.resumed_from, cfg, self.data.tokenizer.proto, self.data.id, info, self.fsdp)
+            if source is not None:
+                log.info("%s holds this run already: it continues from its checkpoint; train.init_from applies "
+                         "only when a run starts", self.run_dir)
         self.state = TrainState()
         self.finished = state is not None and state["train_state"]["step"] >= self.tc.max_steps
         if self.finished:  # nothing to train: fit() reports it; no component is built
