@@ -82,7 +82,11 @@ def write_export(model: GPT, tok: Tokenizer, folder: Path, dtype: str, source: d
     hf = hf_model(model, tok, DTYPES[dtype])
     hf.config.minillm = {**hf.config.minillm, **source}
     specials = {k: v for k, v in special_ids(tok).items() if v is not None}
-    hf.generation_config = GenerationConfig(**specials, do_sample=False)  # greedy, as sample.py temperature=0
+    # A padded vocabulary (model.vocab_size > the tokenizer's) has rows no tokenizer id decodes: never
+    # generate them, as minillm's Engine masks them (transformers' SuppressTokensLogitsProcessor).
+    padding = list(range(tok.vocab_size, model.cfg.vocab_size))
+    hf.generation_config = GenerationConfig(**specials, do_sample=False,  # greedy, as sample.py temperature=0
+                                            **({"suppress_tokens": padding} if padding else {}))
     hf.save_pretrained(folder)
     save_hf_tokenizer(tok, folder, model.cfg.block_size)
 

@@ -132,6 +132,12 @@ def test_a_padded_vocabulary_exports(tok, tmp_path):
     export(fake_run(tmp_path / "run", model, tok), tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 448
     assert_parity(model, tok, tmp_path / "hf")
+    # transformers never generates the padding rows (no tokenizer id decodes them), as minillm's Engine
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    out = hf.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=64, do_sample=True, top_k=0)
+    assert int(out.max()) < tok.vocab_size and gen["suppress_tokens"] == list(range(tok.vocab_size, 448))
 
 
 @pytest.mark.parametrize("model_type,vocab", [("bpe", 400), ("unigram", 380), ("char", 300)])
