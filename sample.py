@@ -24,7 +24,8 @@ def read_prompts(cfg: SampleJobConfig) -> list:
         return [cfg.prompt]
     path = Path(cfg.prompt_file).expanduser()
     if not path.is_file():
-        raise ConfigError(f"prompt_file={cfg.prompt_file!r}: no such file")
+        what = "not a regular file (a device, pipe or folder)" if path.exists() else "no such file"
+        raise ConfigError(f"prompt_file={cfg.prompt_file!r}: {what}; give a UTF-8 text file of prompts")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -175,6 +175,8 @@ def test_bad_inputs_are_one_clear_error(run, tmp_path):
              (job(foreign / "notes.txt"), CheckpointError, "notes.txt: not a checkpoint"),
              (job(no_tok), CheckpointError, "has no tokenizer, so it cannot be sampled"),
              (job(run, prompt_file=str(tmp_path / "nope.txt")), ConfigError, "no such file"),
+             (job(run, prompt_file="/dev/zero"), ConfigError, "'/dev/zero': not a regular file"),
+             (job(run, prompt_file=str(tmp_path)), ConfigError, "not a regular file"),
              (job(run, prompt_file=str(blank)), ConfigError, "holds no prompt")]
     for cfg, err, message in cases:
         with pytest.raises(err, match=message):

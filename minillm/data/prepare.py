@@ -161,7 +161,8 @@ def load_given_tokenizer(path: str) -> Tokenizer:
     (unk 0, bos 1, eos 2: eos separates documents)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TokenizerError(f"tokenizer.path={path}: no such file; give a sentencepiece .model file (make one with "
+        what = "not a file" if p.exists() else "no such file"
+        raise TokenizerError(f"tokenizer.path={path}: {what}; give a sentencepiece .model file (make one with "
                              "python -m minillm.train_tokenizer --input CORPUS --out tok.model) or unset it")
     try:
         tok = Tokenizer(p.read_bytes())
