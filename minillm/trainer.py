@@ -191,6 +191,7 @@ class Trainer:
                 log.info("%s holds this run already: it continues from its checkpoint; train.init_from applies "
                          "only when a run starts", self.run_dir)
         self.state = TrainState()
+        self.prior_elapsed = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
         self.finished = state is not None and state["train_state"]["step"] >= self.tc.max_steps
         if self.finished:  # nothing to train: fit() reports it; no component is built
             self.state.load_state_dict(state["train_state"])
@@ -250,6 +251,11 @@ class Trainer:
         return model
 
     # ------------------------------------------------------------------ state
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds of this run's wall time: earlier launches up to the checkpoint it continues (saved with
+        every checkpoint) plus this launch's, so elapsed_s and wall_s do not restart at a resume."""
+        return self.prior_elapsed + (time.time() if now is None else now) - self.t_start
+
     def components(self) -> dict:
         """The checkpointed components by name (see the module docstring)."""
         return {"model": self.model, "optimizer": self.optimizer, "batches": self.batches, "guard": self.guard,
@@ -261,7 +267,7 @@ class Trainer:
         sharded = ("model", "optimizer") if self.fsdp else ()
         out = {name: c.state_dict() for name, c in self.components().items() if name not in sharded}
         return out | {"config": json.loads(json.dumps(asdict(self.cfg))), "world_size": self.info.world_size,
-                      "data": self.data.id,
+                      "data": self.data.id, "elapsed_s": round(self.elapsed(), 3),
                       "tokenizer": torch.frombuffer(bytearray(self.data.tokenizer.proto), dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict, sharded_dir: Path | None = None) -> None:
@@ -376,7 +382,7 @@ class Trainer:
             val_loss, val_bpb = self.evaluate()
             record = record or self._record(r, float("nan"))
             # stamped after the evaluation: when this validation number was known
-            record.update(val_loss=val_loss, val_bpb=val_bpb, elapsed_s=round(time.time() - self.t_start, 3),
+            record.update(val_loss=val_loss, val_bpb=val_bpb, elapsed_s=round(self.elapsed(), 3),
                           time=round(time.time(), 3))
             if self.info.is_main:
                 bar.write(f"step {step}: train loss {r.loss:.4f}, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
@@ -389,7 +395,7 @@ class Trainer:
         now = time.time()
         rec = {"step": self.state.step, "train_loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
                "tokens": self.state.tokens_seen, "tokens_per_sec": tokens_per_sec,
-               "elapsed_s": round(now - self.t_start, 3), "time": round(now, 3),  # Unix time
+               "elapsed_s": round(self.elapsed(now), 3), "time": round(now, 3),  # Unix time
                "flops_per_sec": self.flops_per_token * tokens_per_sec}
         if self.peak_flops:  # tokens_per_sec is global: the peak of every device
             rec["mfu"] = mfu(self.flops_per_token, tokens_per_sec, self.peak_flops * self.info.world_size)
@@ -456,7 +462,7 @@ class Trainer:
         meta = self.data.prepared.meta
         return {"step": self.state.step, "tokens": self.state.tokens_seen, "final_val_loss": self.last_val[0],
                 "final_val_bpb": self.last_val[1], "best_val_loss": self.state.best_val_loss,
-                "wall_s": round(time.time() - self.t_start, 2), "params": self.model.num_params(),
+                "wall_s": round(self.elapsed(), 2), "params": self.model.num_params(),
                 "flops_per_token": self.flops_per_token, "skipped_nonfinite": self.guard.skipped_nonfinite,
                 "skipped_spikes": self.guard.skipped_spikes, "peak_memory_mb": peak_memory_mb(self.info.device),
                 "device": str(self.info.device), "world_size": self.info.world_size,

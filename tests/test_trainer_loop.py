@@ -109,12 +109,15 @@ def test_a_checkpoint_is_the_components_state_dicts_by_name(tmp_path, corpus_fil
     trainer.fit()
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
     assert set(trainer.components()) == {"model", "optimizer", "batches", "guard", "rng", "train_state"}
-    assert set(state) == set(trainer.components()) | {"config", "tokenizer", "world_size", "data", "format_version"}
+    assert set(state) == set(trainer.components()) | {"config", "tokenizer", "world_size", "data", "elapsed_s",
+                                                      "format_version"}
     assert state["train_state"] == trainer.state.state_dict() == {"step": 3, "tokens_seen": 3 * 4 * 32,
                                                                  "best_val_loss": trainer.state.best_val_loss}
     assert state["batches"] == trainer.batches.state_dict() and state["guard"] == trainer.guard.state_dict()
     fresh = make_trainer(run, corpus_file, max_steps=5, allow_changes=True)   # resume=auto picks it up
     assert fresh.state.step == 3 and fresh.batches.state_dict() == trainer.batches.state_dict()
+    # wall time continues across launches: elapsed_s and wall_s count the earlier launch's time too
+    assert 0 < state["elapsed_s"] == fresh.prior_elapsed and fresh.elapsed() > state["elapsed_s"]
     for name, t in trainer.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[name], t), name
 
