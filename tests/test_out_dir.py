@@ -50,5 +50,6 @@ def test_two_text_corpora_get_two_runs_and_a_collision_names_a_free_out_dir(tmp_
         assert r.returncode == 0, r.stderr[-2000:]
         assert (tmp_path / "out" / f"{name}-tiny" / "ckpt" / "latest").exists()
     r = run_entry("train.py", "data=text", "data.path=b.txt", "out_dir=out/a-tiny", *args, cwd=tmp_path)
-    assert r.returncode == 2 and "to start a new run, pass out_dir=out/a-tiny-2" in r.stderr
+    assert r.returncode == 2 and "start a new run with out_dir=out/a-tiny-2" in r.stderr
+    assert "(data.path 'a.txt' -> 'b.txt')" in r.stderr                 # the setting that changed is named
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
