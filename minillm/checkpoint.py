@@ -40,6 +40,11 @@ from pathlib import Path
 
 import torch
 
+from minillm.atomic_files import atomic_write_bytes as _atomic_write_bytes  # tests patch this name here
+from minillm.atomic_files import describe_write_error, write_run_file  # noqa: F401  (re-exported)
+from minillm.atomic_files import free_bytes as _free_bytes
+from minillm.atomic_files import fsync_dir as _fsync_dir
+from minillm.atomic_files import remove as _remove
 from minillm.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -51,46 +56,6 @@ _NAME = re.compile(r"^step_(\d+)(\.pt)?$")
 
 def ckpt_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "ckpt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write ``path`` through ``path.tmp``: write(f), fsync, rename, fsync the folder. On any failure
-    the temp file is removed and the exception (OSError for a full disk, a read-only folder) goes on."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w+b") as f:  # w+: a checkpoint is read back for its checksum (_seal)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or folder if it exists; a failure to (a read-only folder) is ignored."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 class _Recorder:
@@ -127,53 +92,6 @@ class _Counter:
 
     def flush(self) -> None:
         pass
-
-
-def _human(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
-def _free_bytes(folder: Path) -> int | None:
-    """Free space where ``folder`` is (or its nearest existing parent); None if it cannot be read."""
-    folder = Path(os.path.abspath(folder))
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def describe_write_error(path: Path, e: OSError, needed: int | None = None) -> str:
-    """One line (without the ending) for a failure to write ``path``: the folder, what is wrong and
-    what to do; for a full disk, ``needed`` (bytes) and the space free there."""
-    folder, name = Path(path).parent, Path(path).name
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        kind = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
-        free = _free_bytes(folder)
-        need = f"{_human(needed)} needed" if needed is not None else "more space needed"
-        have = f", {_human(free)} free" if free is not None else ""
-        return f"{folder}: {kind} to write {name} ({need}{have}); free space there"
-    if e.errno == errno.EROFS:
-        return f"{folder}: read-only file system, cannot write {name}; make it writable or choose another out_dir"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"{folder}: permission denied writing {name}; make the folder writable or choose another out_dir"
-    return f"{folder}: cannot write {name} ({e.strerror or e}); check that folder's disk"
-
-
-def write_run_file(path: str | Path, data: bytes | str) -> None:
-    """Write one file of a run folder (config.json, tokenizer.model, ...) atomically: temp file, fsync,
-    rename. Raises CheckpointError, one line naming the folder (for a full disk, with the bytes it
-    needed), when it cannot be written; no temp file is left and an earlier version of the file stays."""
-    path, data = Path(path), data.encode() if isinstance(data, str) else bytes(data)
-    try:
-        _atomic_write_bytes(path, lambda f: f.write(data))
-    except OSError as e:
-        raise CheckpointError(describe_write_error(path, e, len(data)) + ", then run again") from e
 
 
 _MARK = b"minillm-sha256:"  # a sealed .pt file ends with the zip comment _MARK + 64 hex digits

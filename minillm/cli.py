@@ -268,11 +268,8 @@ def in_sweep() -> bool:
 def job_dir(out_dir: str) -> str:
     """The run folder: ``out_dir``, or ``out_dir/<job number>`` for each job of a -m sweep."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return HydraConfig.get().runtime.output_dir
-    return out_dir
+    return HydraConfig.get().runtime.output_dir if in_sweep() else out_dir
 
 
 def setup_logging(rank: int = 0) -> None:

@@ -14,6 +14,15 @@ from typing import Any, List, Optional
 from minillm.errors import ConfigError
 
 
+def plain(cfg: Any) -> dict:
+    """A config dataclass as a plain dict, as JSON reads it back (tuples as lists): how a checkpoint
+    and config.json record it, so a saved config and the current one compare key by key."""
+    import json
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg)))
+
+
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minillm.checkpoint import describe_write_error, write_run_file
+from minillm.atomic_files import describe_write_error, write_run_file
 from minillm.config import WandbConfig
 from minillm.errors import CheckpointError
 

@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+from minillm.atomic_files import write_run_file  # atomic; a full disk or read-only folder is one line
 from minillm.metrics import read_records
 
 
@@ -57,15 +58,12 @@ def plot_run(run_dir: str | Path) -> Path | None:
     out, png = Path(run_dir) / "curves.png", io.BytesIO()
     fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
-    from minillm.checkpoint import write_run_file
     write_run_file(out, png.getvalue())
     return out
 
 
 def write_report(run_dir: str | Path, summary: dict) -> None:
     """summary.json (atomically) and curves.png."""
-    from minillm.checkpoint import write_run_file  # atomic; a full disk or read-only folder is one line
-
     run_dir = Path(run_dir)
     write_run_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     plot_run(run_dir)

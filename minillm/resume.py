@@ -20,14 +20,13 @@ Rank 0 chooses; the other ranks load the checkpoint it chose, never one of their
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 from minillm import checkpoint as ckpt
-from minillm.config import ModelConfig, TrainJobConfig
+from minillm.config import ModelConfig, TrainJobConfig, plain
 from minillm.distributed import process_group as dist
 from minillm.errors import CheckpointError, RunError
 
@@ -174,7 +173,7 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
 def _tokenizer_cause(saved: dict, cfg: TrainJobConfig) -> str:
     """Why the tokenizer differs: the data.* / tokenizer.* keys that changed, else an edited corpus (the
     tokenizer is trained on the training split, so any edit there retrains it)."""
-    old, new = flatten(saved), flatten(json.loads(json.dumps(asdict(cfg))))
+    old, new = flatten(saved), flatten(plain(cfg))
     keys = [k for k, v in new.items() if k.startswith(("data.", "tokenizer.")) and k in old and old[k] != v
             and k not in ("data.num_workers", "tokenizer.num_threads")]
     return describe_changes({k: (old[k], new[k]) for k in keys}) if keys else "the corpus was edited?"
@@ -183,7 +182,7 @@ def _tokenizer_cause(saved: dict, cfg: TrainJobConfig) -> str:
 def check_settings(state: dict, where: Path, cfg: TrainJobConfig, data_id: dict, world: int) -> dict[str, tuple]:
     """The SHAPING settings, global batch and prepared data of the checkpoint against the run's: refused
     in one line (RunError) when they differ, unless train.allow_changes; then logged. Returns them."""
-    changes = setting_changes(state["config"], json.loads(json.dumps(asdict(cfg))), state.get("world_size", 1),
+    changes = setting_changes(state["config"], plain(cfg), state.get("world_size", 1),
                               world)
     saved_data = state.get("data")
     if saved_data is not None and saved_data != data_id:

@@ -24,7 +24,6 @@ import codecs
 import errno
 import io
 import itertools
-import os
 import re
 import shutil
 import time
@@ -35,6 +34,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from minillm.atomic_files import atomic_write_bytes
 from minillm.config import TokenizerConfig
 from minillm.errors import TokenizerError
 
@@ -72,18 +72,9 @@ class Tokenizer:
         naming the folder (for a full disk, with the bytes needed), when it cannot be written (disk full,
         read-only folder); the temporary file is removed and an earlier file at ``path`` stays."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(self.proto)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write_bytes(path, lambda f: f.write(self.proto))
         except OSError as e:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             raise TokenizerError(f"{path.parent}: cannot write {path.name} ({_why(e, len(self.proto), path.parent)}"
                                  ", then run again") from e
 

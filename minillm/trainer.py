@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from minillm import checkpoint as ckpt
 from minillm import evaluation, ops
-from minillm.config import TrainJobConfig
+from minillm.atomic_files import write_run_file
+from minillm.config import TrainJobConfig, plain
 from minillm.data.batches import BatchSource
 from minillm.data.prepare import PreparedData, prepare
 from minillm.data.token_file import read_header, read_tokens
@@ -128,8 +129,9 @@ def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | N
     tok = Tokenizer.load(prepared.tokenizer)
     data_id = {split: {k: read_header(path)[k] for k in ("count", "crc")}
                for split, path in (("train", prepared.train), ("val", prepared.val))}
-    data = RunData(prepared, tok, read_tokens(prepared.train, tok.vocab_size),
-                   read_tokens(prepared.val, tok.vocab_size), data_id)
+    # prepare() has just written the entry, or checked its token files (checksums, ids) before reuse
+    data = RunData(prepared, tok, read_tokens(prepared.train, tok.vocab_size, verify=False),
+                   read_tokens(prepared.val, tok.vocab_size, verify=False), data_id)
     if len(data.val) < 2:
         raise RunError(f"the validation split has {len(data.val)} tokens; it needs at least 2 "
                        "(a larger corpus or data.val_fraction)")
@@ -266,7 +268,7 @@ class Trainer:
         Under FSDP model and optimizer are left out: every rank writes its shards (checkpoint.py)."""
         sharded = ("model", "optimizer") if self.fsdp else ()
         out = {name: c.state_dict() for name, c in self.components().items() if name not in sharded}
-        return out | {"config": json.loads(json.dumps(asdict(self.cfg))), "world_size": self.info.world_size,
+        return out | {"config": plain(self.cfg), "world_size": self.info.world_size,
                       "data": self.data.id, "elapsed_s": round(self.elapsed(), 3),
                       "tokenizer": torch.frombuffer(bytearray(self.data.tokenizer.proto), dtype=torch.uint8)}
 
@@ -492,6 +494,6 @@ def keep_config_history(run_dir: Path, config: str, step: int) -> None:
         k = 1
         while (run_dir / f"config.{k}.json").exists():
             k += 1
-        ckpt.write_run_file(run_dir / f"config.{k}.json", path.read_bytes())  # a copy first: never lost
+        write_run_file(run_dir / f"config.{k}.json", path.read_bytes())  # a copy first: never lost
         log.info("config.json changed at step %d; the previous one is kept as config.%d.json", step, k)
-    ckpt.write_run_file(path, config)  # atomic; a full disk or read-only folder is one line
+    write_run_file(path, config)  # atomic; a full disk or read-only folder is one line
