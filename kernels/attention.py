@@ -94,7 +94,8 @@ and within shared memory; register counts below are from that tier, bf16, causal
 * Pruning rule (``prune``): per configuration a measured maximum head dim (from the build tier), the
   shared-memory estimate against the device's limit, tiles no longer than T rounded up to a power of
   two, and on sm_90 only wgmma-capable shapes (M side >= 64, warps multiple of 4). Never empty.
-  The autotuner (key: T, head dim, causal, alignment) then times what survives.
+  The autotuner (key: ``t_bucket(T)``, T rounded up to a power of two, head dim, causal, alignment,
+  dtypes) then times what survives, once per bucket: the kernels still get the exact T.
 * Under the interpreter (tests) and when ``MINILLM_ATTN_FIXED=1``, one fixed small configuration
   (32 x 16 tiles; 16 x 32 for dK/dV) is used so several full and partial tiles are exercised at
   small T.
@@ -216,11 +217,12 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_kb, stride_kh, stride_kt, stride_kd,
               stride_vb, stride_vh, stride_vt, stride_vd,
               stride_ob, stride_oh, stride_ot, stride_od,
-              H, T, GROUP, qk_scale,
+              H, T, GROUP, qk_scale, T_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
               ALIGN: tl.constexpr):
-    # grid = (cdiv(T, BLOCK_M), B * H). LSE is contiguous (B, H, T) fp32.
+    # grid = (cdiv(T, BLOCK_M), B * H). LSE is contiguous (B, H, T) fp32. T_BUCKET is never read: it
+    # is the autotuner's key for T (t_bucket), so every T of one bucket shares one tuning entry.
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_m = tl.program_id(0)
     if CAUSAL:  # longest rows first: shortens the last wave's tail
@@ -271,10 +273,11 @@ def _attn_fwd(Q, K, V, O, LSE,
 def _attn_bwd_preprocess(O, DO, DELTA,
                          stride_ob, stride_oh, stride_ot, stride_od,
                          stride_dob, stride_doh, stride_dot, stride_dod,
-                         H, T,
+                         H, T, T_BUCKET,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          ALIGN: tl.constexpr):
     # delta[b, h, t] = sum_d dO * O in fp32; grid = (cdiv(T, BLOCK_M), B * H); DELTA contiguous.
+    # T_BUCKET: the autotuner's key only (see _attn_fwd).
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -330,12 +333,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    stride_dob, stride_doh, stride_dot, stride_dod,
                    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-                   H, H_KV, T, GROUP, qk_scale, sm_scale,
+                   H, H_KV, T, GROUP, qk_scale, sm_scale, T_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
                    ALIGN: tl.constexpr):
     # grid = (cdiv(T, BLOCK_N), B * H_KV): one program per (key tile, kv head); it owns its rows of
     # dK and dV outright (no atomics), summing over the GROUP query heads in a fixed order.
+    # T_BUCKET: the autotuner's key only (see _attn_fwd).
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -416,11 +420,12 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  stride_vb, stride_vh, stride_vt, stride_vd,
                  stride_dob, stride_doh, stride_dot, stride_dod,
                  stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-                 H, T, GROUP, qk_scale, sm_scale,
+                 H, T, GROUP, qk_scale, sm_scale, T_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
                  ALIGN: tl.constexpr):
     # grid = (cdiv(T, BLOCK_M), B * H): one program per query tile; owns its rows of dQ.
+    # T_BUCKET: the autotuner's key only (see _attn_fwd).
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -506,6 +511,20 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def t_bucket(T: int) -> int:
+    """The autotuner's key for sequence length T: T rounded up to a power of two, at least 16.
+
+    The kernels receive the exact T (masks, loop bounds); only the choice of tiles is shared across a
+    bucket, so a run whose T varies (packed documents, evaluation at other lengths) tunes once per
+    power of two instead of once per T. The pruning rule depends on T only through this bucket (tiles
+    no longer than it), so one tuning entry serves every T of the bucket with the same candidates.
+    Within a bucket the tile counts per row differ by at most 2x; the best tile is expected to agree
+    (an assumption the GPU tier can measure, not a proof). Always a multiple of 16, so Triton's
+    integer specialisation of the T_BUCKET argument (divisible by 16, equal to 1) is the same for every
+    bucket and adds no compiled variants."""
+    return max(16, triton.next_power_of_2(T))
+
+
 def _smem(kind: str, cfg: Cfg, head_dim: int, elem: int) -> int:
     """Estimated shared memory (bytes) of one configuration: resident tiles + streamed tiles x stages."""
     bm, bn, _, stages, _ = cfg
@@ -525,8 +544,8 @@ def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
       * head_dim exceeds its measured spill-free maximum (see CONFIGS),
       * its estimated shared memory exceeds the SM's (``smem_limit``: the device's opt-in maximum at
         run time, e.g. 99 KB on sm_86/sm_89, which use the sm_80 list; SMEM_BYTES[arch] otherwise),
-      * T is known and a tile is longer than T rounded up to a power of two (a short sequence would
-        only compute padding; the next smaller tile does the same work with less waste),
+      * T is known and a tile is longer than ``t_bucket(T)`` (T rounded up to a power of two: a short
+        sequence would only compute padding; the next smaller tile does the same work with less waste),
       * on sm_90 with fp16/bf16 it could not use wgmma (M side < 64 rows or warps not a multiple of 4).
     Never returns an empty list (falls back to the configuration with the least shared memory)."""
     configs = list(CONFIGS[kind][arch] if configs is None else configs)
@@ -536,7 +555,7 @@ def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
         if head_dim > max_d or _smem(kind, cfg, head_dim, elem) > (smem_limit or SMEM_BYTES[arch]):
             continue
         if T is not None and kind != "pre":
-            t_cap = max(16, triton.next_power_of_2(T))
+            t_cap = t_bucket(T)
             if bm > t_cap or bn > t_cap:
                 continue
         if arch >= 90 and elem == 2 and kind != "pre":
@@ -569,7 +588,8 @@ def _tuned(kind: str, arch: int, smem_limit: int):
         def early_prune(configs, named_args, **kwargs):
             args = {**named_args, **kwargs}
             elem = args["O" if kind == "pre" else "Q"].element_size()
-            allowed = [c[:4] for c in prune(kind, arch, args["HEAD_DIM"], elem, args["T"],
+            # T_BUCKET, not T: the candidates must be the same for every T sharing the tuning entry
+            allowed = [c[:4] for c in prune(kind, arch, args["HEAD_DIM"], elem, args["T_BUCKET"],
                                             smem_limit=smem_limit)]
             out = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0),
                                           c.num_warps, c.num_stages) in allowed]
@@ -577,10 +597,18 @@ def _tuned(kind: str, arch: int, smem_limit: int):
 
         _TUNED[key] = triton.autotune(
             configs=[to_config(c) for c in CONFIGS[kind][arch]],
-            key=["T", "HEAD_DIM", "CAUSAL", "ALIGN"] if kind != "pre" else ["T", "HEAD_DIM", "ALIGN"],
+            key=(["T_BUCKET", "HEAD_DIM", "CAUSAL", "ALIGN"] if kind != "pre"
+                 else ["T_BUCKET", "HEAD_DIM", "ALIGN"]),
             prune_configs_by={"early_config_prune": early_prune},
         )(_KERNELS[kind])
     return _TUNED[key]
+
+
+def _device_arch(device: torch.device) -> tuple[int, int]:
+    """(configuration list to use: 90 or 80, the device's per-block shared memory limit in bytes)."""
+    props = torch.cuda.get_device_properties(device)
+    arch = 90 if props.major >= 9 else 80
+    return arch, getattr(props, "shared_memory_per_block_optin", 0) or SMEM_BYTES[arch]
 
 
 def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *args, **meta) -> None:
@@ -592,9 +620,7 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
         grid = (triton.cdiv(grid_rows, tile_rows), grid_cols)
         _KERNELS[kind][grid](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
         return
-    props = torch.cuda.get_device_properties(device)
-    arch = 90 if props.major >= 9 else 80
-    smem_limit = getattr(props, "shared_memory_per_block_optin", 0) or SMEM_BYTES[arch]
+    arch, smem_limit = _device_arch(device)
 
     def grid(m):
         return (triton.cdiv(grid_rows, m["BLOCK_N"] if kind == "dkdv" else m["BLOCK_M"]), grid_cols)
@@ -640,7 +666,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         qs, ks, vs, os_ = q[s], k[s], v[s], o[s]
         _launch("fwd", T, qs.shape[0] * H, q.device, qs, ks, vs, os_, lse[s],
                 *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(),
-                H, T, H // k.shape[1], softmax_scale * LOG2E,
+                H, T, H // k.shape[1], softmax_scale * LOG2E, t_bucket(T),
                 HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32,
                 ALIGN=align)
     return o, lse
@@ -657,7 +683,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     ieee = q.dtype == torch.float32
     align = _align(q, k, v, o, do, dq, dk, dv)
-    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), ALIGN=align)
+    meta = dict(T_BUCKET=t_bucket(T), HEAD_DIM=D, BLOCK_D=_block_d(D), ALIGN=align)
     for s in _batch_chunks(B, H):
         qs, ks, vs, os_, dos, dqs, dks, dvs = (t[s] for t in (q, k, v, o, do, dq, dk, dv))
         nb = qs.shape[0]
@@ -805,7 +831,7 @@ def _signature(fn, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, object
         if name in ("LSE", "DELTA"):
             sig[name] = "*fp32"
         elif name.isupper() and not name.startswith(("HEAD_", "BLOCK_", "CAUSAL", "IEEE")) \
-                and name not in ("H", "T", "GROUP", "H_KV"):
+                and name not in ("H", "T", "GROUP", "H_KV", "T_BUCKET"):
             sig[name] = f"*{t}"
         elif name.startswith("stride_") and name.endswith("d"):
             sig[name], const[name] = "constexpr", 1

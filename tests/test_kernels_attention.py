@@ -19,6 +19,7 @@ GPU tier (bf16/fp16 against the same rule, autotuned configurations): on a CUDA 
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 
@@ -303,13 +304,44 @@ def test_gpu_autotuner_prunes_with_the_real_argument_names(kind):
     args = {n: 0 for n in names if n not in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL",
                                              "IEEE", "ALIGN")}
     tensor = torch.empty(0, dtype=torch.bfloat16)
-    args.update({n: tensor for n in ("Q", "K", "V", "O", "DO") if n in args}, T=4096)
+    args.update({n: tensor for n in ("Q", "K", "V", "O", "DO") if n in args}, T=4097,
+                T_BUCKET=attn.t_bucket(4097))
     tuner.nargs = args
     kept = tuner.prune_configs({"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": True, "IEEE": False,
                                 "ALIGN": 16})
     got = {(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0), c.num_warps, c.num_stages) for c in kept}
-    assert got == {c[:4] for c in attn.prune(kind, 90, 128, 2, 4096)}
+    assert got == {c[:4] for c in attn.prune(kind, 90, 128, 2, 8192)}
     assert got
+
+
+def test_autotuner_tunes_once_per_power_of_two_bucket_of_T(monkeypatch):
+    """The CUDA path's autotuner, run under the interpreter with a stand-in benchmark (sm_80's list,
+    fp16): T = 40 and T = 50 share bucket 64, so the second length benchmarks nothing and adds no tuning
+    entry; T = 20 (bucket 32) gets an entry of its own. Each run uses the tuned tiles (not the fixed test
+    tiles) and the exact T for its masks: outputs and gradients pass FlashAttention's rule."""
+    monkeypatch.setattr(attn, "_use_fixed", lambda: False)
+    monkeypatch.setattr(attn, "_device_arch", lambda device: (80, attn.SMEM_BYTES[80]))
+    monkeypatch.setattr(attn, "_TUNED", {})
+    kinds, benched = ("fwd", "dkdv", "dq"), collections.Counter()
+    for kind in kinds:
+        def bench(kernel_call, quantiles, kind=kind):
+            kernel_call()  # the candidate runs, as it would be timed
+            benched[kind] += 1
+            return [1.0] * len(quantiles)
+        attn._tuned(kind, 80, attn.SMEM_BYTES[80]).do_bench = bench
+
+    def entries():
+        return [len(attn._TUNED[(k, 80, attn.SMEM_BYTES[80])].cache) for k in kinds]
+
+    assert_flash_rule(*_inputs(1, 2, 1, 40, 32, seed=40), True, dtype=torch.float16)
+    first = dict(benched)
+    assert entries() == [1, 1, 1] and all(first.get(k, 0) >= 2 for k in kinds), first  # a real choice
+    assert_flash_rule(*_inputs(1, 2, 1, 50, 32, seed=50), True, dtype=torch.float16)
+    assert entries() == [1, 1, 1] and dict(benched) == first   # same bucket: reused, no re-tuning
+    assert_flash_rule(*_inputs(1, 2, 1, 20, 32, seed=20), True, dtype=torch.float16)
+    assert entries() == [2, 2, 2]
+    assert [attn.t_bucket(t) for t in (1, 16, 17, 40, 64, 65, 4096, 4097)] == [16, 16, 32, 64, 64, 128,
+                                                                            4096, 8192]
 
 
 def test_spans_beyond_int32_are_refused_for_q_o_and_do():
