@@ -518,13 +518,14 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
                    bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual (rounded to x.dtype), y = layer_norm(h); returns (y, h) from one pass.
 
-    Where it is meant to be used: the residual stream of a pre-norm block, where a branch's output
-    is added to the residual and the sum is normalised at once for the next branch. In model.py's
-    Block, ``h = h + attn(norm1(h))`` then ``norm2(h)`` (and the MLP's add followed by the next block's
-    norm1, or the final norm) become ``y, h = add_layer_norm(branch_out, h, norm.weight, norm.bias)``.
-    One kernel reads the two inputs and writes h and y; the unfused add + norm also reads h back.
-    No model code calls it yet: wiring it into the Block (through minillm/ops.py) is part of the
-    GPU-tier work, where the saving can be measured. Tested against the unfused float64 reference.
+    Where it is used: the residual stream of a pre-norm block, where a branch's output is added to
+    the residual and the sum is normalised at once for the next branch. model.py's ``Norm.add`` (through
+    minillm/ops.py) calls ``add_layer_norm(stream, branch_out, norm.weight, norm.bias)`` for norm2 and
+    for the next block's norm1 or the final norm. The stream goes first because h takes x's dtype: an
+    fp32 stream plus a bf16 branch (autocast) stays fp32, as ``stream + branch`` would. One kernel
+    reads the two inputs and writes h and y; the unfused add + norm also reads h back. Tested against
+    the unfused float64 reference (tests/test_kernels_norm.py) and, in the model, bitwise against the
+    add-then-norm kernels in fp32 (tests/test_ops.py).
     """
     _check(x, weight, bias, residual, "add_layer_norm")
     y, h, _, _ = _norm_fwd_op(x, weight, bias, residual, float(eps), False)
@@ -535,10 +536,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual (rounded to x.dtype), y = rms_norm(h); returns (y, h) from one pass.
 
-    The RMSNorm twin of ``add_layer_norm`` (see there), for the same place: a pre-norm block's
-    residual add followed by the next norm, ``y, h = add_rms_norm(branch_out, h, norm.weight)``.
-    No model code calls it yet; it is to be wired into the Block (through minillm/ops.py) under the
-    GPU-tier work. Tested against the unfused float64 reference.
+    The RMSNorm twin of ``add_layer_norm`` (see there), used in the same places by model.py's
+    ``Norm.add``: ``y, h = add_rms_norm(stream, branch_out, norm.weight)``.
     """
     _check(x, weight, None, residual, "add_rms_norm")
     y, h, _, _ = _norm_fwd_op(x, weight, None, residual, float(eps), True)

@@ -3,6 +3,10 @@
     tokens (B, T) -> token embedding (+ learned positions) -> n_layer x Block -> final norm -> logits
     Block: x = x + attn(norm(x)); x = x + mlp(norm(x))       (pre-norm residual stream)
 
+Each residual add is done by the norm that reads its result next (``Norm.add``: one fused kernel on
+the Triton path, plain ``x + branch`` then the norm on the torch path), so a Block hands its MLP output
+to the next Block (or the final norm) unadded: ``x, branch = block(x, branch, ...)``.
+
 Options (ModelConfig): norm layernorm|rmsnorm, pos learned|rope, mlp gelu|swiglu, n_kv_head for
 GQA/MQA, tie_embeddings, bias, qk_norm, dropout (on embeddings and residual branches). Attention and
 norms go through minillm.ops so Triton kernels plug in without touching this file.
@@ -36,6 +40,12 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         return ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and this norm: (norm(h), h) for h = x + branch (h = x if branch is None)."""
+        if self.kind == "layernorm":
+            return ops.add_layer_norm(x, branch, self.weight, self.bias, self.eps)
+        return ops.add_rms_norm(x, branch, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +135,13 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.n_embd, cfg.norm, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, kv_cache, layer)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, branch: torch.Tensor | None, rope, kv_cache: KVCache | None,
+                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C): the residual stream without ``branch``, the previous block's MLP output (None
+        in the first block). Returns this block's stream and MLP output, again unadded."""
+        h, x = self.norm1.add(x, branch)                                  # x = x + branch; h = norm1(x)
+        h, x = self.norm2.add(x, self.attn(h, rope, kv_cache, layer))     # x = x + attn(h); h = norm2(x)
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -190,12 +204,12 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.pos == "rope" else None
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
-        x = self.drop(x)
+        x, branch = self.drop(x), None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, kv_cache, i)
+            x, branch = block(x, branch, rope, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(self.norm_f(x))
+        logits = self.lm_head(self.norm_f.add(x, branch)[0])
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

@@ -1,7 +1,7 @@
 """The one door from the model to kernels.
 
-The model calls ``attention``, ``layer_norm`` and ``rms_norm`` from here and nothing else. Two
-backends stand behind them:
+The model calls ``attention``, ``layer_norm``, ``rms_norm`` and their residual twins
+``add_layer_norm`` / ``add_rms_norm`` from here and nothing else. Two backends stand behind them:
 
 * ``torch``: F.scaled_dot_product_attention and F.layer_norm / F.rms_norm. Runs everywhere and is the
   reference the Triton kernels are tested against.
@@ -31,8 +31,9 @@ _kernels: dict = {}
 def _load_triton_kernels() -> dict:
     """Import the Triton kernels; raises ImportError if triton or a kernel module is missing."""
     found = {}
-    from minillm.kernels.layernorm import layer_norm as tl_layer_norm, rms_norm as tl_rms_norm
-    found["layer_norm"], found["rms_norm"] = tl_layer_norm, tl_rms_norm
+    from minillm.kernels import layernorm
+    for name in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+        found[name] = getattr(layernorm, name)
     try:
         from minillm.kernels.attention import flash_attention
         found["attention"] = flash_attention
@@ -114,3 +115,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if fn is not None:
         return fn(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(h), h) with h = x + branch: a pre-norm residual add meeting the next norm.
+
+    x is the residual stream (B, T, C), branch a sublayer's output of the same shape (None: h = x). The
+    Triton path is one fused kernel (kernels/layernorm.py: reads x and branch, writes h and y; its
+    docstring counts the bytes saved); the torch path is the same two steps as unfused code, so it
+    equals ``h = x + branch; layer_norm(h)`` bit for bit. The kernel keeps x's dtype for h, so it is
+    used only when that is the promoted dtype (under autocast, an fp32 stream plus a bf16 branch).
+    """
+    fn = _kernels.get("add_layer_norm")
+    if branch is not None and fn is not None and weight is not None and _kernel_keeps_dtype(x, branch):
+        return fn(x, branch, weight, bias, eps)
+    h = x if branch is None else x + branch
+    return layer_norm(h, weight, bias, eps), h
+
+
+def add_rms_norm(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h), h) with h = x + branch; the RMSNorm twin of ``add_layer_norm`` (see there)."""
+    fn = _kernels.get("add_rms_norm")
+    if branch is not None and fn is not None and _kernel_keeps_dtype(x, branch):
+        return fn(x, branch, weight, eps)
+    h = x if branch is None else x + branch
+    return rms_norm(h, weight, eps), h
+
+
+def _kernel_keeps_dtype(x: torch.Tensor, branch: torch.Tensor) -> bool:
+    """Whether the fused kernel's h (in x's dtype, same shape) is what ``x + branch`` gives."""
+    return x.shape == branch.shape and torch.result_type(x, branch) == x.dtype

@@ -189,3 +189,36 @@ def test_per_token_loss_equals_the_log_softmax_reference():
     want = torch.where(keep, -logp.gather(-1, y.clamp(min=0)[..., None])[..., 0], torch.zeros((), dtype=torch.float64))
     torch.testing.assert_close(per_tok.double(), want, rtol=1e-5, atol=1e-5)
     assert mean.item() == pytest.approx(want[keep].sum().item() / keep.sum().item(), rel=1e-5)
+
+
+def _unfused_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The pre-norm forward written as add, then norm (what GPT.forward was before its adds moved into
+    Norm.add): the torch path must give these logits and gradients bit for bit."""
+    T = idx.shape[1]
+    x = model.tok_emb(idx)
+    rope = None
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(torch.arange(T))
+    else:
+        rope = (model.rope_cos[:T], model.rope_sin[:T])
+    for i, block in enumerate(model.blocks):
+        x = x + block.attn(block.norm1(x), rope, None, i)
+        x = x + block.mlp(block.norm2(x))
+    return model.lm_head(model.norm_f(x))
+
+
+@pytest.mark.parametrize("norm,pos,bias", [("layernorm", "learned", True), ("rmsnorm", "rope", False)])
+def test_torch_path_equals_add_then_norm_bitwise(norm, pos, bias):
+    """CPU training is unchanged by the fused residual norms: same logits and gradients, bitwise (the
+    checkpoint/resume tests compare runs bitwise, and old runs must resume identically)."""
+    torch.manual_seed(0)
+    model = GPT(small(norm=norm, pos=pos, bias=bias, qk_norm=True))
+    idx = torch.randint(0, 61, (2, 16))
+    results = []
+    for forward in (lambda: model(idx)[0], lambda: _unfused_forward(model, idx)):
+        model.zero_grad()
+        logits = forward()
+        (logits * torch.linspace(-1, 1, 61)).sum().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -69,6 +69,40 @@ def test_model_on_triton_kernels_matches_torch(norm, pos, n_kv_head, bias):
         torch.testing.assert_close(tri_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("norm,bias", [("layernorm", True), ("rmsnorm", False)])
+def test_fused_residual_norms_equal_the_unfused_kernels_bitwise(norm, bias, monkeypatch):
+    """The model on the Triton path calls the fused add+norm kernel for every norm that follows a
+    residual add (2 per block: norm2, then the next block's norm1 or the final norm) and gets bitwise
+    what add-then-norm kernels give (ops without its add_* kernels). Bitwise holds in fp32: the kernel's
+    h = x + r is one fp32 rounding like torch's add, and its dx + dh (the gradient reaching the residual
+    stream) is one fp32 add like autograd's sum of the two paths."""
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=32,
+                      norm=norm, bias=bias, pos="rope")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    idx, tgt = torch.randint(0, 50, (2, 19)), torch.randint(0, 50, (2, 19))
+    ops.configure("triton", "cpu")
+    monkeypatch.delitem(ops._kernels, "attention")  # SDPA: the norms are under test, and it is faster
+    fused = "add_layer_norm" if norm == "layernorm" else "add_rms_norm"
+    calls = []
+    kernel = ops._kernels[fused]
+    monkeypatch.setitem(ops._kernels, fused, lambda *a: calls.append(1) or kernel(*a))
+
+    def run():
+        model.zero_grad()
+        logits, loss = model(idx, tgt)
+        loss.backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    with_fusion = run()
+    assert len(calls) == 2 * cfg.n_layer
+    monkeypatch.delitem(ops._kernels, fused)
+    without = run()
+    assert len(calls) == 2 * cfg.n_layer
+    for name, a, b in zip(["logits"] + [n for n, _ in model.named_parameters()], with_fusion, without):
+        assert torch.equal(a, b), name
+
+
 class _Like:
     """What triton_serves_attention reads of a tensor: shape, dtype, device (a CUDA tensor cannot exist here)."""
 
