@@ -71,3 +71,91 @@ def test_run_all_prints_each_benchmarks_table(tmp_path):
     table = lines[start + 3:start + 3 + len(rows)]
     assert [line.split()[0] for line in table] == [str(r["batch"]) for r in rows]
     assert any(line.split() == ["benchmark", "exit_code", "seconds", "files"] for line in lines[start + 3 + len(rows):])
+
+
+# ---- bench_recipe.py's budget comparison (issue 19): minillm at each budget against nanoGPT's recipe
+
+from benchmarks import bench_recipe  # noqa: E402  (stdlib only at import: no torch)
+
+CURVE = [{"t": 20.0, "step": 500, "val_bpb": 2.5}, {"t": 10.0, "step": 250, "val_bpb": 3.0},
+         {"t": 30.0, "step": 750, "val_bpb": 2.2}]  # evaluations as the baseline's curve holds them
+
+
+@pytest.mark.parametrize("t, step", [(0.0, None), (9.99, None), (10.0, 250), (15.0, 250), (29.9, 500),
+                                     (30.0, 750), (1e6, 750)])
+def test_recipe_bpb_at_is_the_last_evaluation_finished_by_t(t, step):
+    """Before the first evaluation: none (not evaluated yet); between two: the earlier; at one: that one."""
+    got = bench_recipe.bpb_at(CURVE, t)
+    assert (got and got["step"]) == step
+    if step is not None:
+        assert got["val_bpb"] == {250: 3.0, 500: 2.5, 750: 2.2}[step]
+
+
+def _mini(bpb, wall, error=None):
+    return {"final_bpb": bpb, "wall_s": wall, "steps": 9, "params": 1, "vocab": 2, "error": error}
+
+
+def test_recipe_compare_verdicts():
+    corpus, base = {"name": "c", "bytes": 1}, {"curve": CURVE, "final_bpb": 2.2, "wall_s": 30.0}
+    row = bench_recipe.compare(corpus, "budget", 25.0, base, _mini(2.0, 24.0))
+    assert (row["base_bpb"], row["verdict"]) == (2.5, "win") and row["ratio"] == pytest.approx(2.0 / 2.5)
+    assert bench_recipe.compare(corpus, "budget", 25.0, base, _mini(2.6, 24.0))["verdict"] == "lose"
+    over = bench_recipe.compare(corpus, "budget", 25.0, base, _mini(2.0, 25.5))  # better, but late
+    assert over["verdict"] == "lose" and "over budget" in over["note"]
+    early = bench_recipe.compare(corpus, "budget", 5.0, base, _mini(2.0, 4.0))
+    assert (early["base_bpb"], early["ratio"], early["verdict"]) == (None, None, "n/a")
+    failed = bench_recipe.compare(corpus, "budget", 25.0, base, _mini(float("nan"), float("nan"), "exit 2: error: x"))
+    assert failed["verdict"] == "lose" and "exit 2" in failed["note"]
+    half = bench_recipe.compare(corpus, "half-time", 15.0, base, _mini(2.2, 14.0))  # equal to the final: enough
+    assert (half["base_bpb"], half["ratio"], half["verdict"]) == (2.2, 1.0, "win")
+
+
+def test_recipe_rejects_bad_input(tmp_path):
+    for args, names in [(["--corpus", str(tmp_path / "nosuch.txt"), "--budgets", "30"], "nosuch.txt"),
+                        (["--corpora", "nosuch"], "nosuch"), (["--budgets", "30,x"], "30,x"),
+                        (["--budgets", "30", "--target", "2.7"], "--target")]:
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_recipe.py"), *args,
+                               "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, cwd=ROOT)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], args
+
+
+def test_recipe_budgets_quick(tmp_path):
+    """--quick: a generated corpus, the baseline (40 steps) and minillm at 8 s and 12 s and at half the
+    baseline's time. The rows, ratios and the baseline's standing are recomputed from the recorded runs.
+    On a loaded machine start-up alone can pass a small budget: that run fails, and its row must say so."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_recipe.py"), "--quick", "--budgets",
+                           "8,12", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_recipe_budgets.json").read_text())
+    assert (tmp_path / "bench_recipe_budgets.png").stat().st_size > 0
+    (corpus,) = result["corpora"]
+    assert corpus["sha256"] == __import__("hashlib").sha256(Path(corpus["path"]).read_bytes()).hexdigest()
+    assert corpus["train_bytes"] + corpus["val_bytes"] == corpus["bytes"]  # under the 256 KB cap: all of it
+    runs = {(r["role"], r.get("budget_s")): r for r in result["runs"]}
+    base = runs[("baseline", None)]
+    assert f"tokenizer.vocab_size={corpus['chars'] + 3}" in base["cmd"] and "experiment=nanogpt_cpu" in base["cmd"]
+    assert base["final_bpb"] == base["curve"][-1]["val_bpb"] and base["wall_s"] == base["curve"][-1]["t"]
+    assert all(r["reused_cache"] and r["prepare_s"] > 0 for r in result["runs"] if not r["error"])  # untimed prep
+    assert len(result["rows"]) == 3
+    (half,) = [r for r in result["rows"] if r["kind"] == "half-time"]
+    assert half["budget_s"] == round(base["wall_s"] / 2, 2) and half["base_bpb"] == base["final_bpb"]
+    finished = 0
+    for row in result["rows"]:
+        mini = runs[(f"minillm {row['kind']}", base["wall_s"] / 2 if row["kind"] == "half-time" else row["budget_s"])]
+        if mini["error"]:
+            assert row["verdict"] == "lose" and mini["error"][:40] in row["note"], row
+            continue
+        finished += row["kind"] == "budget"
+        base_bpb = base["final_bpb"] if row is half else bench_recipe.bpb_at(base["curve"], row["budget_s"])["val_bpb"]
+        assert row["base_bpb"] == base_bpb and row["minillm_bpb"] == mini["final_bpb"] > 0
+        assert row["ratio"] == pytest.approx(mini["final_bpb"] / base_bpb, rel=1e-12)
+        within = row["minillm_wall_s"] == mini["wall_s"] <= mini["budget_s"]
+        better = row["ratio"] < 1 or (row is half and row["ratio"] == 1)
+        assert row["verdict"] == ("win" if within and better else "lose"), row
+        planned = f"train.time_budget_s={mini['budget_s']:g}" if "time_budget_s" in result["minillm_planning"] else \
+            f"train.max_steps={max(2, round(bench_recipe.QUICK_STEPS_PER_S * mini['budget_s']))}"
+        assert planned in mini["cmd"] and mini["params"] > 0
+        assert (row["steps"], row["params"], row["vocab"]) == (mini["steps"], mini["params"], mini["vocab"])
+    assert finished >= 1, result["rows"]  # the 12 s run at least fits after start-up
