@@ -1,7 +1,8 @@
 """What the build report compiles: one entry per (kernel, configuration) the dispatcher can choose.
 
 Each kernel module exposes ``build_specs() -> list[KernelSpec]``; ``python -m minillm.kernels.build_report``
-compiles every spec for sm_80 and sm_90 without a GPU and reports registers, spills and shared memory.
+compiles every spec for sm_80 and sm_90 (or for the archs a spec names) without a GPU and reports
+registers, spills and shared memory.
 """
 from __future__ import annotations
 
@@ -21,3 +22,6 @@ class KernelSpec:
     # extra triton.compile options (e.g. {"maxnreg": 128, "num_ctas": 1}); num_warps/num_stages above win
     # unless repeated here
     options: dict[str, Any] = field(default_factory=dict)
+    # the architectures whose configuration list holds this entry (e.g. (90,) for an sm_90-only tile);
+    # the report compiles it for those of its --arch list only. Empty: every arch the report compiles.
+    archs: tuple[int, ...] = ()

@@ -74,11 +74,12 @@ and within shared memory; register counts below are from that tier, bf16, causal
   is 64 per warpgroup), BLOCK_N = 64, 2-3 K/V stages. d128: 187 registers, 129 KB shared memory
   (Q 32 KB + 3 x (K + V) 32 KB), 1 CTA = 8 warps per SM; while one warpgroup does its softmax the
   other's wgmma runs, which is where FA2-style kernels get their overlap without warp
-  specialisation. BLOCK_N = 128 (fewer, longer wgmmas) builds cleanly on sm_90 at every head dim
-  (229 registers at d128), but spills on sm_80 for d >= 64, and the build report compiles every
-  listed configuration for both archs, so it is listed for d32 only (a per-arch field in
-  KernelSpec would allow it at d128 on sm_90). 4-warp 128-row tiles
-  spill at d >= 96 (acc + S of a 128-row tile over 128 threads) and are pruned by head dim.
+  specialisation. BLOCK_N = 128 (fewer, longer wgmmas, 2 stages) builds cleanly on sm_90 at every
+  head dim (build report, causal / non-causal: d64 193-198, d96 238-247, d128 229-253 registers, 0
+  spill, 161 KB shared at d >= 96) but spills on sm_80 for d >= 64, so it is in the sm_90 list only:
+  each architecture has its own list and the build report compiles each entry for the architectures
+  that list it (``KernelSpec.archs``). 4-warp 128-row tiles spill at d >= 96 (acc + S of a 128-row
+  tile over 128 threads) and are pruned by head dim.
 * Forward, sm_80: mma.sync works on 16-row slices per warp, so 128 x 64 tiles with 8 warps (213
   registers at d128) or 64 x 64 / 64 x 32 with 4 warps, 2-3 stages in 164 KB.
 * Backward dK/dV: the key tile is resident and is the M side of all three dots (K Q^T, P^T dO,
@@ -472,8 +473,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # --------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, max head dim). BLOCK_M is always the query tile, BLOCK_N
 # the key tile. "max head dim" is measured, not estimated: the largest head dim for which the build tier
-# (python -m minillm.kernels.build_report) compiles this configuration with 0 spill bytes on BOTH sm_80 and
-# sm_90 (the report compiles every listed configuration for both). Register use in Triton's output is
+# (python -m minillm.kernels.build_report) compiles this configuration with 0 spill bytes for the
+# architecture whose list holds it (build_specs gives each entry the archs that list it; an entry in both
+# lists must build on both, and has one maximum per list). Register use in Triton's output is
 # well above the naive count of accumulator tiles (e.g. dK/dV with a 64-row key tile and 4 warps spill
 # at d128 although 2 x 64 x 128 fp32 is "only" 128 registers/thread), so an estimate would lie.
 Cfg = tuple[int, int, int, int, int]
@@ -481,7 +483,7 @@ CONFIGS: dict[str, dict[int, list[Cfg]]] = {
     "fwd": {
         # 8 warps = 2 warpgroups x 64 rows of wgmma; K/V double or triple buffered
         90: [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128),
-             (128, 128, 8, 2, 32)],
+             (128, 128, 8, 2, 128)],
         # mma.sync: 16 query rows per warp, smaller key tiles to keep S + acc in registers
         80: [(128, 64, 8, 2, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128),
              (128, 32, 4, 3, 64), (128, 64, 4, 3, 32)],
@@ -525,17 +527,27 @@ def t_bucket(T: int) -> int:
     return max(16, triton.next_power_of_2(T))
 
 
-def _smem(kind: str, cfg: Cfg, head_dim: int, elem: int) -> int:
-    """Estimated shared memory (bytes) of one configuration: resident tiles + streamed tiles x stages."""
+# Shared memory Triton allocates beyond the tiles counted by _smem (the async pipeline's mbarriers,
+# reduction and layout-conversion scratch), measured by the build report for every listed bf16
+# configuration at d64 and d128: on sm_90 1.0-2.0 KB over the tile count (4 KB bounds it); on sm_80 the
+# tile count is itself 3-32 KB above the measurement (Q stays in registers there), so nothing is added.
+SMEM_OVERHEAD = {80: 0, 90: 4096}
+
+
+def _smem(kind: str, cfg: Cfg, head_dim: int, elem: int, arch: int = 90) -> int:
+    """Shared memory (bytes) of one configuration, an upper bound of what the build report measures:
+    resident tiles + streamed tiles x stages + Triton's own (SMEM_OVERHEAD[arch])."""
     bm, bn, _, stages, _ = cfg
     bd = _block_d(head_dim)
     if kind == "fwd":    # Q resident, K and V streamed
-        return elem * (bm * bd + stages * 2 * bn * bd)
-    if kind == "dkdv":   # K, V resident, Q and dO streamed
-        return elem * (2 * bn * bd + stages * 2 * bm * bd)
-    if kind == "dq":     # Q, dO resident, K and V streamed
-        return elem * (2 * bm * bd + stages * 2 * bn * bd)
-    return elem * 2 * bm * bd
+        tiles = bm * bd + stages * 2 * bn * bd
+    elif kind == "dkdv":   # K, V resident, Q and dO streamed
+        tiles = 2 * bn * bd + stages * 2 * bm * bd
+    elif kind == "dq":     # Q, dO resident, K and V streamed
+        tiles = 2 * bm * bd + stages * 2 * bn * bd
+    else:
+        tiles = 2 * bm * bd
+    return elem * tiles + SMEM_OVERHEAD[arch]
 
 
 def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
@@ -552,7 +564,7 @@ def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
     keep = []
     for cfg in configs:
         bm, bn, warps, _, max_d = cfg
-        if head_dim > max_d or _smem(kind, cfg, head_dim, elem) > (smem_limit or SMEM_BYTES[arch]):
+        if head_dim > max_d or _smem(kind, cfg, head_dim, elem, arch) > (smem_limit or SMEM_BYTES[arch]):
             continue
         if T is not None and kind != "pre":
             t_cap = t_bucket(T)
@@ -566,7 +578,7 @@ def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
     if keep:
         return keep
     fits = [c for c in configs if head_dim <= c[4]] or configs
-    return [min(fits, key=lambda c: _smem(kind, c, head_dim, elem))]
+    return [min(fits, key=lambda c: _smem(kind, c, head_dim, elem, arch))]
 
 
 def _use_fixed() -> bool:
@@ -847,36 +859,41 @@ def build_specs(head_dims=HEAD_DIMS, dtypes=(torch.bfloat16, torch.float16),
     """One KernelSpec per (kernel, autotune configuration surviving the pruning rule, head dim, dtype,
     causal flag): every compiled variant the autotuner can pick on sm_80 / sm_90.
 
-    The configuration lists of all ``archs`` are merged (the report compiles each spec for every arch,
-    so each listed configuration must build cleanly for both). Causal variants for every dtype;
-    non-causal ones (same tiles, same loop body, one mask fewer) for ``noncausal_dtypes`` only, which
-    keeps the report's compile count reasonable: fp16 and bf16 compile to the same register and
-    shared-memory footprint.
+    Each spec names the architectures whose list keeps it (``KernelSpec.archs``), and the report
+    compiles it for those only: the lists are per architecture, so a tile that builds cleanly on sm_90
+    but spills on sm_80 is listed for sm_90 alone. Causal variants for every dtype; non-causal ones
+    (same tiles, same loop body, one mask fewer) for ``noncausal_dtypes`` only, which keeps the report's
+    compile count reasonable: fp16 and bf16 compile to the same register and shared-memory footprint.
     """
     specs = []
     for kind, fn in _KERNELS.items():
         for dtype in dtypes:
             elem = torch.tensor([], dtype=dtype).element_size()
             for d in head_dims:
-                cfgs = []
+                listed: dict[tuple, list[int]] = {}  # configuration -> the archs that keep it
                 for arch in archs:
                     for c in prune(kind, arch, d, elem):
-                        if c not in cfgs:
-                            cfgs.append(c)
+                        listed.setdefault(c[:4], []).append(arch)
                 flags = (True, False) if dtype in noncausal_dtypes else (True,)
                 for is_causal in flags if kind != "pre" else (None,):
-                    for bm, bn, warps, stages, _ in cfgs:
-                        sig, const = _signature(fn, dtype)
-                        # ALIGN: the usual case (aligned allocations, strides multiple of 16 B)
-                        const.update(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, ALIGN=16)
-                        label = f"d{d} {_TL_TYPES[dtype]} M{bm}"
-                        if kind != "pre":
-                            const.update(BLOCK_N=bn, CAUSAL=is_causal, IEEE=False)
-                            label += f" N{bn}" + (" causal" if is_causal else " full")
-                        label += f" w{warps} s{stages}"
-                        for name in const:
-                            sig[name] = "constexpr"
-                        specs.append(KernelSpec(name=f"attn_{kind}", fn=fn, signature=sig,
-                                                constexprs=const, num_warps=warps, num_stages=stages,
-                                                label=label))
+                    for cfg, cfg_archs in listed.items():
+                        specs.append(_spec(kind, fn, dtype, d, cfg, is_causal, tuple(cfg_archs)))
     return specs
+
+
+def _spec(kind: str, fn, dtype: torch.dtype, d: int, cfg: tuple, is_causal: bool | None,
+          archs: tuple[int, ...]) -> KernelSpec:
+    """The KernelSpec of one configuration (BLOCK_M, BLOCK_N, warps, stages) of one kernel."""
+    bm, bn, warps, stages = cfg
+    sig, const = _signature(fn, dtype)
+    # ALIGN: the usual case (aligned allocations, strides multiple of 16 B)
+    const.update(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, ALIGN=16)
+    label = f"d{d} {_TL_TYPES[dtype]} M{bm}"
+    if kind != "pre":
+        const.update(BLOCK_N=bn, CAUSAL=is_causal, IEEE=False)
+        label += f" N{bn}" + (" causal" if is_causal else " full")
+    label += f" w{warps} s{stages}"
+    for name in const:
+        sig[name] = "constexpr"
+    return KernelSpec(name=f"attn_{kind}", fn=fn, signature=sig, constexprs=const, num_warps=warps,
+                      num_stages=stages, label=label, archs=archs)

@@ -3,7 +3,8 @@
     python -m minillm.kernels.build_report [--arch 80,90] [--only NAME_SUBSTRING] [--json PATH]
 
 Each module in ``KERNEL_MODULES`` exposes ``build_specs() -> list[KernelSpec]`` (kernels/_spec.py):
-every (kernel, configuration) its dispatcher can choose. For each spec and each arch we run the full
+every (kernel, configuration) its dispatcher can choose. For each spec and each arch (of those the spec
+is listed for, when it names them: per-architecture autotune lists) we run the full
 Triton pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) against a ``GPUTarget``; no device is
 needed for that. From the result we report:
 
@@ -170,6 +171,8 @@ def run(archs: Sequence[int], only: str | None = None, modules: Sequence[str] = 
     t0 = time.time()
     for i, (mod_name, spec) in enumerate(specs):
         for arch in archs:
+            if getattr(spec, "archs", ()) and arch not in spec.archs:
+                continue  # listed for other architectures only: the dispatcher never runs it here
             try:
                 row = compile_spec(spec, arch)
                 row["status"] = check_row(row, arch)

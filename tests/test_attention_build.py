@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import minillm.kernels.attention as A
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r"""
@@ -58,9 +60,16 @@ def test_representative_configs_build_without_spills_and_fwd_uses_wgmma():
         ("attn_fwd d96 fp16 M64 N64 causal w4 s3", 80),     # padded head dim, mma.sync path
     ]
     rows = _build(wanted)
+    specs = {f"{s.name} {s.label}": s for s in A.build_specs()}
     for (key, arch), row in zip(wanted, rows):
         assert row["status"] == "ok", (key, arch, row)
         assert row["stack"] == 0 and row["local"] == 0, (key, row)
+        # the pruning rule's shared-memory estimate bounds what the compiler allocates (else prune
+        # could keep a configuration that does not launch on a device with less shared memory)
+        spec = specs[key]
+        c = spec.constexprs
+        cfg = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, 128)
+        assert row["shared"] <= A._smem(spec.name.removeprefix("attn_"), cfg, c["HEAD_DIM"], 2, arch), row
     fwd90 = rows[0]
     assert fwd90["wgmma"] == "yes", fwd90
     # the alignment hint works: K/V tiles stream through 16-byte cp.async, no scalar 2-byte loads

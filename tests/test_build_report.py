@@ -73,6 +73,9 @@ FAKE_MODULE = textwrap.dedent('''
             KernelSpec("scale_rows", scale_rows, sig, {"BLOCK": 1024}, num_warps=4, label="fits"),
             # 8192 fp32 values in one warp = 256 per thread: more than 255 registers, must spill
             KernelSpec("scale_rows", scale_rows, sig, {"BLOCK": 8192}, num_warps=1, label="spills"),
+            # in one architecture's list only: compiled for that one
+            KernelSpec("scale_rows", scale_rows, sig, {"BLOCK": 2048}, num_warps=4, label="sm90 list",
+                       archs=(90,)),
             KernelSpec("matmul_tile", matmul_tile,
                        {"A": "*fp16", "B": "*fp16", "C": "*fp32", "BM": "constexpr"}, {"BM": 64},
                        label="dot"),
@@ -87,7 +90,8 @@ def test_report_detects_spills_wgmma_and_skips_missing_modules(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr   # the spilling config fails the tier
     assert "skipping minillm.kernels.not_written_yet" in proc.stderr
     by = {(r["config"], r["arch"]): r for r in rows}
-    assert set(by) == {(c, a) for c in ("fits", "spills", "dot") for a in ("sm_80", "sm_90")}
+    assert set(by) == {(c, a) for c in ("fits", "spills", "dot") for a in ("sm_80", "sm_90")} | {
+        ("sm90 list", "sm_90")}
     for arch in ("sm_80", "sm_90"):
         assert by[("fits", arch)]["status"] == "ok" and by[("fits", arch)]["regs"] > 0
         assert by[("spills", arch)]["status"].startswith("spills")

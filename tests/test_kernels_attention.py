@@ -5,9 +5,12 @@ Tolerance rule (FlashAttention's): for each of O, dQ, dK, dV,
     max|kernel - ref64| <= 2 * max|torch - ref64| + ATOL
 
 where ``ref64`` is ``attention_ref`` in float64, ``torch`` is F.scaled_dot_product_attention run in the
-same dtype as the kernel (fp32 here; bf16 on the GPU tier) and ATOL is a small absolute floor (2e-6 for
-fp32 with N(0, 1) inputs, outputs and gradients of order 1). The floor matters where torch is exact by
-construction (T = 1: O = V) and the kernel's log2-domain softmax is off by an ulp.
+same dtype as the kernel (fp32 and fp16 here; bf16 and fp16 on the GPU tier) and ATOL is a small
+absolute floor (2e-6 for fp32, 2e-4 for fp16, with N(0, 1) inputs, outputs and gradients of order 1).
+The floor matters where torch is exact by construction (T = 1: O = V, dQ = dK = 0) and the kernel's
+log2-domain softmax is off by an ulp. fp16 runs here because Triton 3.9's interpreter computes fp16
+dots correctly (bf16 ones wrongly): it checks what only half precision exercises, the roundings of P
+and dS before their dots and the fp32 LSE and delta (planting either in fp16 fails a case).
 
 The interpreter is slow, so the default grid is chosen rather than crossed: every T at d=64, every
 head dim at two T, the GQA ratios at one size; the full cross product is ``-m slow``. Under the
@@ -108,6 +111,28 @@ def test_gqa_and_mqa(H, H_kv, causal):
     assert_flash_rule(*_inputs(1, H, H_kv, 67, 32, seed=H_kv), causal)
 
 
+# fp16 under the interpreter (Triton 3.9's interpreter computes fp16 dots correctly, bf16 ones wrongly):
+# the half-precision path proper, i.e. P and dS rounded to fp16 before their dots, fp16 loads and stores,
+# fp32 statistics and accumulators. Torch's own error is SDPA's in fp16. Default tier: each T, head dim,
+# GQA/MQA and non-causal at least once, ~6 s; every combination is the slow tier.
+FP16_CASES = [  # (H, H_kv, T, D, causal)
+    (2, 1, 1, 64, True), (4, 2, 37, 64, True), (1, 1, 130, 64, False), (1, 1, 37, 96, True),
+    (1, 1, 130, 128, True), (2, 1, 37, 128, False),
+]
+
+
+@pytest.mark.parametrize("H,H_kv,T,D,causal", FP16_CASES)
+def test_fp16_by_flash_rule(H, H_kv, T, D, causal):
+    assert_flash_rule(*_inputs(1, H, H_kv, T, D, seed=T + D), causal, dtype=torch.float16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T,D,causal,ratio", list(itertools.product(
+    [1, 37, 130], [64, 96, 128], [True, False], [1, 2, 4])))
+def test_fp16_full_cross_product(T, D, causal, ratio):
+    assert_flash_rule(*_inputs(1, 4, 4 // ratio, T, D, seed=T * D + ratio), causal, dtype=torch.float16)
+
+
 def test_batch_and_custom_scale():
     assert_flash_rule(*_inputs(3, 2, 1, 33, 64, seed=5), True, softmax_scale=0.3)
 
@@ -135,14 +160,6 @@ def test_lse_is_the_log2_normaliser():
     s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.2
     s = s.masked_fill(torch.ones(50, 50, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) / math.log(2), rtol=0, atol=1e-5)
-
-
-def test_backward_is_deterministic_with_gqa():
-    q, k, v, do = _inputs(1, 2, 1, 40, 32, seed=11)
-    first = _run(flash_attention, q, k, v, do, True, torch.float32)
-    second = _run(flash_attention, q, k, v, do, True, torch.float32)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
 
 
 def test_output_layout_makes_the_model_transpose_free():
@@ -209,17 +226,47 @@ def test_bad_inputs_fail_with_one_clear_line(bad, msg):
         flash_attention(*(torch.randn(*shapes[n]) for n in "qkv"))
 
 
-def test_pruning_rule_never_empties_and_respects_limits():
-    for kind, arch, d, elem, T in itertools.product(("fwd", "dkdv", "dq", "pre"), (80, 90),
-                                                    attn.HEAD_DIMS, (2, 4), (1, 100, 8192)):
-        kept = attn.prune(kind, arch, d, elem, T)
-        assert kept
-        for cfg in kept:
-            assert cfg in attn.CONFIGS[kind][arch]
-        if elem == 2:
-            assert all(attn._smem(kind, c, d, elem) <= attn.SMEM_BYTES[arch] for c in kept)
-    # a short sequence drops 128-row tiles when smaller ones exist
-    assert all(c[0] <= 64 for c in attn.prune("fwd", 90, 64, 2, T=40))
+def _built_configs() -> set[tuple]:
+    """(kernel, arch, head dim, dtype, BLOCK_M, BLOCK_N, warps, stages) of every spec the build report
+    compiles (build_specs(): what `python -m minillm.kernels.build_report` checks for spills)."""
+    out = set()
+    for spec in attn.build_specs():
+        c = spec.constexprs
+        for arch in spec.archs or (80, 90):
+            out.add((spec.name.removeprefix("attn_"), arch, c["HEAD_DIM"], spec.label.split()[1],
+                     c["BLOCK_M"], c.get("BLOCK_N", 0), spec.num_warps, spec.num_stages))
+    return out
+
+
+def test_every_configuration_the_autotuner_can_run_was_built_by_the_report():
+    """What the autotuner may run on a GPU (prune() at any T, with the device's own shared-memory limit:
+    99 KB on sm_86/sm_89, which take the sm_80 list; 163 KB A100, 227 KB H100) is a configuration the
+    build report compiled for that architecture, head dim and dtype. The run-time pruning (T caps, the
+    smaller limit, the never-empty fallback) must not reach a configuration no build checked for spills."""
+    built = _built_configs()
+    limits = {80: (99 * 1024, attn.SMEM_BYTES[80]), 90: (attn.SMEM_BYTES[90],)}
+    for kind, arch, d, dtype, T in itertools.product(("fwd", "dkdv", "dq", "pre"), (80, 90), attn.HEAD_DIMS,
+                                                     ("bf16", "fp16"), (1, 17, 40, 100, 1000, 8192)):
+        for smem in limits[arch]:
+            kept = attn.prune(kind, arch, d, 2, T, smem_limit=smem)
+            assert kept, (kind, arch, d, T, smem)
+            for cfg in kept:
+                assert (kind, arch, d, dtype, *cfg[:4]) in built, (kind, arch, d, dtype, T, smem, cfg)
+
+
+def test_short_sequences_and_small_devices_prune_what_cannot_pay():
+    """Tiles longer than the T bucket only compute padding; on sm_90 every half-precision tile feeds
+    wgmma (its M side >= 64 rows: the query tile, or the key tile in dK/dV); a 99 KB device keeps only
+    configurations within 99 KB. Stated from hardware facts, not from the code's own arithmetic: the
+    forward's resident Q tile plus stages x (K + V) tiles, 2 bytes each."""
+    assert {c[:2] for c in attn.prune("fwd", 90, 64, 2, T=40)} == {(64, 64)}
+    assert all(c[1] >= 64 for c in attn.prune("dkdv", 90, 128, 2, T=4096))
+    assert all(c[0] >= 64 for c in attn.prune("dq", 90, 128, 2, T=4096))
+    for bm, bn, _, stages, _ in attn.prune("fwd", 80, 128, 2, T=4096, smem_limit=99 * 1024):
+        assert 2 * (bm * 128 + stages * 2 * bn * 128) <= 99 * 1024
+    big = (64, 64, 4, 3, 128)  # 2 * (64 * 128 + 3 * 2 * 64 * 128) B = 112 KB: an A100 has room, an sm_86 not
+    assert big in attn.prune("fwd", 80, 128, 2, T=4096)
+    assert big not in attn.prune("fwd", 80, 128, 2, T=4096, smem_limit=99 * 1024)
 
 
 # ---------------------------------------------------------------------------------------------
