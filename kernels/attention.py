@@ -88,7 +88,14 @@ and within shared memory; register counts below are from that tier, bf16, causal
   (2 x 128 x 128 fp32 = 128 registers/thread at 8 warps), which leaves only a narrow streamed query
   tile: BLOCK_M = 16 at d >= 96 (245 registers), 32 at d64, 64 at d32. This kernel is the one most
   likely to miss the 250 TFLOP/s backward goal; the fix would be the FA3 split (dK/dV in two
-  warpgroups with register reallocation), which Triton does not expose.
+  warpgroups with register reallocation), which Triton does not expose. Measured alternatives at d128
+  (build report, bf16, causal, sm_90): wider query tiles spill (M32 N128 w8: 32 B of stack at 2
+  stages, 120 B at 1; M64 N128 w8: 344 B; M64 N64 w4: 584 B), and 16 warps cap registers at 128 and
+  spill 304-544 B. A split into a dV kernel and a dK kernel (each recomputing S = K Q^T: 5 dots of
+  the fused kernel's 4, and Q / dO streamed twice) builds with wider tiles: dV alone M64 N128 w8 s2,
+  252 registers, 0 spill (d96 too; sm_80: M32 only, 255 registers); dK alone M32 N128 w8 s2, 234
+  registers (M64 spills 32 B). Whether 2-4x wider tiles pay for 1.25x the FLOPs is for the GPU tier
+  to measure; the kernel stays fused until then.
 * Backward dQ: the mirror image: 128 resident query rows, 8 warps, key tiles of 32 streamed
   (175 registers at d128), 2-3 stages.
 * Preprocess (delta): memory-bound, 128 rows x D per program.
