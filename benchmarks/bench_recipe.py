@@ -4,7 +4,8 @@ Budget comparison (issue 19), chosen by --budgets or --corpora:
 
     python benchmarks/bench_recipe.py --corpora all --budgets 30,60,120
     python benchmarks/bench_recipe.py --corpus a.txt --corpus b.txt --budgets 30,60,120 -- optim.lr=4e-3
-    python benchmarks/bench_recipe.py --quick --budgets 8,12  # mechanics on a generated corpus, seconds
+    python benchmarks/bench_recipe.py --quick --budgets 8,12  # mechanics on a generated corpus: a tiny
+                                                              # model, its baseline stopped at 40 steps
 
 Each corpus (a --corpus file, or the test corpora of benchmarks/corpora.py that --corpora builds in the
 work folder) is split once: train.txt = the first 90% of its bytes, cut at a line boundary, and val.txt =
@@ -19,10 +20,17 @@ folder:
   bpb "at wall time t" is the last evaluation finished at or before t, or none (not evaluated yet);
 * minillm, per budget B: ``train.py data=text data.path=TRAIN data.val_path=VAL train.time_budget_s=B``
   plus the overrides after ``--``; its bpb is its final evaluation, its time that evaluation's record
-  time since launch. It wins at B when its bpb is lower than the baseline's at B and its final
-  evaluation ended within B;
+  time since launch. Verdict at B: win when its final evaluation ended within B and its bpb is lower
+  than the baseline's at B; lose when it is not lower, when it ended after B (the note says by how
+  much) or when train.py failed (e.g. a budget shorter than start-up; the note gives its error line);
+  n/a when the baseline had no evaluation by B. The ratio is minillm's bpb / the baseline's at B;
 * the half-time run: minillm with B = half the baseline's wall time to its final evaluation; it wins
-  when its bpb is <= the baseline's final bpb, within that budget.
+  when its bpb is <= the baseline's final bpb, within that budget (ratio: against that final bpb).
+
+A failed minillm run is a lost row and the benchmark goes on; a failed baseline leaves its corpus out
+of the table (named in the tally, exit status 1). The work folder (--work-dir; default
+~/.cache/minillm/bench_recipe) keeps the built corpora, splits, token cache and run folders (each
+run's metrics.jsonl is its record), so a second benchmark reuses the preparation.
 
 The clock starts just before each process is launched (interpreter start, imports, config, data loading
 and model build all count). Data preparation is not timed for either (as nanoGPT's prepare.py runs
@@ -282,7 +290,8 @@ def budget_verdict(mini: dict, budget: float, base_bpb: float | None, strict: bo
     """win / lose / n/a, and why. minillm must have a final evaluation, end it within ``budget``, and beat
     ``base_bpb`` (lower when ``strict``, else lower or equal); no baseline evaluation yet: n/a."""
     if mini["error"] or not math.isfinite(mini["final_bpb"]):
-        return "lose", f"train.py failed ({mini['error'][:120]})" if mini["error"] else "minillm made no evaluation"
+        error = mini["error"] if len(mini["error"] or "") <= 100 else mini["error"][:99] + "…"
+        return "lose", f"train.py failed: {error}" if error else "minillm made no evaluation"
     if mini["wall_s"] > budget:
         return "lose", f"over budget by {mini['wall_s'] - budget:.1f} s"
     if base_bpb is None:
@@ -330,9 +339,10 @@ def minillm_overrides(split: dict, budget: float, time_key: bool, quick: bool, e
     return ov + extra
 
 
-def resolve_corpora(args, work: Path) -> list[dict] | int:
-    """The corpora to measure: each --corpus file, the --corpora built in WORK/corpora, or (--quick with
-    neither) a generated one. Returns a list of {name, kind, path, tuned_on}, or 2 after an error line."""
+def resolve_corpora(args, work: Path, skipped: list[str]) -> list[dict] | int:
+    """The corpora to measure: each --corpus file, the --corpora built in WORK/corpora (one whose sources
+    this machine lacks is named in ``skipped``), or (--quick with neither) a generated one. Returns a
+    list of {name, kind, path, tuned_on}, or 2 after an error line."""
     from benchmarks import corpora as test_corpora
     found = []
     for p in args.corpus or []:
@@ -347,7 +357,9 @@ def resolve_corpora(args, work: Path) -> list[dict] | int:
                                f"{', '.join(test_corpora.CORPORA)}")
         for name in names:
             path = test_corpora.build(name, work / "corpora")
-            if path is not None:
+            if path is None:
+                skipped.append(name)
+            else:
                 kind, _, _, tuned_on = test_corpora.CORPORA[name]
                 found.append({"name": name, "kind": kind, "path": path, "tuned_on": tuned_on})
     if not found and args.quick:
@@ -449,7 +461,8 @@ def budget_main(args) -> int:
     work = Path(args.work_dir or (tempfile.mkdtemp(prefix="bench_recipe-") if args.quick else default_work_dir()))
     env = dict(os.environ, MINILLM_DATA_DIR=str(work / "cache"), **({"OMP_NUM_THREADS": "1"} if args.quick else {}))
     try:
-        corpora = resolve_corpora(args, work)
+        skipped: list[str] = []
+        corpora = resolve_corpora(args, work, skipped)
         if isinstance(corpora, int):
             return corpora
         if not corpora:
@@ -465,7 +478,7 @@ def budget_main(args) -> int:
         for corpus in corpora:
             r, rs = measure_corpus(corpus, budgets, work, env, time_key, args.overrides, args.quick)
             rows, runs, failed = rows + r, runs + rs, failed + ([] if r else [corpus["name"]])
-        extra = {"mode": "budgets", "quick": args.quick, "budgets_s": budgets, "work_dir": str(work),
+        extra = {"mode": "budgets", "argv": sys.argv, "quick": args.quick, "corpora_skipped": skipped, "budgets_s": budgets, "work_dir": str(work),
                  "env": {k: env.get(k) for k in ("MINILLM_DATA_DIR", "OMP_NUM_THREADS")},
                  "minillm_planning": "train.time_budget_s" if time_key else
                  f"train.max_steps ({QUICK_STEPS_PER_S} per budget second)",
@@ -475,7 +488,10 @@ def budget_main(args) -> int:
         return 1 if failed else 0
     finally:
         if args.quick and not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
+            if args.keep:
+                print(f"work folder kept: {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def describe_corpus(corpus: dict, work: Path) -> str | None:
@@ -500,8 +516,9 @@ def report_budgets(rows: list[dict], runs: list[dict], corpora: list[dict], extr
     wins, losses = (sum(r["verdict"] == v for r in rows) for v in ("win", "lose"))
     failed = extra["baseline_failed"]
     print(f"{wins} of {len(rows)} rows won, {losses} lost"
-          + (f"; the baseline failed on {', '.join(failed)} (not compared)" if failed else ""))
-    prep = [{"corpus": r["corpus"], "run": r["role"] + (f" {r['budget_s']:g} s" if "budget_s" in r else ""),
+          + (f"; the baseline failed on {', '.join(failed)} (not compared)" if failed else "")
+          + (f"; no sources here for {', '.join(extra['corpora_skipped'])}" if extra["corpora_skipped"] else ""))
+    prep = [{"corpus": r["corpus"], "run": r["role"] + (f" {r['budget_s']:.1f} s" if "budget_s" in r else ""),
              "prepare_s": r["prepare_s"], "reused_cache": r["reused_cache"]} for r in runs]
     print("\ndata preparation (untimed; reused_cache: the timed run found the tokens prepared):")
     print_table(prep)
@@ -518,8 +535,8 @@ def usage_error(message: str) -> int:
 def main(argv=None) -> int:
     from benchmarks.common import bench_parser
     p = bench_parser(__doc__, "bench_recipe", "tiny runs on a generated corpus (mechanics only)")
-    p.add_argument("--budgets", default=None, help=f"seconds, comma-separated (budget comparison; "
-                                                   f"default {DEFAULT_BUDGETS}, {QUICK_BUDGETS} with --quick)")
+    p.add_argument("--budgets", default=None, help=f"seconds, comma-separated: the budget comparison, written to "
+                   f"bench_recipe_budgets.json/.png (default {DEFAULT_BUDGETS}; {QUICK_BUDGETS} with --quick)")
     p.add_argument("--corpora", default=None, help="test corpora of benchmarks/corpora.py to build and "
                                                    "measure: comma-separated names, or all")
     p.add_argument("--corpus", action="append", default=None,
@@ -532,7 +549,7 @@ def main(argv=None) -> int:
                                                               f"({REFERENCE['val_bpb']})")
     p.add_argument("--repeats", type=int, default=None, help="time to target: fresh runs (2)")
     p.add_argument("--cold", action="store_true", help="time to target: empty data cache per repeat")
-    p.add_argument("--keep", action="store_true", help="time to target: keep the run folders (printed)")
+    p.add_argument("--keep", action="store_true", help="keep the run folders (printed) of time to target or --quick")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (after --); budget comparison: "
                                                 "minillm's runs only")
     args = p.parse_args(argv)

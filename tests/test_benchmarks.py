@@ -111,13 +111,35 @@ def test_recipe_compare_verdicts():
 
 
 def test_recipe_rejects_bad_input(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1") * 10)
     for args, names in [(["--corpus", str(tmp_path / "nosuch.txt"), "--budgets", "30"], "nosuch.txt"),
+                        (["--corpus", str(tmp_path / "latin1.txt"), "--budgets", "30"], "not UTF-8"),
                         (["--corpora", "nosuch"], "nosuch"), (["--budgets", "30,x"], "30,x"),
                         (["--budgets", "30", "--target", "2.7"], "--target")]:
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_recipe.py"), *args,
                                "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, cwd=ROOT)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], args
+
+
+def test_recipe_corpora_are_built_in_the_work_folder(tmp_path):
+    """--corpora builds benchmarks/corpora.py's corpora in WORK/corpora (a machine without a corpus's
+    sources skips it, named); --corpus files of one name are told apart."""
+    import argparse
+    (tmp_path / "a").mkdir()
+    for d in ("a", "."):
+        (tmp_path / d / "text.txt").write_text("one line\n" * 20)
+    args = argparse.Namespace(corpus=[str(tmp_path / "a" / "text.txt"), str(tmp_path / "text.txt")],
+                              corpora="en-vim-200k", quick=False)
+    skipped = []
+    found = bench_recipe.resolve_corpora(args, tmp_path / "work", skipped)
+    assert [c["name"] for c in found[:2]] == ["text", "text-2"]
+    if skipped:
+        assert skipped == ["en-vim-200k"] and len(found) == 2
+    else:
+        (vim,) = found[2:]
+        assert vim["name"] == "en-vim-200k" and vim["path"] == tmp_path / "work" / "corpora" / "en-vim-200k.txt"
+        assert vim["path"].stat().st_size <= 200_000 and vim["kind"] == "English prose"
 
 
 def test_recipe_budgets_quick(tmp_path):
