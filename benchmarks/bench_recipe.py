@@ -24,8 +24,9 @@ folder:
   than the baseline's at B; lose when it is not lower, when it ended after B (the note says by how
   much) or when train.py failed (e.g. a budget shorter than start-up; the note gives its error line);
   n/a when the baseline had no evaluation by B. The ratio is minillm's bpb / the baseline's at B;
-* the half-time run: minillm with B = half the baseline's wall time to its final evaluation; it wins
-  when its bpb is <= the baseline's final bpb, within that budget (ratio: against that final bpb).
+* the half-time run: minillm with B = half the baseline's wall time to its final evaluation (rounded to
+  0.1 s); it wins when its bpb is <= the baseline's final bpb, within that budget (ratio: against that
+  final bpb).
 
 A failed minillm run is a lost row and the benchmark goes on; a failed baseline leaves its corpus out
 of the table (named in the tally, exit status 1). The work folder (--work-dir; default
@@ -387,7 +388,7 @@ def measure_corpus(corpus: dict, budgets: list[float], work: Path, env: dict, ti
         return [], [base]
     print(f"  baseline: {base['final_bpb']:.4f} bpb at {base['wall_s']:.1f} s ({base['steps']} steps)", flush=True)
     rows, runs = [], [base]
-    for kind, budget in [("budget", b) for b in budgets] + [("half-time", base["wall_s"] / 2)]:
+    for kind, budget in [("budget", b) for b in budgets] + [("half-time", round(base["wall_s"] / 2, 1))]:
         mini = timed_run(f"minillm {kind}", minillm_overrides(corpus, budget, time_key, quick, extra),
                          runs_dir / f"minillm-{kind}-{budget:g}", env)
         mini |= {"budget_s": budget, "corpus": corpus["name"]}
