@@ -26,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     job = cli.to_dataclass(cfg, TrainJobConfig)
     job.out_dir = cli.job_dir(job.out_dir)
     cli.setup_logging(int(os.environ.get("RANK", "0")))
+    cli.log_recipe(cfg, job)  # train.time_budget_s: what the budget recipe chose
     try:
         with cli.user_errors(made_by_hydra=job.out_dir if cli.in_sweep() else None):
             train(job)

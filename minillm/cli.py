@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from minillm import recipe
 from minillm.config import SampleJobConfig, TrainJobConfig
 from minillm.errors import ConfigError, UserError
 
@@ -37,6 +38,8 @@ EXIT_USER_ERROR = 2
 def register_schemas() -> None:
     if not OmegaConf.has_resolver("minillm.corpus_name"):
         OmegaConf.register_new_resolver("minillm.corpus_name", corpus_name)
+    if not OmegaConf.has_resolver("minillm.recipe"):  # a time-budgeted run's choices (minillm/recipe.py)
+        OmegaConf.register_new_resolver("minillm.recipe", recipe.resolve)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=schema(TrainJobConfig))
     cs.store(name="sample_schema", node=schema(SampleJobConfig))
@@ -255,6 +258,17 @@ def to_dataclass(cfg: DictConfig, cls: type[T]) -> T:
     if not isinstance(obj, cls):
         fail(f"config did not compose to {cls.__name__}")
     return obj
+
+
+def log_recipe(cfg: DictConfig, job: TrainJobConfig) -> None:
+    """A time-budgeted run: log the keys the budget recipe chose (those the user left to it) and why."""
+    if not job.train.time_budget_s:
+        return
+    raw, values = OmegaConf.to_container(cfg, resolve=False), dataclasses.asdict(job)
+    chosen = {f"{section}.{key}": values[section][key] for section in ("model", "tokenizer", "optim", "train")
+              for key, v in raw[section].items() if isinstance(v, str) and v.startswith("${minillm.recipe:")}
+    logging.getLogger("minillm.recipe").info(
+        "%s", recipe.describe(chosen, recipe.corpus_stats(job.data), job.train.time_budget_s))
 
 
 def in_sweep() -> bool:

@@ -208,7 +208,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 30
-    schedule: str = "cosine"           # cosine | linear | constant (after warmup)
+    schedule: str = "cosine"           # cosine | linear | wsd | constant (after warmup; minillm/optimizer.py)
+    decay_fraction: float = 0.3        # schedule=wsd: the last fraction of steps, decaying linearly
     grad_clip: float = 1.0             # 0 disables clipping
     fused: Optional[bool] = None       # AdamW's fused kernel; None: on CUDA only (true works on CPU too)
     # optim.name=muon: Muon (torch.optim.Muon) for the blocks' 2-D weights, AdamW for everything else
@@ -222,7 +223,8 @@ class OptimConfig:
         _check(self.muon_lr >= 0, "optim.muon_lr", self.muon_lr, "must be >= 0")
         _check(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
         _check(self.muon_ns_steps >= 1, "optim.muon_ns_steps", self.muon_ns_steps, "must be >= 1")
-        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice("optim.schedule", self.schedule, ("cosine", "linear", "wsd", "constant"))
+        _check(0.0 < self.decay_fraction <= 1.0, "optim.decay_fraction", self.decay_fraction, "must be in (0, 1]")
         _check(self.lr >= 0, "optim.lr", self.lr, "must be >= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
@@ -236,7 +238,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     """The loop: how long, how big a batch, how often to evaluate and checkpoint."""
-    max_steps: int = 300
+    max_steps: Optional[int] = 300     # None: planned from time_budget_s (which must then be set)
+    time_budget_s: Optional[float] = None  # seconds from process start to the end of the final evaluation:
+                                       # max_steps is planned to fit (minillm/time_budget.py), at most
+                                       # max_steps when that is set too; sizes from the recipe (minillm/recipe.py)
     batch_size: int = 16               # sequences per micro-batch per process
     grad_accum_steps: int = 1
     eval_interval: int = 50            # also evaluates after the last step; 0: only at the end
@@ -266,8 +271,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _finite(self, "train.")
         p = "train."
-        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_interval"):
+        for key in ("batch_size", "grad_accum_steps", "log_interval"):
             _check(getattr(self, key) >= 1, p + key, getattr(self, key), "must be >= 1")
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, p + "max_steps", self.max_steps, "must be >= 1 (or null with train.time_budget_s)")
+        if self.time_budget_s is not None:
+            _check(self.time_budget_s > 0, p + "time_budget_s", self.time_budget_s, "must be > 0 seconds (or null)")
+        _check(self.max_steps is not None or self.time_budget_s is not None, p + "max_steps", None,
+               "is null, so the run's length must come from train.time_budget_s; set one of them")
         _check(self.eval_interval >= 0, p + "eval_interval", self.eval_interval, "must be >= 0")
         if self.eval_tokens is not None:
             _check(self.eval_tokens >= 1, p + "eval_tokens", self.eval_tokens, "must be >= 1 (or null for all)")

@@ -1,7 +1,7 @@
 """The optimizer and the learning-rate schedule.
 
     build_optimizer(model, optim cfg, device)   AdamW, or Muon for the blocks' matrices + AdamW for the rest
-    lr_at(step, optim cfg, max_steps)           linear warmup, then cosine / linear / constant decay
+    lr_at(step, optim cfg, max_steps)           linear warmup, then cosine / linear / wsd / constant
 
 AdamW (Loshchilov & Hutter, 2019) decays matrices only (linear and embedding weights), not norms or
 biases. Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers in neural networks";
@@ -81,12 +81,30 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """The learning rate of the update at 0-based ``step``: linear warmup lr * (step + 1) / warmup_steps
-    for step < warmup_steps, then decay over the remaining max_steps - warmup_steps steps from lr to
-    min_lr_ratio * lr, cosine (0.5 * (1 + cos(pi * frac)); Loshchilov & Hutter, 2017), linear, or none."""
+    for step < warmup_steps, then from lr to min_lr_ratio * lr over the remaining max_steps - warmup_steps
+    steps: cosine (0.5 * (1 + cos(pi * frac)); Loshchilov & Hutter, 2017), linear, none (constant), or
+    wsd: warmup-stable-decay, constant lr until the last ``decay_fraction`` of max_steps, then linear
+    decay (Hu et al., 2024, MiniCPM; Hägele et al., 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations"). Until its decay starts, a wsd schedule does not depend on
+    max_steps, which is what lets a time-budgeted run (minillm/time_budget.py) re-plan max_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+        start = max(cfg.warmup_steps, max_steps - decay_steps)
+        frac = min(1.0, max(0, step - start + 1) / max(1, max_steps - start))
+        return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * (1.0 - frac))
     frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     shape = 0.5 * (1.0 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1.0 - frac
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
+
+
+def decay_start(cfg: OptimConfig, max_steps: int) -> int:
+    """The first 0-based step whose lr depends on max_steps (after warmup; wsd: where its decay begins)."""
+    if cfg.schedule == "wsd":
+        return max(cfg.warmup_steps, max_steps - max(1, round(cfg.decay_fraction * max_steps)))
+    if cfg.schedule == "constant":
+        return 2 ** 62  # never
+    return cfg.warmup_steps + 1  # cosine, linear: the step after warmup is still at the peak

@@ -92,7 +92,7 @@ def _choose_checkpoint(cfg: TrainJobConfig, run_dir: Path, full_model: bool) -> 
 # Keys (or key prefixes) of the flattened config whose change reshapes the run's trajectory. optim.fused
 # only picks AdamW's implementation. The batch is compared as the global batch (check_settings), data
 # and tokenizer by what they produce (check_resumable).
-SHAPING = ("seed", "optim.", "train.max_steps", "train.spike_zscore", "train.spike_window")
+SHAPING = ("seed", "optim.", "train.max_steps", "train.time_budget_s", "train.spike_zscore", "train.spike_window")
 NOT_SHAPING = ("optim.fused",)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -52,7 +53,7 @@ from minillm.flops import mfu, peak_flops
 from minillm.guards import NonFiniteError, StepGuard
 from minillm.metrics import MetricsLogger
 from minillm.model import GPT
-from minillm.optimizer import build_optimizer, lr_at
+from minillm.optimizer import build_optimizer, decay_start, lr_at
 from minillm.report import plot_run, summarize, write_report
 from minillm.init_from import check_coverage, init_weights, load_source
 from minillm.resume import check_resumable, check_same_optimizer, load_resume_state
@@ -60,6 +61,7 @@ from minillm.rng import RngStreams, seed_everything
 from minillm.run_lock import hold_run_folder
 from minillm.signals import GracefulStop, TrainingInterrupted
 from minillm.tokenizer import Tokenizer
+from minillm.time_budget import TimeBudget, process_start_time
 from minillm.train_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,7 @@ class Trainer:
     def __init__(self, cfg: TrainJobConfig, info: dist.DistInfo):
         self.cfg, self.tc, self.info, self.run_dir = cfg, cfg.train, info, Path(cfg.out_dir)
         self.t_start = time.time()
+        self._process_start = min(process_start_time(), self.t_start)  # the time budget's clock starts here
         seed_everything(cfg.seed)
         ops.configure(cfg.kernels, info.device)
         # Fine-tuning: the source's weights and tokenizer (which also encodes the new corpus); its model
@@ -194,7 +197,11 @@ class Trainer:
                          "only when a run starts", self.run_dir)
         self.state = TrainState()
         self.prior_elapsed = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
-        self.finished = state is not None and state["train_state"]["step"] >= self.tc.max_steps
+        self.budget = TimeBudget(self.tc.time_budget_s, self.tc.max_steps) if self.tc.time_budget_s else None
+        if self.budget is not None and state is not None and "budget" in state:
+            self.budget.load_state_dict(state["budget"])
+        self.max_steps = self.budget.current() if self.budget is not None else self.tc.max_steps
+        self.finished = state is not None and state["train_state"]["step"] >= self.max_steps
         if self.finished:  # nothing to train: fit() reports it; no component is built
             self.state.load_state_dict(state["train_state"])
             return
@@ -260,8 +267,9 @@ class Trainer:
 
     def components(self) -> dict:
         """The checkpointed components by name (see the module docstring)."""
-        return {"model": self.model, "optimizer": self.optimizer, "batches": self.batches, "guard": self.guard,
-                "rng": self.rng, "train_state": self.state}
+        parts = {"model": self.model, "optimizer": self.optimizer, "batches": self.batches, "guard": self.guard,
+                 "rng": self.rng, "train_state": self.state}
+        return parts | ({"budget": self.budget} if self.budget is not None else {})
 
     def state_dict(self) -> dict:
         """Every component's state dict by name, plus config, tokenizer and world size (a collective).
@@ -302,7 +310,7 @@ class Trainer:
         """One optimizer step (see the module docstring); advances the train state."""
         tc = self.tc
         timer = StepTimer(self.info.device, tc.profile_interval > 0 and (self.state.step + 1) % tc.profile_interval == 0)
-        lr = lr_at(self.state.step, self.cfg.optim, tc.max_steps)
+        lr = lr_at(self.state.step, self.cfg.optim, self.max_steps)
         for group in self.optimizer.param_groups:  # lr_mult: Muon's groups (minillm/optimizer.py)
             group["lr"] = lr * group.get("lr_mult", 1.0)
         loss, grad_norm = self._forward_backward(timer)
@@ -351,14 +359,17 @@ class Trainer:
         if self.finished:
             return self._already_finished()
         self._start_run_files()
-        bar = tqdm(total=self.tc.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+        bar = tqdm(total=self.max_steps if self.budget is None or self.budget.max_steps else None, initial=self.state.step, desc="train", dynamic_ncols=True,
                    disable=not (self.info.is_main and self.cfg.logger.progress))
         self._window = (time.time(), self.state.tokens_seen)  # throughput counts training time only
         try:
             with GracefulStop() as stop:
-                while self.state.step < self.tc.max_steps:
+                if self.budget is not None:
+                    self.budget.start(self.state.step)
+                while self.state.step < self.max_steps:
                     result = self.train_step()
                     bar.update(1)
+                    self._follow_budget(bar)
                     record = self._log_and_evaluate(result, bar)
                     self._checkpoint_or_stop(record, stop)
             bar.close()
@@ -370,17 +381,51 @@ class Trainer:
                 self.metrics.close()
         return summary
 
+    def _follow_budget(self, bar: tqdm) -> None:
+        """Time-budgeted runs: re-plan max_steps when due (minillm/time_budget.py); every rank agrees."""
+        if self.budget is None:
+            return
+        clock = self.prior_elapsed + time.time() - self._process_start
+        agree = (lambda n: int(dist.all_reduce_max(torch.tensor([n], device=self.info.device), self.info).item())
+                 if self.info.enabled else n)
+        if self.budget.after_step(self.state.step, clock, self._eval_seconds,
+                                  lambda n: decay_start(self.cfg.optim, n), agree):
+            self.max_steps = self.budget.max_steps
+            bar.total = self.max_steps
+            bar.refresh()
+            if self.budget.locked:
+                log.info("time budget %.0f s: %d steps (planned at step %d, %.1f s)", self.budget.budget_s,
+                         self.max_steps, self.state.step, clock)
+
+    def _eval_seconds(self) -> float:
+        """Estimated seconds of one evaluation: one validation batch's forward (the faster of two),
+        times the number of batches this rank scores (evaluation.evaluate's windows)."""
+        n = len(self.data.val) - 1 if self.tc.eval_tokens is None else min(self.tc.eval_tokens, len(self.data.val) - 1)
+        rows, block = self.tc.batch_size, self.cfg.model.block_size
+        windows = math.ceil(n / block)
+        x = torch.from_numpy(self.data.val[: rows * block].astype(np.int64))
+        x = torch.nn.functional.pad(x, (0, rows * block - len(x))).view(rows, block).to(self.info.device)
+        times = []
+        with torch.no_grad(), self.amp:
+            self.compiled.eval()
+            for _ in range(2):
+                t0 = time.time()
+                self.compiled(x, x, reduction="none")
+                times.append(time.time() - t0)
+            self.compiled.train()
+        return min(times) * math.ceil(windows / rows / self.info.world_size)
+
     def _log_and_evaluate(self, r: StepResult, bar: tqdm) -> dict | None:
         """Warn on a skipped step; evaluate when due; write the step's metrics record, if it has one."""
         tc, step = self.tc, self.state.step
         if r.verdict != "ok":
             log.warning("warning: step %d skipped (%s): loss %.4g, grad norm %.4g", step, r.verdict, r.loss, r.grad_norm)
         record = None
-        if step % tc.log_interval == 0 or step == tc.max_steps or r.verdict != "ok" or r.timer.active:
+        if step % tc.log_interval == 0 or step == self.max_steps or r.verdict != "ok" or r.timer.active:
             t0, tokens0 = self._window
             record = self._record(r, (self.state.tokens_seen - tokens0) / max(time.time() - t0, 1e-9))
             bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{record['tokens_per_sec']:,.0f}")
-        if step == tc.max_steps or (tc.eval_interval > 0 and step % tc.eval_interval == 0):
+        if step == self.max_steps or (tc.eval_interval > 0 and step % tc.eval_interval == 0):
             val_loss, val_bpb = self.evaluate()
             record = record or self._record(r, float("nan"))
             # stamped after the evaluation: when this validation number was known
@@ -411,10 +456,10 @@ class Trainer:
         """Checkpoint when due (interval, evaluation, last step, a stop signal on any rank); then stop
         by raising TrainingInterrupted if a signal arrived."""
         stopping, step, every = self._stop_signal(stop), self.state.step, self.tc.ckpt_interval
-        if (stopping or step == self.tc.max_steps or (every and step % every == 0)
+        if (stopping or step == self.max_steps or (every and step % every == 0)
                 or (every is None and record is not None and "val_loss" in record)):
             self.save_checkpoint()
-        if stopping and step == self.tc.max_steps:  # the run is finished: its report is written, no resume
+        if stopping and step == self.max_steps:  # the run is finished: its report is written, no resume
             log.info("%s arrived during the last step; finishing the run", signal.Signals(stopping).name)
         elif stopping:
             raise TrainingInterrupted(stopping, step)
@@ -445,8 +490,8 @@ class Trainer:
     def _already_finished(self) -> dict:
         """The summary of a run that reached max_steps. One stopped before its report was written (killed
         after its last checkpoint) gets it now: summary.json from metrics.jsonl, and curves.png."""
-        log.info("%s already finished at step %d (train.max_steps=%d); nothing to do", self.run_dir,
-                 self.state.step, self.tc.max_steps)
+        log.info("%s already finished at step %d (max_steps %d); nothing to do", self.run_dir,
+                 self.state.step, self.max_steps)
         path = self.run_dir / "summary.json"
         if path.exists():
             if self.info.is_main and not (self.run_dir / "curves.png").exists():

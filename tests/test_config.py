@@ -49,7 +49,7 @@ def test_hydra_conveniences_still_work():
     assert r.returncode == 0, r.stderr
     assert "model: gpt2-small, llama-small, tiny" in r.stdout
     assert r.stdout.startswith("python train.py [group=option ...] [key=value ...]: train a GPT")  # minillm's page
-    assert "powered by Hydra" not in r.stdout and "  n_layer: 4" in r.stdout
+    assert "powered by Hydra" not in r.stdout and "  n_layer: ${minillm.recipe:model.n_layer}" in r.stdout
 
 
 def test_dataclass_validation_in_python():

@@ -1,0 +1,198 @@
+"""The budget recipe: vocabulary, model size, batch and optimizer of a time-budgeted run, chosen from
+the corpus and the budget (``train.time_budget_s``), every choice visible and overridable.
+
+The default presets name the keys the recipe may choose as interpolations, ``${minillm.recipe:KEY}``
+(configs/model/tiny.yaml, configs/tokenizer/bpe.yaml, configs/optim/default.yaml,
+configs/train/default.yaml). A key the user sets, on the command line or in a preset, replaces its
+interpolation, so the user's value wins; ``--cfg job --resolve`` prints what the recipe chose, and
+config.json records it. Without a time budget every key resolves to its schema default
+(minillm/config.py): an unbudgeted run is exactly what it was before the recipe existed.
+
+With a budget B seconds:
+- the corpus is sampled (``corpus_stats``: up to 4 MB read from up to 8 of its files) for its share of
+  CJK characters and its alphabet;
+- training compute C = B x TRAIN_SHARE x the device's sustained training rate (``device_rate``; FLOPs);
+- the model comes from the ladder of shapes ``LADDER``: the largest whose 6 N D training cost (Kaplan
+  et al., 2020; N parameters, D tokens) with D = TOKENS_PER_PARAM x N fits in C, i.e. the size a
+  tokens-per-parameter rule assigns to that compute (Hoffmann et al., 2022 derive ~20 at large scale;
+  the ratio here is measured at CPU-minute budgets, see TOKENS_PER_PARAM);
+- vocabulary: BPE; ``vocab_for`` (CJK text: a larger vocabulary and character coverage 0.9995, the
+  rarest characters left to byte fallback);
+- optimizer: Muon for the blocks' matrices and AdamW for the rest, warmup then a wsd schedule, which
+  lets minillm/time_budget.py re-plan max_steps until its decay begins; one evaluation, at the end.
+The measurements behind each constant: README "The budget recipe" and benchmarks/bench_recipe.py.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+import unicodedata
+from dataclasses import dataclass, fields
+from typing import Any
+
+from minillm.config import ModelConfig, OptimConfig, TokenizerConfig, TrainConfig
+
+VOCAB = 1024             # BPE pieces for alphabetic text and code (measured: README "The budget recipe")
+CJK_VOCAB = 2000         # for text whose non-space characters are more than 30% CJK
+CHAR_SHARE = 0.5         # at most this share of the non-byte pieces are single characters
+TRAIN_SHARE = 0.8        # of the budget: the rest is start-up, data loading, the final evaluation
+TOKENS_PER_PARAM = 2.0   # D / N at the ladder rung chosen for a budget (measured; see the module docstring)
+CPU_RATE_PER_THREAD = 30e9   # sustained training FLOP/s per CPU thread at the ladder's shapes (measured)
+GPU_MFU = 0.3            # fraction of the device's peak a small model sustains
+
+# (n_layer, n_embd, n_head, block_size, batch_size): the shapes a budget may get, smallest first
+LADDER = [
+    (4, 128, 4, 32, 32),
+    (4, 192, 6, 64, 32),
+    (6, 256, 8, 128, 32),
+    (8, 384, 6, 256, 32),
+    (12, 512, 8, 512, 32),
+    (12, 768, 12, 1024, 32),
+]
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    """What the recipe reads of a corpus: its size in bytes, and of a sample of its text the share of
+    CJK characters among non-space characters and the counts of its distinct characters, commonest
+    first (how much of the text the commonest k characters cover: ``coverage_of``)."""
+    bytes: int
+    sample_chars: int
+    cjk_share: float
+    counts: tuple[int, ...]
+
+    @property
+    def alphabet(self) -> int:
+        return len(self.counts)
+
+    def coverage_of(self, k: int) -> float:
+        """Fraction of the sample's characters that are among its k commonest."""
+        return sum(self.counts[:k]) / max(1, sum(self.counts))
+
+
+def is_cjk(ch: str) -> bool:
+    """Han, kana and hangul characters (the scripts whose text needs a larger vocabulary)."""
+    return unicodedata.name(ch, "").startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL"))
+
+
+def text_stats(text: str, total_bytes: int) -> CorpusStats:
+    counts = Counter(text)
+    visible = sum(n for c, n in counts.items() if not c.isspace())
+    cjk = sum(n for c, n in counts.items() if is_cjk(c))
+    return CorpusStats(total_bytes, len(text), cjk / max(1, visible), tuple(sorted(counts.values(), reverse=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _stats_of(data_key: tuple) -> CorpusStats | None:
+    from minillm.config import DataConfig
+    from minillm.data.corpus import resolve_corpus
+    from minillm.data.formats import file_format, iter_records, open_bytes
+
+    data = DataConfig(**dict(data_key))
+    if data.hf_dataset is not None:
+        return None  # a dataset's size and text are known only once it is read
+    try:
+        files = resolve_corpus(data)
+    except Exception:  # noqa: BLE001 - the corpus's own error comes, as one line, when the data is prepared
+        return None
+    picked = files[:: max(1, len(files) // 8)][:8]
+    per_file, texts = (4 << 20) // len(picked), []
+    for path in picked:
+        try:
+            fmt = file_format(path)
+            if fmt == "text":
+                with open_bytes(path) as f:
+                    texts.append(f.read(per_file).decode("utf-8", "ignore"))
+                continue
+            got = 0
+            for _, text in iter_records(path, fmt, data.text_field, skip_bad=True):
+                if isinstance(text, str):
+                    texts.append(text)
+                    got += len(text.encode("utf-8"))
+                if got >= per_file:
+                    break
+        except Exception:  # noqa: BLE001 - an unreadable file is the preparation's to report
+            continue
+    total = sum(p.stat().st_size for p in files)
+    return text_stats("".join(texts), total) if texts else None
+
+
+def corpus_stats(data: Any) -> CorpusStats | None:
+    """CorpusStats of the corpus ``data`` (a DataConfig or its config node) names; None when it
+    cannot be read here (a Hugging Face dataset; a missing file, reported later by preparation)."""
+    keys = ("name", "path", "url", "sha256", "filename", "val_fraction", "val_path", "text_field", "hf_dataset")
+    return _stats_of(tuple((k, getattr(data, k)) for k in keys))
+
+
+def vocab_for(stats: CorpusStats | None) -> tuple[int, float]:
+    """(tokenizer.vocab_size, tokenizer.character_coverage) for a corpus: CJK_VOCAB for CJK text, else
+    VOCAB; the coverage keeps at most CHAR_SHARE of the pieces left after the 4 specials, newline and
+    256 byte-fallback pieces for single characters (the rest of the vocabulary is merges), the rarer
+    characters falling back to their UTF-8 bytes (sentencepiece's character_coverage: the share of
+    character occurrences whose characters get a piece)."""
+    if stats is None:
+        return VOCAB, 1.0
+    vocab = CJK_VOCAB if stats.cjk_share > 0.3 else VOCAB
+    chars = int(CHAR_SHARE * (vocab - 261))
+    if stats.alphabet <= chars:
+        return vocab, 1.0
+    return vocab, min(0.9995, math.floor(stats.coverage_of(chars) * 1e4) / 1e4)
+
+
+def device_rate(device: str) -> float:
+    """Sustained training FLOP/s of a small model on ``device`` (auto | cpu | cuda)."""
+    import torch
+
+    from minillm.flops import peak_flops
+
+    if device != "cpu" and torch.cuda.is_available():
+        return GPU_MFU * (peak_flops(torch.device("cuda"), True) or 100e12)
+    return CPU_RATE_PER_THREAD * torch.get_num_threads()
+
+
+def model_for(train_flops: float, vocab: int) -> tuple:
+    """The largest LADDER rung whose 6 N D cost, D = TOKENS_PER_PARAM x N, fits ``train_flops``."""
+    chosen = LADDER[0]
+    for rung in LADDER:
+        n_layer, n_embd = rung[0], rung[1]
+        n_params = 12 * n_layer * n_embd ** 2 + vocab * n_embd
+        if 6 * TOKENS_PER_PARAM * n_params ** 2 <= train_flops:
+            chosen = rung
+    return chosen
+
+
+def choose(root: Any) -> dict[str, Any]:
+    """Every key the recipe decides, for the config ``root`` (a TrainJobConfig or its config node)."""
+    budget = root.train.time_budget_s
+    if not budget:
+        return {}
+    stats = corpus_stats(root.data)
+    vocab, coverage = vocab_for(stats)
+    n_layer, n_embd, n_head, block, batch = model_for(budget * TRAIN_SHARE * device_rate(root.device), vocab)
+    return {"model.name": "auto", "model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
+            "model.block_size": block, "tokenizer.vocab_size": vocab, "tokenizer.character_coverage": coverage,
+            "train.max_steps": None, "train.batch_size": batch, "train.eval_interval": 0,
+            "optim.name": "muon", "optim.lr": 6e-3, "optim.muon_lr": 0.05, "optim.warmup_steps": 15,
+            "optim.schedule": "wsd", "optim.fused": True}
+
+
+_DEFAULTS = {f"{prefix}.{f.name}": f.default for prefix, cls in
+             (("model", ModelConfig), ("tokenizer", TokenizerConfig), ("train", TrainConfig), ("optim", OptimConfig))
+             for f in fields(cls)}
+
+
+def resolve(key: str, *, _root_: Any) -> Any:
+    """The OmegaConf resolver ``minillm.recipe``: the recipe's value of ``key``, or its schema default."""
+    if key not in _DEFAULTS:
+        raise KeyError(f"minillm.recipe: {key} is not a key the recipe chooses")
+    return choose(_root_).get(key, _DEFAULTS[key])
+
+
+def describe(chosen: dict[str, Any], stats: CorpusStats | None, budget: float) -> str:
+    """One log line: what the recipe chose and from what."""
+    seen = ("corpus unknown until read" if stats is None else
+            f"corpus {stats.bytes / 1e6:.2f} MB, {stats.cjk_share:.0%} CJK, {stats.alphabet} distinct characters in "
+            f"{stats.sample_chars:,} sampled")
+    values = ", ".join(f"{k}={v}" for k, v in chosen.items())
+    return f"time budget {budget:g} s ({seen}): {values}"
