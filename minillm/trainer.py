@@ -19,7 +19,8 @@ resumed run continues bit for bit. ``train.resume`` chooses the checkpoint (mini
 One step (``train_step``): grad_accum_steps micro-batches per process, each loss divided by
 grad_accum_steps before backward -> the total gradient norm, clipped to optim.grad_clip -> the guard
 -> optimizer.step(), or no update when the guard rejects the step (NaN/inf, loss spike; the step is
-counted and recorded). ``fit()`` repeats it to train.max_steps, logging, evaluating, checkpointing
+counted and recorded). ``fit()`` repeats it to max_steps (train.max_steps, or with train.time_budget_s
+planned as the run goes: minillm/time_budget.py, a checkpointed component too), logging, evaluating, checkpointing
 and stopping cleanly on SIGTERM/SIGINT; at the end it writes summary.json and curves.png (also when
 the signal arrives during the last step: that run is finished, and a relaunch could only report it).
 """

@@ -142,6 +142,7 @@ def test_recipe_corpora_are_built_in_the_work_folder(tmp_path):
         assert vim["path"].stat().st_size <= 200_000 and vim["kind"] == "English prose"
 
 
+@pytest.mark.slow  # 8 train.py launches, ~45 s on an idle 2-core machine; the default run checks the parts above
 def test_recipe_budgets_quick(tmp_path):
     """--quick: a generated corpus, the baseline (40 steps) and minillm at 8 s and 12 s and at half the
     baseline's time. The rows, ratios and the baseline's standing are recomputed from the recorded runs.
