@@ -39,6 +39,7 @@ CHAR_SHARE = 0.5         # at most this share of the non-byte pieces are single 
 TRAIN_SHARE = 0.8        # of the budget: the rest is start-up, data loading, the final evaluation
 TOKENS_PER_PARAM = 2.0   # D / N at the ladder rung chosen for a budget (measured; see the module docstring)
 CPU_RATE_PER_THREAD = 30e9   # sustained training FLOP/s per CPU thread at the ladder's shapes (measured)
+EVAL_TOKENS = 1 << 18    # the final evaluation's validation tokens (at most): seconds on a CPU, not minutes
 GPU_MFU = 0.3            # fraction of the device's peak a small model sustains
 
 # (n_layer, n_embd, n_head, block_size, batch_size): the shapes a budget may get, smallest first
@@ -173,6 +174,7 @@ def choose(root: Any) -> dict[str, Any]:
     return {"model.name": "auto", "model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
             "model.block_size": block, "tokenizer.vocab_size": vocab, "tokenizer.character_coverage": coverage,
             "train.max_steps": None, "train.batch_size": batch, "train.eval_interval": 0,
+            "train.eval_tokens": EVAL_TOKENS,
             "optim.name": "muon", "optim.lr": 6e-3, "optim.muon_lr": 0.05, "optim.warmup_steps": 15,
             "optim.schedule": "wsd", "optim.fused": True}
 

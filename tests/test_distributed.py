@@ -332,3 +332,17 @@ def test_a_rank_failing_on_bad_input_stops_its_peer_in_one_line(tmp_path, env):
                       f"error: rank 1 stopped: rank 0 failed: data.path={missing}: no such file or folder; give "
                       "a UTF-8 text file, a folder or a glob"], err[-3000:]
     assert "Connection reset" not in err and "gloo" not in err.replace("(gloo)", "")
+
+
+@pytest.mark.slow  # ~30 s: a time-budgeted run under torchrun
+def test_a_time_budget_is_planned_alike_on_every_rank(tmp_path, corpus_file, env):
+    """Each rank measures its own clock; the all-reduced plan is one max_steps, so both ranks stop at
+    the same step (a rank that stopped early would leave its peer hanging in a collective)."""
+    run = tmp_path / "run"
+    single([f"data.path={corpus_file}", f"out_dir={tmp_path / 'prepare'}", *COMMON, "train.max_steps=1"], env)
+    err = launch([f"data.path={corpus_file}", f"out_dir={run}", *COMMON, "train.max_steps=null",
+                  "train.time_budget_s=25", "optim.schedule=wsd", "train.eval_interval=0"], env)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    last = records(run)[-1]
+    assert state["budget"]["locked"] and state["budget"]["max_steps"] == last["step"] == state["train_state"]["step"]
+    assert "val_bpb" in last and "time budget 25 s:" in err
