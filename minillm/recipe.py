@@ -126,19 +126,20 @@ def corpus_stats(data: Any) -> CorpusStats | None:
     return _stats_of(tuple((k, getattr(data, k)) for k in keys))
 
 
-def vocab_for(stats: CorpusStats | None) -> tuple[int, float]:
-    """(tokenizer.vocab_size, tokenizer.character_coverage) for a corpus: CJK_VOCAB for CJK text, else
-    VOCAB; the coverage keeps at most CHAR_SHARE of the pieces left after the 4 specials, newline and
-    256 byte-fallback pieces for single characters (the rest of the vocabulary is merges), the rarer
-    characters falling back to their UTF-8 bytes (sentencepiece's character_coverage: the share of
-    character occurrences whose characters get a piece)."""
-    if stats is None:
-        return VOCAB, 1.0
-    vocab = CJK_VOCAB if stats.cjk_share > 0.3 else VOCAB
+def vocab_for(stats: CorpusStats | None) -> int:
+    """tokenizer.vocab_size for a corpus: CJK_VOCAB for CJK text, else VOCAB."""
+    return CJK_VOCAB if stats is not None and stats.cjk_share > 0.3 else VOCAB
+
+
+def coverage_for(stats: CorpusStats | None, vocab: int) -> float:
+    """tokenizer.character_coverage for ``vocab`` pieces: at most CHAR_SHARE of the pieces left after the
+    4 specials, newline and 256 byte-fallback pieces are single characters (the rest are merges), the
+    commonest characters; the rarer ones fall back to their UTF-8 bytes (sentencepiece's
+    character_coverage: the share of character occurrences whose characters get a piece)."""
     chars = int(CHAR_SHARE * (vocab - 261))
-    if stats.alphabet <= chars:
-        return vocab, 1.0
-    return vocab, min(0.9995, math.floor(stats.coverage_of(chars) * 1e4) / 1e4)
+    if stats is None or stats.alphabet <= chars:
+        return 1.0
+    return min(0.9995, math.floor(stats.coverage_of(chars) * 1e4) / 1e4)
 
 
 def device_rate(device: str) -> float:
@@ -163,14 +164,17 @@ def model_for(train_flops: float, vocab: int) -> tuple:
     return chosen
 
 
-def choose(root: Any) -> dict[str, Any]:
-    """Every key the recipe decides, for the config ``root`` (a TrainJobConfig or its config node)."""
+def choose(root: Any, run_vocab: int | None = None) -> dict[str, Any]:
+    """Every key the recipe decides, for the config ``root`` (a TrainJobConfig or its config node);
+    the coverage for ``run_vocab`` pieces when given (the vocabulary the run has: the recipe's, or one
+    the user set)."""
     budget = root.train.time_budget_s
     if not budget:
         return {}
     stats = corpus_stats(root.data)
-    vocab, coverage = vocab_for(stats)
+    vocab = vocab_for(stats)
     n_layer, n_embd, n_head, block, batch = model_for(budget * TRAIN_SHARE * device_rate(root.device), vocab)
+    coverage = coverage_for(stats, vocab if run_vocab is None else run_vocab)
     return {"model.name": "auto", "model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
             "model.block_size": block, "tokenizer.vocab_size": vocab, "tokenizer.character_coverage": coverage,
             "train.max_steps": None, "train.batch_size": batch, "train.eval_interval": 0,
@@ -188,7 +192,8 @@ def resolve(key: str, *, _root_: Any) -> Any:
     """The OmegaConf resolver ``minillm.recipe``: the recipe's value of ``key``, or its schema default."""
     if key not in _DEFAULTS:
         raise KeyError(f"minillm.recipe: {key} is not a key the recipe chooses")
-    return choose(_root_).get(key, _DEFAULTS[key])
+    run_vocab = _root_.tokenizer.vocab_size if key == "tokenizer.character_coverage" else None
+    return choose(_root_, run_vocab).get(key, _DEFAULTS[key])
 
 
 def describe(chosen: dict[str, Any], stats: CorpusStats | None, budget: float) -> str:

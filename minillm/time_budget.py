@@ -13,8 +13,8 @@ Planning, at 0-based step boundaries:
   checkpoints in between are included, so their cost is spread over the steps;
 - the final evaluation costs ``eval_s`` (measured by the trainer: one evaluation batch's forward
   times the number of batches);
-- max_steps = step + floor((budget - elapsed - eval_s - reserve) / seconds per step), reserve = half a
-  step + 1% of the budget for jitter; at least step + 1; at most the cap (train.max_steps when set).
+- max_steps = step + floor((budget - elapsed - eval_s - reserve) / seconds per step), reserve = one
+  step + RESERVE (2.5%) of the budget for jitter; at most the cap (train.max_steps when set).
 The plan may change only while no learning rate taken so far depended on it: until the schedule's
 decay begins (optimizer.decay_start: for schedule=wsd the last decay_fraction of the steps, the
 reason budgeted runs use it). From then on it is locked, so the run ends annealed at its last step.
@@ -32,6 +32,8 @@ from minillm.errors import RunError
 SKIP = 2          # steps of each launch whose time is not used to plan (one-time costs)
 FIRST_PLAN = 6    # steps of each launch before its first plan
 INTERVAL = 10     # steps between re-plans
+RESERVE = 0.025   # of the budget, kept for jitter in the steps the plan cannot change (a 60 s run on a
+                  # machine whose load changed ended 1.8 s late with 1%)
 
 
 def process_start_time() -> float:
@@ -96,7 +98,7 @@ class TimeBudget:
         if self._eval_s is None:
             self._eval_s = eval_seconds()
         per_step = (elapsed_s - self._t0[1]) / (step - self._t0[0])
-        left = self.budget_s - elapsed_s - self._eval_s - 0.5 * per_step - 0.01 * self.budget_s
+        left = self.budget_s - elapsed_s - self._eval_s - per_step - RESERVE * self.budget_s
         planned = agree(step + math.floor(left / per_step))
         if planned <= step and self.max_steps is None:
             raise RunError(f"train.time_budget_s={self.budget_s:g}: {elapsed_s:.1f} s have passed at step {step} "

@@ -68,3 +68,19 @@ def run_entry(script: str, *args: str, cwd: Path | None = None, env: dict | None
 TINY_ARGS = ("model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.n_embd=32",
              "model.block_size=32", "tokenizer.vocab_size=400", "train.batch_size=4",
              "train.log_interval=1", "optim.warmup_steps=2", "logger.progress=false")
+
+
+def model_preset(name: str, **overrides):
+    """configs/model/<name>.yaml as the entry point composes it (its ${minillm.recipe:...} keys resolved:
+    without a time budget, the schema defaults), with ``overrides`` on top: a ModelConfig."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    from minillm import cli
+    from minillm.config import TrainJobConfig
+
+    cli.register_schemas()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = cli.to_dataclass(compose(config_name="train", overrides=[f"model={name}"]), TrainJobConfig)
+    return dataclasses.replace(cfg.model, **overrides)

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every load below is from a local folder
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from conftest import ROOT, make_corpus  # noqa: E402
+from conftest import model_preset, ROOT, make_corpus  # noqa: E402
 from minillm import checkpoint as ckpt  # noqa: E402
 from minillm.config import ModelConfig, TokenizerConfig  # noqa: E402
 from minillm.export import export, main  # noqa: E402
@@ -200,7 +199,7 @@ def test_a_combination_without_an_exact_equivalent_is_refused_naming_the_option(
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "model").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_preset_maps_onto_transformers(preset):
     """Names and shapes of every tensor agree (strict load on the meta device: no memory, no time)."""
-    cfg = ModelConfig(**yaml.safe_load(preset.read_text()), vocab_size=50257)
+    cfg = model_preset(preset.stem, vocab_size=50257)
     arch = architecture(cfg)
     with torch.device("meta"):
         model = GPT(cfg)

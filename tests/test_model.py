@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from conftest import model_preset
 
 from minillm.config import ModelConfig
 from minillm.model import GPT, apply_rope, rope_tables
@@ -13,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    return ModelConfig(**{**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **overrides})
+    return model_preset(name, **overrides)
 
 
 def small(**kw) -> ModelConfig:

@@ -83,11 +83,24 @@ def test_text_stats_and_coverage():
 
 def test_vocab_coverage_keeps_at_most_char_share_of_the_pieces_as_characters():
     stats = recipe.text_stats(chinese_text(), 1)
-    vocab, coverage = recipe.vocab_for(stats)
+    vocab = recipe.vocab_for(stats)
+    coverage = recipe.coverage_for(stats, vocab)
     k = int(recipe.CHAR_SHARE * (vocab - 261))
-    assert coverage <= stats.coverage_of(k) and coverage > stats.coverage_of(k // 2)
-    assert recipe.vocab_for(recipe.text_stats("abc" * 100, 300)) == (recipe.VOCAB, 1.0)
-    assert recipe.vocab_for(None) == (recipe.VOCAB, 1.0)
+    assert vocab == recipe.CJK_VOCAB and coverage <= stats.coverage_of(k) and coverage > stats.coverage_of(k // 2)
+    assert recipe.coverage_for(stats, 8000) > coverage  # more pieces, more characters of their own
+    assert recipe.vocab_for(recipe.text_stats("abc" * 100, 300)) == recipe.VOCAB
+    assert recipe.coverage_for(recipe.text_stats("abc" * 100, 300), recipe.VOCAB) == 1.0
+    assert (recipe.vocab_for(None), recipe.coverage_for(None, 1024)) == (recipe.VOCAB, 1.0)
+
+
+def test_the_coverage_follows_a_vocabulary_the_user_sets(tmp_path):
+    zh = tmp_path / "zh.txt"
+    zh.write_text(chinese_text())
+    small, large = (cli.to_dataclass(composed("data=text", f"data.path={zh}", "train.time_budget_s=60",
+                                              f"tokenizer.vocab_size={v}"), TrainJobConfig).tokenizer
+                    for v in (600, 4000))
+    stats = recipe.corpus_stats(cli.to_dataclass(composed("data=text", f"data.path={zh}"), TrainJobConfig).data)
+    assert small.character_coverage == recipe.coverage_for(stats, 600) < large.character_coverage
 
 
 def test_more_compute_never_gets_a_smaller_model():

@@ -59,8 +59,8 @@ def simulate(budget_s, per_step, start_s=2.0, eval_s=0.5, cap=None, cfg=None, sl
 
 def test_the_plan_fills_the_budget_and_ends_annealed():
     b, lrs, end = simulate(budget_s=30.0, per_step=0.1)
-    # (30 - 2 - 0.5 eval - 0.05 half step - 0.3 reserve) / 0.1 = 271 steps
-    assert b.locked and b.max_steps == len(lrs) == pytest.approx(271, abs=2)
+    # (30 - 2 - 0.5 eval - 0.1 one step - 0.75 reserve) / 0.1 = 266 steps
+    assert b.locked and b.max_steps == len(lrs) == pytest.approx(266, abs=2)
     assert 29.0 < end <= 30.0
     assert lrs[-1] == pytest.approx(wsd().lr * 0.1)     # annealed: the last update at the floor
     assert max(lrs) == 1.0
@@ -104,7 +104,7 @@ def test_planning_cadence():
         b.after_step(step, float(step), lambda: evals.append(step) or 0.0, lambda n: 10 ** 9,
                      agree=lambda n: planned_at.append(step) or n)
     assert planned_at == list(range(100 + FIRST_PLAN, 140, INTERVAL)) and evals == planned_at[:1]
-    assert b.max_steps == 139 + math.floor(1e6 - 139 - 0.5 - 0.01 * 1e6)  # 1 s per step since step 100 + SKIP
+    assert b.max_steps == 139 + math.floor(1e6 - 139 - 1 - time_budget.RESERVE * 1e6)  # 1 s per step since 100 + SKIP
 
 
 def test_max_steps_null_needs_a_budget():
