@@ -34,7 +34,8 @@ from typing import Any
 from minillm.config import ModelConfig, OptimConfig, TokenizerConfig, TrainConfig
 
 VOCAB = 1024             # BPE pieces for alphabetic text and code (measured: README "The budget recipe")
-CJK_VOCAB = 2000         # for text whose non-space characters are more than 30% CJK
+CJK_VOCAB = 4000         # for text whose non-space characters are more than 30% CJK
+MIN_COVERAGE = 0.98      # sentencepiece's lowest character_coverage
 CHAR_SHARE = 0.5         # at most this share of the non-byte pieces are single characters
 TRAIN_SHARE = 0.8        # of the budget: the rest is start-up, data loading, the final evaluation
 TOKENS_PER_PARAM = 2.0   # D / N at the ladder rung chosen for a budget (measured; see the module docstring)
@@ -126,20 +127,36 @@ def corpus_stats(data: Any) -> CorpusStats | None:
     return _stats_of(tuple((k, getattr(data, k)) for k in keys))
 
 
+def chars_for(stats: CorpusStats, coverage: float) -> int:
+    """How many of the commonest characters cover ``coverage`` of the sample's characters."""
+    total, running = sum(stats.counts), 0
+    for k, n in enumerate(stats.counts, 1):
+        running += n
+        if running >= coverage * total:
+            return k
+    return stats.alphabet
+
+
 def vocab_for(stats: CorpusStats | None) -> int:
-    """tokenizer.vocab_size for a corpus: CJK_VOCAB for CJK text, else VOCAB."""
-    return CJK_VOCAB if stats is not None and stats.cjk_share > 0.3 else VOCAB
+    """tokenizer.vocab_size for a corpus: CJK_VOCAB for CJK text, else VOCAB, raised (to a multiple of
+    64) until the characters covering MIN_COVERAGE of the text are at most CHAR_SHARE of the pieces."""
+    if stats is None:
+        return VOCAB
+    vocab = CJK_VOCAB if stats.cjk_share > 0.3 else VOCAB
+    need = 261 + chars_for(stats, MIN_COVERAGE) / CHAR_SHARE
+    return max(vocab, 64 * math.ceil(need / 64))
 
 
 def coverage_for(stats: CorpusStats | None, vocab: int) -> float:
     """tokenizer.character_coverage for ``vocab`` pieces: at most CHAR_SHARE of the pieces left after the
     4 specials, newline and 256 byte-fallback pieces are single characters (the rest are merges), the
     commonest characters; the rarer ones fall back to their UTF-8 bytes (sentencepiece's
-    character_coverage: the share of character occurrences whose characters get a piece)."""
+    character_coverage: the share of character occurrences whose characters get a piece). Kept within
+    [MIN_COVERAGE, 0.9995]: sentencepiece refuses a coverage below 0.98."""
     chars = int(CHAR_SHARE * (vocab - 261))
     if stats is None or stats.alphabet <= chars:
         return 1.0
-    return min(0.9995, math.floor(stats.coverage_of(chars) * 1e4) / 1e4)
+    return min(0.9995, max(MIN_COVERAGE, math.floor(stats.coverage_of(chars) * 1e4) / 1e4))
 
 
 def device_rate(device: str) -> float:

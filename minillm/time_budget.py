@@ -1,23 +1,26 @@
 """Time-budgeted runs: train.max_steps planned so that the run, its final evaluation included, ends
 when ``train.time_budget_s`` seconds have passed since the process started.
 
-    budget = TimeBudget(budget_s, cap=train.max_steps or None)   a checkpointed component
-    budget.plan(step, elapsed_s, eval_s, decay_from)           -> max_steps (re-planned until it locks)
+    budget = TimeBudget(budget_s, cap=train.max_steps or None)      a checkpointed component
+    budget.after_step(step, elapsed_s, eval_seconds, decay_from)  -> whether max_steps changed
 
 The clock is the run's: seconds since this process started (interpreter, imports, Hydra, data
 preparation and model build all count), plus the time of earlier launches when a run is resumed.
 
-Planning, at 0-based step boundaries:
-- seconds per step = the mean over the steps since the first ``SKIP`` of this launch (their one-time
-  costs, allocation and lazy initialisation, are not steps' cost); periodic evaluations and
-  checkpoints in between are included, so their cost is spread over the steps;
+Planning, after every INTERVAL steps:
+- seconds per step = the mean over the last WINDOW steps, not counting the first ``SKIP`` of this
+  launch (their one-time costs, allocation and lazy initialisation, are not steps' cost); periodic
+  evaluations and checkpoints in between are included, so their cost is spread over the steps;
 - the final evaluation costs ``eval_s`` (measured by the trainer: one evaluation batch's forward
   times the number of batches);
 - max_steps = step + floor((budget - elapsed - eval_s - reserve) / seconds per step), reserve = one
-  step + RESERVE (2.5%) of the budget for jitter; at most the cap (train.max_steps when set).
-The plan may change only while no learning rate taken so far depended on it: until the schedule's
+  step + RESERVE of the budget for jitter; at most the cap (train.max_steps when set).
+The plan may move either way while no learning rate taken so far depended on it: until the schedule's
 decay begins (optimizer.decay_start: for schedule=wsd the last decay_fraction of the steps, the
-reason budgeted runs use it). From then on it is locked, so the run ends annealed at its last step.
+reason budgeted runs use it). From then on it is locked against growing, so the run ends annealed at
+its last step; it may still shrink when the steps slow down (a machine whose load changed: measured,
+steps at 9,500 tokens/s fell to 6,000 mid-run and ended 1 s late without this), which steepens the
+rest of the decay (a small downward step in lr) and still ends at its floor on the last step.
 The state (plan, locked) is saved with every checkpoint: a resumed run finishes the same plan.
 """
 from __future__ import annotations
@@ -32,8 +35,8 @@ from minillm.errors import RunError
 SKIP = 2          # steps of each launch whose time is not used to plan (one-time costs)
 FIRST_PLAN = 6    # steps of each launch before its first plan
 INTERVAL = 10     # steps between re-plans
-RESERVE = 0.025   # of the budget, kept for jitter in the steps the plan cannot change (a 60 s run on a
-                  # machine whose load changed ended 1.8 s late with 1%)
+WINDOW = 50       # the seconds per step are measured over (at most) the last WINDOW steps
+RESERVE = 0.02    # of the budget, kept for jitter
 
 
 def process_start_time() -> float:
@@ -65,6 +68,7 @@ class TimeBudget:
         self._launch_step = 0                      # the step this launch started at
         self._t0: tuple[int, float] | None = None  # (step, elapsed) where this launch's measurement starts
         self._eval_s: float | None = None
+        self._samples: list[tuple[int, float]] = []  # (step, elapsed) at each plan of this launch
 
     def state_dict(self) -> dict:
         return {"budget_s": self.budget_s, "max_steps": self.max_steps, "locked": self.locked}
@@ -88,25 +92,29 @@ class TimeBudget:
         ``decay_from(max_steps)`` is the first 0-based step whose lr depends on max_steps.
         Raises RunError when the budget leaves no room for another step."""
         n = step - self._launch_step
-        if self.locked or n < SKIP:
+        if n < SKIP or (self._t0 is not None and (n < FIRST_PLAN or (n - FIRST_PLAN) % INTERVAL)):
             return False
-        if n == SKIP or self._t0 is None:
+        if self._t0 is None:
             self._t0 = (step, elapsed_s)
-            return False
-        if n < FIRST_PLAN or (n - FIRST_PLAN) % INTERVAL:
+            self._samples = [self._t0]
             return False
         if self._eval_s is None:
             self._eval_s = eval_seconds()
-        per_step = (elapsed_s - self._t0[1]) / (step - self._t0[0])
+        self._samples = [p for p in self._samples if p[0] >= step - WINDOW] or self._samples[-1:]
+        first = self._samples[0]
+        self._samples.append((step, elapsed_s))
+        per_step = (elapsed_s - first[1]) / (step - first[0])
         left = self.budget_s - elapsed_s - self._eval_s - per_step - RESERVE * self.budget_s
         planned = agree(step + math.floor(left / per_step))
         if planned <= step and self.max_steps is None:
             raise RunError(f"train.time_budget_s={self.budget_s:g}: {elapsed_s:.1f} s have passed at step {step} "
                            f"({per_step:.2f} s per step) and the final evaluation needs ~{self._eval_s:.1f} s; "
                            "raise the budget, or make the run cheaper (a smaller model or batch)")
-        planned = max(planned, step)  # out of time: stop here (the schedule ends at this step)
+        planned = max(planned, step)  # out of time: stop here
         if self.cap is not None:
             planned = min(planned, self.cap)
+        if self.locked:  # the decay has begun: only a shorter plan (the machine slowed down) is taken
+            planned = min(planned, self.max_steps)
         changed, self.max_steps = planned != self.max_steps, planned
         if step + INTERVAL > decay_from(planned) or planned <= step:  # the next plan would come too late
             self.locked = True

@@ -45,9 +45,10 @@ def test_a_budget_chooses_from_the_corpus_and_the_user_wins(tmp_path):
     zh.write_text(chinese_text())
     en.write_text("The quick brown fox jumps over the lazy dog.\n" * 2000)
     z = cli.to_dataclass(composed("data=text", f"data.path={zh}", "train.time_budget_s=60"), TrainJobConfig)
-    assert (z.tokenizer.vocab_size, z.model.name, z.optim.name, z.optim.schedule) == (recipe.CJK_VOCAB, "auto", "muon", "wsd")
+    assert (z.model.name, z.optim.name, z.optim.schedule) == ("auto", "muon", "wsd")
+    assert z.tokenizer.vocab_size >= recipe.CJK_VOCAB and z.tokenizer.vocab_size % 64 == 0
     assert z.train.max_steps is None and z.train.eval_interval == 0
-    assert 0.5 < z.tokenizer.character_coverage < 1.0  # 3000 characters do not all get a piece
+    assert recipe.MIN_COVERAGE <= z.tokenizer.character_coverage < 1.0  # 3000 characters do not all get a piece
     e = cli.to_dataclass(composed("data=text", f"data.path={en}", "train.time_budget_s=60", "model.n_layer=2",
                                   "optim=adamw", "train.max_steps=50"), TrainJobConfig)
     assert (e.tokenizer.vocab_size, e.tokenizer.character_coverage) == (recipe.VOCAB, 1.0)
@@ -81,16 +82,21 @@ def test_text_stats_and_coverage():
     assert s.coverage_of(2) == pytest.approx(4 / 8) and s.coverage_of(6) == 1.0
 
 
-def test_vocab_coverage_keeps_at_most_char_share_of_the_pieces_as_characters():
-    stats = recipe.text_stats(chinese_text(), 1)
+def test_vocab_and_coverage_keep_at_most_char_share_of_the_pieces_as_characters():
+    stats = recipe.text_stats(chinese_text(alphabet=1500), 1)
     vocab = recipe.vocab_for(stats)
     coverage = recipe.coverage_for(stats, vocab)
     k = int(recipe.CHAR_SHARE * (vocab - 261))
-    assert vocab == recipe.CJK_VOCAB and coverage <= stats.coverage_of(k) and coverage > stats.coverage_of(k // 2)
-    assert recipe.coverage_for(stats, 8000) > coverage  # more pieces, more characters of their own
+    assert recipe.chars_for(stats, recipe.MIN_COVERAGE) <= k  # the vocabulary holds sentencepiece's floor
+    assert recipe.MIN_COVERAGE <= coverage <= stats.coverage_of(k) and recipe.chars_for(stats, coverage) <= k
+    many = recipe.text_stats(chinese_text(alphabet=3000), 1)
+    assert recipe.coverage_for(many, 8000) > recipe.coverage_for(many, 4000)  # more pieces, more characters
+    wide = recipe.text_stats(chinese_text(alphabet=6000), 1)  # a wide alphabet raises the vocabulary
+    assert recipe.vocab_for(wide) > recipe.CJK_VOCAB == vocab
     assert recipe.vocab_for(recipe.text_stats("abc" * 100, 300)) == recipe.VOCAB
     assert recipe.coverage_for(recipe.text_stats("abc" * 100, 300), recipe.VOCAB) == 1.0
     assert (recipe.vocab_for(None), recipe.coverage_for(None, 1024)) == (recipe.VOCAB, 1.0)
+    assert recipe.coverage_for(stats, 400) == recipe.MIN_COVERAGE  # never below what sentencepiece accepts
 
 
 def test_the_coverage_follows_a_vocabulary_the_user_sets(tmp_path):
@@ -98,7 +104,7 @@ def test_the_coverage_follows_a_vocabulary_the_user_sets(tmp_path):
     zh.write_text(chinese_text())
     small, large = (cli.to_dataclass(composed("data=text", f"data.path={zh}", "train.time_budget_s=60",
                                               f"tokenizer.vocab_size={v}"), TrainJobConfig).tokenizer
-                    for v in (600, 4000))
+                    for v in (600, 8000))
     stats = recipe.corpus_stats(cli.to_dataclass(composed("data=text", f"data.path={zh}"), TrainJobConfig).data)
     assert small.character_coverage == recipe.coverage_for(stats, 600) < large.character_coverage
 

@@ -42,7 +42,7 @@ def test_decay_fraction_is_validated():
         OptimConfig(decay_fraction=0.0)
 
 
-def simulate(budget_s, per_step, start_s=2.0, eval_s=0.5, cap=None, cfg=None, slow_after=None):
+def simulate(budget_s, per_step, start_s=2.0, eval_s=0.5, cap=None, cfg=None, slow_after=None, slow=3.0):
     """Drive a TimeBudget as the trainer does, with a simulated clock; returns (budget, lrs, end time)."""
     cfg = cfg or wsd(warmup_steps=5, decay_fraction=0.3)
     b = TimeBudget(budget_s, cap)
@@ -50,7 +50,7 @@ def simulate(budget_s, per_step, start_s=2.0, eval_s=0.5, cap=None, cfg=None, sl
     clock, step, lrs, max_steps = start_s, 0, [], b.current()
     while step < max_steps:
         lrs.append(lr_at(step, cfg, max_steps))
-        clock += per_step * (3 if slow_after is not None and step >= slow_after else 1)
+        clock += per_step * (slow if slow_after is not None and step >= slow_after else 1)
         step += 1
         if b.after_step(step, clock, lambda: eval_s, lambda n: decay_start(cfg, n)):
             max_steps = b.max_steps
@@ -59,18 +59,29 @@ def simulate(budget_s, per_step, start_s=2.0, eval_s=0.5, cap=None, cfg=None, sl
 
 def test_the_plan_fills_the_budget_and_ends_annealed():
     b, lrs, end = simulate(budget_s=30.0, per_step=0.1)
-    # (30 - 2 - 0.5 eval - 0.1 one step - 0.75 reserve) / 0.1 = 266 steps
-    assert b.locked and b.max_steps == len(lrs) == pytest.approx(266, abs=2)
+    # (30 - 2 - 0.5 eval - 0.1 one step - 0.6 reserve) / 0.1 = 268 steps
+    assert b.locked and b.max_steps == len(lrs) == pytest.approx(268, abs=2)
     assert 29.0 < end <= 30.0
     assert lrs[-1] == pytest.approx(wsd().lr * 0.1)     # annealed: the last update at the floor
     assert max(lrs) == 1.0
 
 
 def test_every_lr_taken_before_the_lock_is_the_same_under_the_final_plan():
-    """Re-planning never rewrites the past: the lrs the run took equal the final plan's schedule."""
+    """Re-planning before the decay never rewrites the past: a slowdown early on (1.5x from step 40)
+    gives a plan under which every lr the run took is the schedule's."""
     cfg = wsd(warmup_steps=5, decay_fraction=0.3)
-    b, lrs, _ = simulate(budget_s=30.0, per_step=0.1, slow_after=40, cfg=cfg)  # slows down 3x mid-run
-    assert lrs == [lr_at(s, cfg, b.max_steps) for s in range(b.max_steps)]
+    b, lrs, end = simulate(budget_s=30.0, per_step=0.1, slow_after=40, slow=1.5, cfg=cfg)
+    assert lrs == [lr_at(s, cfg, b.max_steps) for s in range(b.max_steps)] and end <= 30.0
+
+
+def test_a_slowdown_during_the_decay_shortens_it_and_still_ends_on_time_annealed():
+    cfg = wsd(warmup_steps=5, decay_fraction=0.3)
+    steady, _, _ = simulate(budget_s=30.0, per_step=0.1, cfg=cfg)
+    b, lrs, end = simulate(budget_s=30.0, per_step=0.1, slow_after=220, slow=1.6, cfg=cfg)  # after the lock (~190)
+    assert b.max_steps < steady.max_steps and end <= 30.0
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= c for a, c in zip(lrs[5:], lrs[6:]))  # never up again
+    d = decay_start(cfg, b.max_steps)
+    assert lrs[:d] == [lr_at(s, cfg, b.max_steps) for s in range(d)]
 
 
 def test_a_slower_machine_gets_fewer_steps_and_the_cap_wins():
@@ -104,7 +115,7 @@ def test_planning_cadence():
         b.after_step(step, float(step), lambda: evals.append(step) or 0.0, lambda n: 10 ** 9,
                      agree=lambda n: planned_at.append(step) or n)
     assert planned_at == list(range(100 + FIRST_PLAN, 140, INTERVAL)) and evals == planned_at[:1]
-    assert b.max_steps == 139 + math.floor(1e6 - 139 - 1 - time_budget.RESERVE * 1e6)  # 1 s per step since 100 + SKIP
+    assert b.max_steps == 139 + math.floor(1e6 - 139 - 1 - time_budget.RESERVE * 1e6)  # 1 s per step
 
 
 def test_max_steps_null_needs_a_budget():
