@@ -16,8 +16,9 @@ With a budget B seconds:
   et al., 2020; N parameters, D tokens) with D = TOKENS_PER_PARAM x N fits in C, i.e. the size a
   tokens-per-parameter rule assigns to that compute (Hoffmann et al., 2022 derive ~20 at large scale;
   the ratio here is measured at CPU-minute budgets, see TOKENS_PER_PARAM);
-- vocabulary: BPE; ``vocab_for`` (CJK text: a larger vocabulary and character coverage 0.9995, the
-  rarest characters left to byte fallback);
+- vocabulary: BPE, VOCAB pieces, CJK_VOCAB for CJK text, raised until the characters covering 98% of
+  the text are at most half the pieces (``vocab_for``); character coverage: the commonest characters
+  that fit in half the pieces, the rarer ones left to byte fallback (``coverage_for``);
 - optimizer: Muon for the blocks' matrices and AdamW for the rest, warmup then a wsd schedule, which
   lets minillm/time_budget.py re-plan max_steps until its decay begins; one evaluation, at the end.
 The measurements behind each constant: README "The budget recipe" and benchmarks/bench_recipe.py.
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Any
 

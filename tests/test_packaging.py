@@ -130,7 +130,7 @@ CHECK = textwrap.dedent('''
     from minillm import ops
     assert ops.configure("triton", "cpu") == "triton", ops.backend()
     modules = {{name: fn.__module__ for name, fn in ops._kernels.items()}}
-    assert set(modules) == {{"layer_norm", "rms_norm", "attention"}}, modules
+    assert set(modules) == {{"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "attention"}}, modules
     assert all(m.startswith("minillm.kernels.") for m in modules.values()), modules
     assert sys.modules["kernels"] is kernels and kernels.MARKER == {marker!r}
     x, w = torch.randn(3, 40), torch.randn(40)
