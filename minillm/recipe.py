@@ -40,7 +40,10 @@ MIN_COVERAGE = 0.98      # sentencepiece's lowest character_coverage
 CHAR_SHARE = 0.5         # at most this share of the non-byte pieces are single characters
 TRAIN_SHARE = 0.8        # of the budget: the rest is start-up, data loading, the final evaluation
 TOKENS_PER_PARAM = 2.0   # D / N at the ladder rung chosen for a budget (measured; see the module docstring)
-CPU_RATE_PER_THREAD = 30e9   # sustained training FLOP/s per CPU thread at the ladder's shapes (measured)
+CPU_RATE_PER_THREAD = 35e9   # sustained training FLOP/s per CPU thread at the first rung (measured: 30e9 at
+                             # vocabulary 1024, 40e9 at 4000; 2 threads, 6 N FLOPs per token)
+MUON_LR = 0.015          # Muon's peak lr for MUON_STEPS steps under wsd (measured at 421-450 steps: 0.05, 0.03,
+MUON_STEPS = 450         # 0.02, 0.01 -> 红楼梦 2.066, 2.017, 1.998, 1.982; Vim docs 1.349, -, 1.215, 1.218)
 EVAL_TOKENS = 1 << 18    # the final evaluation's validation tokens (at most): seconds on a CPU, not minutes
 GPU_MFU = 0.3            # fraction of the device's peak a small model sustains
 
@@ -171,13 +174,23 @@ def device_rate(device: str) -> float:
     return CPU_RATE_PER_THREAD * torch.get_num_threads()
 
 
+def n_params(n_layer: int, n_embd: int, vocab: int) -> int:
+    """Parameters of a ladder shape: 12 d^2 per block (attention 4 d^2, SwiGLU MLP ~8 d^2) plus the
+    tied embedding, V d."""
+    return 12 * n_layer * n_embd ** 2 + vocab * n_embd
+
+
+def muon_lr_for(steps: float) -> float:
+    """Muon's peak lr for a run of about ``steps`` steps under the wsd schedule: MUON_LR at MUON_STEPS
+    steps, scaled by sqrt(MUON_STEPS / steps) (a longer run takes smaller steps), within [0.008, 0.05]."""
+    return round(min(0.05, max(0.008, MUON_LR * math.sqrt(MUON_STEPS / max(steps, 1.0)))), 4)
+
+
 def model_for(train_flops: float, vocab: int) -> tuple:
     """The largest LADDER rung whose 6 N D cost, D = TOKENS_PER_PARAM x N, fits ``train_flops``."""
     chosen = LADDER[0]
     for rung in LADDER:
-        n_layer, n_embd = rung[0], rung[1]
-        n_params = 12 * n_layer * n_embd ** 2 + vocab * n_embd
-        if 6 * TOKENS_PER_PARAM * n_params ** 2 <= train_flops:
+        if 6 * TOKENS_PER_PARAM * n_params(rung[0], rung[1], vocab) ** 2 <= train_flops:
             chosen = rung
     return chosen
 
@@ -191,13 +204,15 @@ def choose(root: Any, run_vocab: int | None = None) -> dict[str, Any]:
         return {}
     stats = corpus_stats(root.data)
     vocab = vocab_for(stats)
-    n_layer, n_embd, n_head, block, batch = model_for(budget * TRAIN_SHARE * device_rate(root.device), vocab)
+    train_flops = budget * TRAIN_SHARE * device_rate(root.device)
+    n_layer, n_embd, n_head, block, batch = model_for(train_flops, vocab)
+    steps = train_flops / (6 * n_params(n_layer, n_embd, vocab) * block * batch)  # expected, before measuring
     coverage = coverage_for(stats, vocab if run_vocab is None else run_vocab)
     return {"model.name": "auto", "model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
             "model.block_size": block, "tokenizer.vocab_size": vocab, "tokenizer.character_coverage": coverage,
             "train.max_steps": None, "train.batch_size": batch, "train.eval_interval": 0,
             "train.eval_tokens": EVAL_TOKENS,
-            "optim.name": "muon", "optim.lr": 6e-3, "optim.muon_lr": 0.05, "optim.warmup_steps": 15,
+            "optim.name": "muon", "optim.lr": 6e-3, "optim.muon_lr": muon_lr_for(steps), "optim.warmup_steps": 15,
             "optim.schedule": "wsd", "optim.fused": True}
 
 
