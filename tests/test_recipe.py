@@ -1,6 +1,7 @@
 """The budget recipe (minillm/recipe.py): unbudgeted runs unchanged, choices from the corpus, user keys win."""
 import dataclasses
 import logging
+import math
 import random
 
 import pytest
@@ -47,7 +48,8 @@ def test_a_budget_chooses_from_the_corpus_and_the_user_wins(tmp_path):
     z = cli.to_dataclass(composed("data=text", f"data.path={zh}", "train.time_budget_s=60"), TrainJobConfig)
     assert (z.model.name, z.optim.name, z.optim.schedule) == ("auto", "muon", "wsd")
     assert z.tokenizer.vocab_size >= recipe.CJK_VOCAB and z.tokenizer.vocab_size % 64 == 0
-    assert z.train.max_steps is None and z.train.eval_interval == 0
+    assert z.train.max_steps == recipe.epoch_cap(recipe.corpus_stats(z.data), z.data, 32 * 32)  # a small corpus
+    assert z.train.eval_interval == 0
     assert recipe.MIN_COVERAGE <= z.tokenizer.character_coverage < 1.0  # 3000 characters do not all get a piece
     e = cli.to_dataclass(composed("data=text", f"data.path={en}", "train.time_budget_s=60", "model.n_layer=2",
                                   "optim=adamw", "train.max_steps=50"), TrainJobConfig)
@@ -120,3 +122,18 @@ def test_more_compute_never_gets_a_smaller_model():
 def test_an_unknown_key_is_refused():
     with pytest.raises(KeyError, match="model.colour is not a key the recipe chooses"):
         recipe.resolve("model.colour", _root_=dataclasses.asdict(TrainJobConfig()))
+
+
+def test_a_small_corpus_caps_the_run_at_max_epochs(tmp_path):
+    en = tmp_path / "en.txt"
+    en.write_text("The quick brown fox jumps over the lazy dog.\n" * 2000)  # 90,000 bytes
+    cfg = cli.to_dataclass(composed("data=text", f"data.path={en}", "train.time_budget_s=600"), TrainJobConfig)
+    per_step = cfg.model.block_size * cfg.train.batch_size
+    expected = math.ceil(recipe.MAX_EPOCHS * 90_000 * 0.9 / recipe.BYTES_PER_TOKEN[0] / per_step)
+    assert cfg.train.max_steps == expected  # the time budget's plan is capped there (TimeBudget's cap)
+    held_out = cli.to_dataclass(composed("data=text", f"data.path={en}", f"data.val_path={en}",
+                                         "train.time_budget_s=600"), TrainJobConfig)
+    assert held_out.train.max_steps == math.ceil(recipe.MAX_EPOCHS * 90_000 / recipe.BYTES_PER_TOKEN[0] / per_step)
+    mine = cli.to_dataclass(composed("data=text", f"data.path={en}", "train.time_budget_s=600",
+                                     "train.max_steps=null"), TrainJobConfig)
+    assert mine.train.max_steps is None  # the user's null wins: the budget alone decides
