@@ -19,7 +19,6 @@ with the rest, and marked ``tuned_on``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import sysconfig
 from pathlib import Path
@@ -87,11 +86,10 @@ def build(name: str, out_dir: Path) -> Path | None:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The file's sha256 (hex), read in 1 MiB blocks (minillm's own, which imports no torch)."""
+    from minillm.data.corpus import sha256_file
+
+    return sha256_file(path)
 
 
 def main(argv=None) -> int:
