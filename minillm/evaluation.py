@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -45,6 +46,25 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tens
     if count == 0:
         return float("nan"), float("nan")
     return nats / count, nats / math.log(2) / max(nbytes, 1)
+
+
+@torch.no_grad()
+def estimate_seconds(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, block_size: int,
+                     max_tokens: int | None, info: dist.DistInfo, amp) -> float:
+    """Seconds ``evaluate`` will take with these arguments, without running it: one of its batches'
+    forward (the faster of two calls) times the number of batches each rank scores."""
+    x, y = (t.to(info.device) for t in next(eval_batches(tokens, batch_size, block_size, max_tokens)))
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    windows = math.ceil((n - 1) / block_size)
+    model.eval()
+    times = []
+    with amp:
+        for _ in range(2):
+            t0 = time.time()
+            model(x, y, reduction="none")
+            times.append(time.time() - t0)
+    model.train()
+    return min(times) * math.ceil(windows / batch_size / info.world_size)
 
 
 def restricted_nll(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -399,22 +398,9 @@ class Trainer:
                          self.max_steps, self.state.step, clock)
 
     def _eval_seconds(self) -> float:
-        """Estimated seconds of one evaluation: one validation batch's forward (the faster of two),
-        times the number of batches this rank scores (evaluation.evaluate's windows)."""
-        n = len(self.data.val) - 1 if self.tc.eval_tokens is None else min(self.tc.eval_tokens, len(self.data.val) - 1)
-        rows, block = self.tc.batch_size, self.cfg.model.block_size
-        windows = math.ceil(n / block)
-        x = torch.from_numpy(self.data.val[: rows * block].astype(np.int64))
-        x = torch.nn.functional.pad(x, (0, rows * block - len(x))).view(rows, block).to(self.info.device)
-        times = []
-        with torch.no_grad(), self.amp:
-            self.compiled.eval()
-            for _ in range(2):
-                t0 = time.time()
-                self.compiled(x, x, reduction="none")
-                times.append(time.time() - t0)
-            self.compiled.train()
-        return min(times) * math.ceil(windows / rows / self.info.world_size)
+        """Estimated seconds of one evaluation (the time budget's final one; evaluation.py)."""
+        return evaluation.estimate_seconds(self.compiled, self.data.val, self.tc.batch_size,
+                                           self.cfg.model.block_size, self.tc.eval_tokens, self.info, self.amp)
 
     def _log_and_evaluate(self, r: StepResult, bar: tqdm) -> dict | None:
         """Warn on a skipped step; evaluate when due; write the step's metrics record, if it has one."""
