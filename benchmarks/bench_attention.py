@@ -11,18 +11,24 @@ f = 4*B*H*T^2*D (QK^T and PV, 2 FLOPs per multiply-add), half of that when causa
 papers: B*T = 16k tokens, hidden 2048, so H = 2048 / D.
 
 Timing (benchmarks/common.py): "ms" is the kernel time, ``triton.testing.do_bench`` median with an L2
-flush before each call on CUDA; "call_ms" is one synchronous call with the host's overhead (Python,
-autograd, launches), and "host_ms" their difference. The backward is timed alone with
+flush before each call on CUDA (cold L2, no host); "graph_ms" the same call captured once into a CUDA
+graph and replayed back to back (no host, warm L2; "-" on CPU or where the capture failed, the reason in
+the row's "graph_error"); "call_ms" is one synchronous call with the host's overhead (Python, autograd,
+launches), and "host_ms" the difference of call_ms and ms. The backward is timed alone with
 ``torch.autograd.grad`` on a graph built once (never ``.backward()`` repeated, which would add a
 read-add-write of dQ, dK, dV into ``.grad`` on every repeat). Before anything is timed, every
 implementation's output and all three gradients are checked against an fp32 reference (relative L2
 error, column "err"). "%peak" is against the dense bf16 tensor-core peak of known devices.
+On compute capability 9.x and later, "minillm-notma" is minillm with MINILLM_ATTN_TMA=0 (the forward's
+TMA loads off), forward and forward+backward only: whether TMA pays, measured in the same run.
 
 Goal on an H100/H200 (unmeasured until run there): forward >= 330 TFLOP/s and forward+backward >= 250
 TFLOP/s at d=128, causal, bf16, T >= 4096 (benchmarks/gpu/ reports each against its goal).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (bench_parser, call_ms, environment, grad_fn, kernel_ms, print_table,  # noqa: E402
-                               rel_err, save_figure, write_results)
+from benchmarks.common import (bench_parser, environment, grad_fn, on_capture_stream, print_table,  # noqa: E402
+                               rel_err, save_figure, timings, write_results)
 
 PEAK_TFLOPS = {"H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 989, "H200": 989,
                "A100": 312, "L40S": 362, "4090": 165}
@@ -40,6 +46,12 @@ DIRECTION_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 # Largest relative L2 error accepted before timing: fp32 (TF32 off) far under 1e-3; bf16/fp16 operands
 # land between 1e-3 and 1e-2 (METHOD.md), dQ of long sequences a little above.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+# Environment an implementation runs under (set around its check and every timed call, then restored):
+# kernels/attention.py reads MINILLM_ATTN_TMA at each call, and its autotune key tells the two apart.
+IMPL_ENV = {"minillm-notma": {"MINILLM_ATTN_TMA": "0"}}
+# Directions an implementation is not timed in: TMA is in the forward only, so minillm-notma's backward
+# alone would be minillm's backward again.
+SKIP_DIRECTIONS = {"minillm-notma": ("bwd",)}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -73,9 +85,10 @@ def implementations(device: str) -> dict:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         return fn
 
-    impls = {"minillm": lambda q, k, v, c: flash_attention(q, k, v, causal=c),
-             "sdpa-flash": backend(SDPBackend.FLASH_ATTENTION),
-             "sdpa-cudnn": backend(SDPBackend.CUDNN_ATTENTION)}
+    impls = {"minillm": lambda q, k, v, c: flash_attention(q, k, v, causal=c)}
+    if torch.cuda.get_device_capability() >= (9, 0):  # where the forward uses TMA: the same kernel without it
+        impls["minillm-notma"] = impls["minillm"]
+    impls |= {"sdpa-flash": backend(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": backend(SDPBackend.CUDNN_ATTENTION)}
     try:
         from flash_attn import flash_attn_func  # layout (B, T, H, D); takes GQA directly
         impls["flash-attn"] = lambda q, k, v, c: flash_attn_func(
@@ -103,6 +116,21 @@ def reference(want, q, k, v, do):
     return (o.detach(), *torch.autograd.grad(o, xs, do.float()))
 
 
+@contextlib.contextmanager
+def env_set(values: dict):
+    """Set environment variables for the block, then restore each (removed if it was unset)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def timed_calls(fn, q, k, v, do, causal, o) -> dict:
     """direction -> the closure that is timed. The backward reuses ``o``'s graph (built once)."""
     return {"fwd": lambda: fn(q, k, v, causal),
@@ -112,10 +140,17 @@ def timed_calls(fn, q, k, v, do, causal, o) -> dict:
 
 def bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want,
               directions=("fwd", "bwd"), on_mismatch="raise"):
-    """Rows for one implementation at one shape: checked (O, dQ, dK, dV) first, then each direction timed.
+    """Rows for one implementation at one shape: checked (O, dQ, dK, dV) first, then each direction timed
+    (under ``IMPL_ENV[name]``, less ``SKIP_DIRECTIONS[name]``).
 
     ``on_mismatch="raise"`` stops the script on a wrong result; ``"record"`` returns one row with
     ``status="wrong"`` and no timings (benchmarks/gpu/ keeps going and reports it)."""
+    directions = [d for d in directions if d not in SKIP_DIRECTIONS.get(name, ())]
+    with env_set(IMPL_ENV.get(name, {})):
+        return _bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want, directions, on_mismatch)
+
+
+def _bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want, directions, on_mismatch):
     q, k, v, do = make_inputs(B, H, H_kv, T, D, dtype, device)
     base = {"impl": name, "dtype": str(dtype).replace("torch.", ""), "B": B, "H": H, "H_kv": H_kv, "T": T,
             "D": D, "causal": causal}
@@ -137,13 +172,15 @@ def bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want,
         print(f"[bench_attention] {msg}", file=sys.stderr)
         return [{**base, "dir": "check", "status": "wrong", "err": err}]
     calls = timed_calls(fn, q, k, v, do, causal, o)
+    graphed = calls
+    if device == "cuda":  # the captured backward replays a graph built on the capture stream (common.py)
+        with on_capture_stream(device):
+            graphed = timed_calls(fn, q, k, v, do, causal, fn(q, k, v, causal))
     rows = []
     for direction in directions:
-        ms = kernel_ms(calls[direction], device, reps)
-        cms = call_ms(calls[direction], device, reps)
-        rows.append({**base, "dir": direction, "ms": ms, "call_ms": cms, "host_ms": max(0.0, cms - ms),
-                     "TFLOP/s": flops(B, H, T, D, causal, direction) / (ms * 1e-3) / 1e12, "err": err,
-                     "status": "ok"})
+        t = timings(calls[direction], device, reps, graphed[direction])
+        tflops = flops(B, H, T, D, causal, direction) / (t["ms"] * 1e-3) / 1e12
+        rows.append({**base, "dir": direction, **t, "TFLOP/s": tflops, "err": err, "status": "ok"})
     assert q.grad is None and k.grad is None and v.grad is None  # timing never accumulated into .grad
     return rows
 
@@ -243,14 +280,17 @@ def main(argv=None) -> int:
     peak = peak_tflops(env["device"]) if device == "cuda" else None
     directions = ("fwd", "bwd", "fwd+bwd") if args.fwd_bwd else ("fwd", "bwd")
     rows = measure(dims, seqlens, tokens, hidden, args.gqa, causal, dtype, device, reps, directions, peak=peak)
-    cols = ["impl", "dtype", "B", "H", "T", "D", "dir", "ms", "call_ms", "TFLOP/s"] + (["%peak"] if peak else [])
+    cols = ["impl", "dtype", "B", "H", "T", "D", "dir", "ms", "graph_ms", "call_ms", "TFLOP/s"]
+    cols += ["%peak"] if peak else []
     print_table(rows, cols + ["vs_sdpa", "err"])
     path = write_results("bench_attention", rows, out_dir=args.out_dir,
                          extra={"quick": args.quick, "causal": causal, "peak_tflops": peak,
                                 "flops": "FlashAttention-2 benchmark_flash_attention.py: fwd 4*B*H*T^2*D "
                                          "(/2 causal), bwd 2.5x, fwd+bwd 3.5x",
-                                "timing": "ms: do_bench median with L2 flush (CUDA); call_ms: one synchronous "
-                                          "call with host overhead; backward via torch.autograd.grad",
+                                "timing": "ms: do_bench median with L2 flush (CUDA; cold L2, no host); graph_ms: "
+                                          "CUDA-graph replay (no host, warm L2; null on CPU or when capture "
+                                          "failed, reason in graph_error); call_ms: one synchronous call with "
+                                          "host overhead; backward via torch.autograd.grad",
                                 "goal": {"fwd_tflops": 330, "fwd_bwd_tflops": 250, "D": 128,
                                          "T_min": 4096, "device": "H100/H200", "dtype": "bf16"}})
     plot(rows, path.with_suffix(".png"))

@@ -9,9 +9,12 @@ counted too, but are < 0.1% at the sizes here):
     forward : read x, write y                        2*M*N*s  + weight/bias N*s each
     backward: read x, read dy, write dx              3*M*N*s  + weight (+bias) read N*s, dw (+db) written N*s
 Timing (benchmarks/common.py): "ms" is the kernel time (``triton.testing.do_bench`` median with an L2
-flush before each call, on CUDA), "call_ms" one synchronous call with the host's overhead (Python,
-autograd, launches: 35-70 us on an H100, as large as the kernel at small N), "host_ms" their
-difference. The backward is timed alone with ``torch.autograd.grad`` on a graph built once: never with
+flush before each call, on CUDA: cold L2, no host), "graph_ms" the same call captured once into a CUDA
+graph and replayed back to back (no host, warm L2: an activation under the L2's size stays there; "-" on
+CPU or where the capture failed, the reason in the row's "graph_error"), "call_ms" one synchronous call
+with the host's overhead (Python, autograd, launches: 35-70 us on an H100, as large as the kernel at
+small N), "host_ms" the difference of call_ms and ms. The backward is timed alone with
+``torch.autograd.grad`` on a graph built once: never with
 ``y.backward(dy, retain_graph=True)`` repeated, which accumulates into x.grad, w.grad (and b.grad) on
 every repeat, three extra [M, N]-sized passes that made the backward show about half its rate. Output
 and every gradient are checked against an fp32 reference before anything is timed (column "err",
@@ -29,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (bench_parser, call_ms, environment, grad_fn, kernel_ms, print_table,  # noqa: E402
-                               rel_err, save_figure, write_results)
+from benchmarks.common import (bench_parser, environment, grad_fn, kernel_ms, on_capture_stream,  # noqa: E402
+                               print_table, rel_err, save_figure, timings, write_results)
 
 # Spec HBM bandwidth in GB/s by device-name substring (vendor data sheets).
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800,
@@ -125,12 +128,16 @@ def bench_one(kind, impl, fn, M, N, dtype, device, reps, ref_out, on_mismatch="r
         print(f"[bench_norm] {msg}", file=sys.stderr)
         return [{**base, "dir": "check", "status": "wrong", "err": err}]
     calls = {"fwd": lambda: fn(x, w, b), "bwd": grad_fn(y, leaves, dy)}
+    graphed = calls
+    if device == "cuda":  # the captured backward replays a graph built on the capture stream (common.py)
+        with on_capture_stream(device):
+            graphed = {**calls, "bwd": grad_fn(fn(x, w, b), leaves, dy)}
     rows = []
     for direction, call in calls.items():
-        ms, cms = kernel_ms(call, device, reps), call_ms(call, device, reps)
+        t = timings(call, device, reps, graphed[direction])
         nbytes = bytes_moved(M, N, s, direction == "bwd", b is not None)
-        rows.append({**base, "dir": direction, "ms": ms, "call_ms": cms, "host_ms": max(0.0, cms - ms),
-                     "GB/s": nbytes / (ms * 1e-3) / 1e9, "err": err, "status": "ok"})
+        rows.append({**base, "dir": direction, **t, "GB/s": nbytes / (t["ms"] * 1e-3) / 1e9, "err": err,
+                     "status": "ok"})
     assert all(t.grad is None for t in leaves)  # timing never accumulated into .grad
     return rows
 
@@ -215,11 +222,15 @@ def main(argv=None) -> int:
     peak = peak_gbps(env["device"]) if device == "cuda" else None
     copy = copy_gbps(device, (1 << 20) if args.quick else (1 << 30), reps)
     rows = measure(sizes, dtypes, M, device, reps, copy, peak)
-    cols = ["norm", "dtype", "M", "N", "impl", "dir", "ms", "call_ms", "GB/s", "%copy"] + (["%peak"] if peak else [])
+    cols = ["norm", "dtype", "M", "N", "impl", "dir", "ms", "graph_ms", "call_ms", "GB/s", "%copy"]
+    cols += ["%peak"] if peak else []
     print_table(rows, cols + ["vs_torch", "err"])
     print(f"device copy bandwidth: {copy:.1f} GB/s" + (f", spec peak {peak:.0f} GB/s" if peak else ""))
-    path = write_results("bench_norm", rows, extra={"copy_gbps": copy, "peak_gbps": peak, "quick": args.quick},
-                         out_dir=args.out_dir)
+    timing = ("ms: do_bench median with L2 flush (CUDA; cold L2, no host); graph_ms: CUDA-graph replay (no host, "
+              "warm L2; null on CPU or when capture failed, reason in graph_error); call_ms: one synchronous call "
+              "with host overhead; backward via torch.autograd.grad")
+    path = write_results("bench_norm", rows, extra={"copy_gbps": copy, "peak_gbps": peak, "quick": args.quick,
+                                                    "timing": timing}, out_dir=args.out_dir)
     plot(rows, path.with_suffix(".png"))
     return 0
 

@@ -6,14 +6,17 @@ in the same run; absolute numbers are only meaningful with the environment next 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -126,6 +129,136 @@ def call_ms(fn: Callable[[], object], device: str = "cpu", reps: int = 10, warmu
     return statistics.median(times)
 
 
+_CAPTURE_STREAM = None
+_GRAPH_ERRORS_SEEN: set[str] = set()
+
+
+def capture_stream() -> "torch.cuda.Stream":
+    """The side stream every ``graph_ms`` warms up and captures on (one per process, made on first use)."""
+    global _CAPTURE_STREAM
+    if _CAPTURE_STREAM is None:
+        _CAPTURE_STREAM = torch.cuda.Stream()
+    return _CAPTURE_STREAM
+
+
+@contextlib.contextmanager
+def on_capture_stream(device: str) -> Iterator[None]:
+    """Run the block on ``graph_ms``'s capture stream (CUDA; on CPU the block runs as is).
+
+    Build here the forward whose backward ``graph_ms`` captures: autograd runs each backward op on the
+    stream of its forward op, so a graph built on the default stream would send the captured backward's
+    kernels to a stream that is not capturing (torch then refuses the capture, or the kernels run
+    eagerly and the graph misses them)."""
+    if device != "cuda":
+        yield
+        return
+    stream = capture_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def replay_ms(replay: Callable[[], object], clock: Callable[[Callable[[], object]], float],
+              reps: int | None = None, target_ms: float = 20.0, max_reps: int = 1000) -> tuple[float, int]:
+    """(milliseconds per ``replay()``, replays timed): ``reps`` replays back to back timed as one span
+    by ``clock`` (which runs its argument and returns its device time in ms), divided by ``reps``.
+
+    The first replay is untimed (it uploads the graph to the device). Without ``reps``, one more replay
+    timed alone sizes the span to about ``target_ms`` (3 to ``max_reps`` replays)."""
+    replay()
+    if reps is None:
+        one = clock(replay)
+        reps = int(min(max_reps, max(3, math.ceil(target_ms / max(one, 1e-3)))))
+    total = clock(lambda: [replay() for _ in range(reps)])
+    return total / reps, reps
+
+
+def _events_ms(run: Callable[[], object]) -> float:
+    """Device milliseconds of ``run()``'s work on the current stream, between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _capture_and_time(fn: Callable[[], object], reps: int | None, warmup: int, target_ms: float) -> float:
+    """Warm ``fn`` up on the capture stream, capture one call into a CUDA graph, time its replays."""
+    stream = capture_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        # warm-up on the side stream: Triton compiles and autotunes, cuBLAS/cuDNN pick plans and the
+        # allocator caches blocks here, since none of that may happen inside a capture
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()  # as torch.cuda.graph does: nothing in flight anywhere when capture begins
+        graph.capture_begin()  # outputs (and autograd.grad's gradients) come from the graph's private pool
+        try:
+            static_out = fn()  # kept alive until the replays end: the replays write into its memory
+        except BaseException:
+            with contextlib.suppress(Exception):  # end the (now invalid) capture; report fn's error, not this
+                graph.capture_end()
+            raise
+        graph.capture_end()
+        try:
+            ms, _ = replay_ms(graph.replay, _events_ms, reps, target_ms)
+        finally:
+            del static_out, graph
+    torch.cuda.current_stream().wait_stream(stream)
+    return ms
+
+
+def graph_ms(fn: Callable[[], object], device: str = "cpu", reps: int | None = None, warmup: int = 2,
+             target_ms: float = 20.0, errors: list[str] | None = None) -> float | None:
+    """Milliseconds per call of ``fn``'s kernels replayed from a CUDA graph: no host overhead, L2 warm.
+
+    ``fn`` runs ``warmup`` times on a side stream (so compiling, autotuning and lazy library set-up
+    happen before capture, as torch.cuda.graphs asks), one call is captured into a
+    ``torch.cuda.CUDAGraph``, and the graph is replayed ``reps`` times back to back between two CUDA
+    events (default: enough replays for about ``target_ms``); the result is the elapsed time / reps.
+    A backward is captured as ``torch.autograd.grad(out, inputs, grad_out, retain_graph=True)`` on a
+    graph built once under ``on_capture_stream`` (see there why that stream).
+
+    The three timings of a benchmark row side by side: ``kernel_ms`` (do_bench) = cold L2 per call,
+    no host; ``graph_ms`` = no host, warm L2 (what a CUDA-graphed training step pays, with the input
+    left in L2 by the previous replay when it fits); ``call_ms`` = everything (host, launches, cold or
+    warm as it comes). Below a few microseconds per call the replays are launched slower than they
+    run, so the number is the graph launch rate: an upper bound on the kernels' time.
+
+    Returns None on CPU (no CUDA graphs; nothing is recorded, there is nothing to capture) and when
+    warm-up, capture or replay raises (e.g. an op that synchronizes with the host or allocates outside
+    the graph's pool): the reason, "ExceptionType: first line", is appended to ``errors`` and printed
+    to stderr once per distinct reason per process, so a failed capture is never a silent gap."""
+    if device != "cuda":
+        return None
+    try:
+        return _capture_and_time(fn, reps, warmup, target_ms)
+    except Exception as e:  # torch refused the capture: no number rather than a made-up one
+        text = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+        if errors is not None:
+            errors.append(reason)
+        if reason not in _GRAPH_ERRORS_SEEN:
+            _GRAPH_ERRORS_SEEN.add(reason)
+            print(f"[graph_ms] capture failed: {reason}", file=sys.stderr)
+        return None
+
+
+def timings(fn: Callable[[], object], device: str, reps: int, graph_fn: Callable[[], object] | None = None) -> dict:
+    """The timing columns of one benchmark row: ``ms`` (kernel_ms), ``graph_ms``, ``call_ms``, ``host_ms``
+    (call_ms - ms, at least 0), and ``graph_error`` when the capture failed. ``graph_fn`` is what is
+    captured when it differs from ``fn`` (a backward whose graph was built on the capture stream)."""
+    ms, cms, errors = kernel_ms(fn, device, reps), call_ms(fn, device, reps), []
+    row = {"ms": ms, "graph_ms": graph_ms(graph_fn or fn, device, errors=errors), "call_ms": cms,
+           "host_ms": max(0.0, cms - ms)}
+    if errors:
+        row["graph_error"] = errors[0]
+    return row
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want|| in float64 (inf on NaN/inf or a shape mismatch): METHOD.md's measure.
     fp32 lands far under 1e-3, bf16 operands between 1e-3 and 1e-2."""
@@ -138,20 +271,20 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
-    """Print rows of dicts as an aligned text table."""
+    """Print rows of dicts as an aligned text table; None and missing values print as '-'."""
     if not rows:
         print("(no rows)")
         return
     columns = list(columns or rows[0].keys())
 
-    def fmt(v: object) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    def fmt(v: object) -> str:  # None: not measured here (e.g. graph_ms on CPU)
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+        print("  ".join(fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
 
 
 def write_results(name: str, rows: Sequence[dict], extra: dict | None = None,

@@ -182,3 +182,49 @@ def test_recipe_budgets_quick(tmp_path):
         assert planned in mini["cmd"] and mini["params"] > 0
         assert (row["steps"], row["params"], row["vocab"]) == (mini["steps"], mini["params"], mini["vocab"])
     assert finished >= 1, result["rows"]  # the 12 s run at least fits after start-up
+
+
+# ---- benchmarks/common.py: the CUDA-graph replay timing (issue 18, item 2)
+
+def test_replay_ms_is_the_span_over_its_replays():
+    """One replay untimed (upload), one timed alone to size R to ~target_ms, then R back to back: the
+    result is span / R. A stand-in clock charges 0.25 ms per replay it sees run."""
+    from benchmarks.common import replay_ms
+    count = [0]
+    replay = lambda: count.__setitem__(0, count[0] + 1)  # noqa: E731
+
+    def clock(run):
+        before = count[0]
+        run()
+        return 0.25 * (count[0] - before)
+
+    assert replay_ms(replay, clock, target_ms=20.0) == (0.25, 80)
+    assert count[0] == 1 + 1 + 80
+    assert replay_ms(replay, clock, reps=7) == (0.25, 7)
+    assert replay_ms(replay, lambda run: (run(), 1e3)[1], target_ms=20.0)[1] == 3  # slow graphs: at least 3
+
+
+def test_graph_ms_is_none_on_cpu_and_records_a_failed_capture(monkeypatch, capsys):
+    """CPU: None and no error (nothing to capture). CUDA, capture raising: None, the reason in
+    ``errors`` (type and first line) and on stderr once per distinct reason, never an exception."""
+    from benchmarks import common
+    errors = []
+    assert common.graph_ms(lambda: None, "cpu", errors=errors) is None and errors == []
+
+    def refuse(fn, reps, warmup, target_ms):
+        fn()
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(common, "_capture_and_time", refuse)
+    monkeypatch.setattr(common, "_GRAPH_ERRORS_SEEN", set())
+    for _ in range(2):
+        assert common.graph_ms(lambda: None, "cuda", errors=errors) is None
+    assert errors == ["RuntimeError: CUDA error: operation not permitted when stream is capturing"] * 2
+    assert capsys.readouterr().err.count("capture failed") == 1
+
+
+def test_print_table_renders_none_and_missing_as_a_dash(capsys):
+    from benchmarks.common import print_table
+    print_table([{"impl": "a", "ms": 0.5, "graph_ms": None}], ["impl", "ms", "graph_ms", "call_ms"])
+    header, rule, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["impl", "ms", "graph_ms", "call_ms"] and row.split() == ["a", "0.5", "-", "-"]

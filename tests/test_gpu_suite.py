@@ -83,6 +83,9 @@ def test_dry_run_writes_every_file_and_every_part_runs(dry_runs):
                                                     for d in ("fwd", "bwd", "fwd+bwd")}
     assert {(r["causal"], r["H"] // r["H_kv"]) for r in att} == {(True, 1), (False, 2)}  # causal MHA, full GQA
     assert all(r["ms"] > 0 and r["call_ms"] > 0 and r["err"] < 1e-3 and r["status"] == "ok" for r in att)
+    # no CUDA graphs on CPU: graph_ms is there, as JSON null, and no capture was tried (no graph_error)
+    assert all("graph_ms" in r and r["graph_ms"] is None and "graph_error" not in r
+               for r in att + parts["norms"]["rows"])
     norms = parts["norms"]["rows"]
     # minillm's norm kernels ran too (Triton interpreter), checked against the reference before timing
     assert {(r["norm"], r["impl"], r["dir"]) for r in norms} == {
@@ -105,6 +108,13 @@ def test_summary_tables_have_their_columns(dry_runs):
     assert {"sdpa", "reference", "call_ms", "err"} <= set(tables["Attention"])
     assert tables["Norms"][:5] == ["norm", "dtype", "N", "dir", "minillm"]  # minillm first, then the baselines
     assert {"torch", "reference", "vs_best", "call_ms", "err"} <= set(tables["Norms"])
+    for name in ("Attention", "Norms"):  # the three timings side by side; graph_ms '-' on CPU
+        cols = tables[name]
+        assert cols[-4:] == [cols[-4], "graph_ms", "call_ms", "err"] and cols[-4].startswith("ms (")
+        section = text.split(f"## {name}")[1].split("\n## ")[0]
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                if line.startswith("| ") and not line.startswith("| D |") and not line.startswith("| norm |")]
+        assert rows and all(r[-3] == "-" and r[-4] != "-" for r in rows)
     assert {"tokens_per_s", "mfu", "peak_mem_mib", "kernels"} <= set(tables["Training steps"])
     # every goal appears, judged on the dry run's own rows: CPU speeds miss every target
     goals = _results(dry_runs["a"])["goals"]
@@ -252,6 +262,99 @@ def test_a_wrong_kernel_is_recorded_not_timed():
     assert row["status"] == "wrong" and row["err"] > 0.05 and "ms" not in row
     with pytest.raises(SystemExit, match="differs from the reference"):
         ba.bench_one("bad", bad, 1, 2, 2, 16, 8, True, torch.float32, "cpu", 2, want)
+
+
+def test_a_failed_graph_capture_is_recorded_and_the_benchmark_goes_on(monkeypatch):
+    """CUDA-graph timing that torch refuses (here: a stand-in capture raising for the backward) leaves
+    graph_ms None and the reason in graph_error on that row; the other directions still get theirs."""
+    from benchmarks import bench_attention as ba
+    from benchmarks import common
+    calls = []
+
+    def capture(fn, reps, warmup, target_ms):  # in place of warm-up, capture and replay on a GPU
+        fn()
+        calls.append(fn)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return 0.125
+
+    real = common.graph_ms
+    monkeypatch.setattr(common, "graph_ms", lambda fn, device, **kw: real(fn, "cuda", **kw))
+    monkeypatch.setattr(common, "_capture_and_time", capture)
+    ref = ba.implementations("cpu")["reference"]
+    rows = ba.bench_one("sdpa", ba.implementations("cpu")["sdpa"], 1, 2, 1, 16, 8, True, torch.float32, "cpu", 2,
+                        lambda q, k, v: ref(q, k, v, True), directions=("fwd", "bwd", "fwd+bwd"))
+    assert [(r["dir"], r["graph_ms"]) for r in rows] == [("fwd", 0.125), ("bwd", None), ("fwd+bwd", 0.125)]
+    assert rows[1]["graph_error"] == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert "graph_error" not in rows[0] and "graph_error" not in rows[2] and len(calls) == 3
+    assert all(r["ms"] > 0 and r["call_ms"] > 0 and r["status"] == "ok" for r in rows)
+
+
+def test_report_renders_rows_with_and_without_graph_ms():
+    """graph_ms measured, graph_ms None with its reason, and an older row without the key: the pivot
+    shows the number, '-', '-', and the summary names the failed capture once with the rows it struck."""
+    from benchmarks.gpu import report
+
+    def att(T, impl, **kw):
+        return {"impl": impl, "dtype": "bfloat16", "D": 128, "causal": True, "H": 16, "H_kv": 16, "T": T, "dir": "fwd",
+                "TFLOP/s": 300.0, "ms": 1.5, "call_ms": 1.75, "err": 0.004, "status": "ok", **kw}
+
+    why = "RuntimeError: operation not permitted when stream is capturing"
+    rows = [att(1024, "minillm", graph_ms=1.25), att(1024, "sdpa-flash", graph_ms=1.0),
+            att(2048, "minillm", graph_ms=None, graph_error=why),
+            att(2048, "sdpa-flash", graph_ms=None, graph_error=why),
+            att(4096, "minillm"), att(4096, "minillm-notma", graph_ms=2.0),  # no graph_ms key: an older result
+            att(4096, "sdpa-flash", **{"TFLOP/s": 150.0})]
+    table, cols = report.attention_pivot(rows)
+    assert cols[5:] == ["minillm", "minillm-notma", "sdpa-flash", "vs_best", "ms (minillm)", "graph_ms", "call_ms",
+                        "err"]
+    cells = [line.split(" | ")[cols.index("graph_ms")] for line in report.md_table(table, cols).splitlines()[2:]]
+    assert cells == ["1.25", "-", "-"]
+    assert [line.get("vs_best") for line in table] == [1.0, 1.0, 2.0]  # minillm-notma is no baseline
+    errors = report.graph_errors(rows)
+    assert errors.count("graph capture failed") == 1 and why in errors and "(2 row(s)" in errors
+    assert "impl=minillm dtype=bfloat16 D=128 T=2048 dir=fwd" in errors and "impl=sdpa-flash" in errors
+    payload = {"environment": {}, "dry_run": False, "full": False, "wall_s": 1.0, "goals": [],
+               "parts": {"attention": {"status": "ok", "rows": rows}}}
+    assert why in report.summary_markdown(payload)
+    norms, ncols = report.norms_pivot([{"norm": "rms", "dtype": "bfloat16", "N": 4096, "dir": "fwd", "impl": "minillm",
+                                        "GB/s": 2000.0, "ms": 0.1, "call_ms": 0.2, "err": 0.0, "status": "ok"}])
+    assert ncols[-4:] == ["ms (minillm)", "graph_ms", "call_ms", "err"] and norms[0]["graph_ms"] is None
+
+
+def test_notma_is_listed_on_sm90_only_and_runs_under_its_environment(monkeypatch):
+    """minillm-notma: listed where the device is compute capability 9 or more; its check and every timed
+    call (forward and backward) run with MINILLM_ATTN_TMA=0, restored afterwards; no backward-only row."""
+    from benchmarks import bench_attention as ba
+    for cap, listed in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cap=cap: cap)
+        assert ("minillm-notma" in ba.implementations("cuda")) is listed, cap
+    seen = []
+
+    class Spy(torch.autograd.Function):  # identity on q that notes the switch in forward and backward
+        @staticmethod
+        def forward(ctx, q):
+            seen.append(os.environ.get("MINILLM_ATTN_TMA"))
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(os.environ.get("MINILLM_ATTN_TMA"))
+            return g
+
+    ref, sdpa = ba.implementations("cpu")["reference"], ba.implementations("cpu")["sdpa"]
+    spy = lambda q, k, v, c: sdpa(Spy.apply(q), k, v, c)  # noqa: E731
+    for before in ("1", None):
+        if before is None:
+            monkeypatch.delenv("MINILLM_ATTN_TMA", raising=False)
+        else:
+            monkeypatch.setenv("MINILLM_ATTN_TMA", before)
+        seen.clear()
+        rows = ba.bench_one("minillm-notma", spy, 1, 2, 1, 16, 8, True, torch.float32, "cpu", 2,
+                            lambda q, k, v: ref(q, k, v, True), directions=("fwd", "bwd", "fwd+bwd"))
+        assert [r["dir"] for r in rows] == ["fwd", "fwd+bwd"]
+        assert len(seen) > 10 and set(seen) == {"0"}
+        assert os.environ.get("MINILLM_ATTN_TMA") == before
 
 
 def test_run_sh_and_fetch_wheels_are_wired():

@@ -24,17 +24,38 @@ def md_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _vs_best(line: dict, impls: list[str]) -> None:
-    """line["vs_best"]: the first implementation's rate over the best other one's (same shape, same run)."""
-    others = [line[i] for i in impls[1:] if line.get(i)]
+    """line["vs_best"]: the first implementation's rate over the best other one's (same shape, same run);
+    minillm's own variants (minillm-notma) are not "others"."""
+    others = [line[i] for i in impls[1:] if line.get(i) and not i.startswith("minillm")]
     if impls and line.get(impls[0]) and others:
         line["vs_best"] = line[impls[0]] / max(others)
 
 
+# The first implementation's columns after the rates: kernel ms (do_bench), CUDA-graph replay ms, per-call ms.
+TIMES = ("ms", "graph_ms", "call_ms", "err")
+
+
+def _time_columns(impls: list[str]) -> list[str]:
+    """TIMES as table headers: the kernel time says whose it is, "ms (minillm)"."""
+    return [f"ms ({impls[0] if impls else '-'})", *TIMES[1:]]
+
+
+def _impl_order(ok: list[dict]) -> list[str]:
+    """minillm first, its variants next (minillm-notma), then the baselines by name."""
+    return sorted({r["impl"] for r in ok}, key=lambda i: (i != "minillm", not i.startswith("minillm"), i))
+
+
+def _times(line: dict, row: dict) -> None:
+    """Copy the timing columns of ``row`` into ``line`` under their headers; graph_ms is None where it
+    was not measured (CPU, a failed capture, results written before it existed)."""
+    line.update(zip(_time_columns([row["impl"]]), (row.get(k) for k in TIMES)))
+
+
 def attention_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
     """One line per (D, causal, heads, T, dir): TFLOP/s of each implementation side by side, and
-    minillm's kernel ms, per-call ms (host overhead included) and error."""
+    minillm's kernel ms, CUDA-graph replay ms, per-call ms (host overhead included) and error."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    impls = sorted({r["impl"] for r in ok}, key=lambda i: (i != "minillm", i))
+    impls = _impl_order(ok)
     order = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
     keys = sorted({(r["D"], r["causal"], r["H"] // r["H_kv"], r["T"], r["dir"]) for r in ok},
                   key=lambda k: (-k[0], not k[1], k[2], k[3], order.get(k[4], 9)))
@@ -46,17 +67,17 @@ def attention_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
             if (r["D"], r["causal"], r["H"] // r["H_kv"], r["T"], r["dir"]) == (D, causal, ratio, T, d):
                 line[r["impl"]] = r["TFLOP/s"]
                 if r["impl"] == impls[0]:
-                    line["ms"], line["call_ms"], line["err"] = r["ms"], r["call_ms"], r["err"]
+                    _times(line, r)
         _vs_best(line, impls)
         out.append(line)
-    return out, ["D", "mask", "heads", "T", "dir", *impls, "vs_best", f"ms ({impls[0] if impls else '-'})", "call_ms",
-                 "err"]
+    return out, ["D", "mask", "heads", "T", "dir", *impls, "vs_best", *_time_columns(impls)]
 
 
 def norms_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """One line per (norm, dtype, N, dir): GB/s of each implementation, minillm's ms and per-call ms."""
+    """One line per (norm, dtype, N, dir): GB/s of each implementation, minillm's kernel ms, CUDA-graph
+    replay ms, per-call ms and error."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    impls = sorted({r["impl"] for r in ok}, key=lambda i: (i != "minillm", i))
+    impls = _impl_order(ok)
     keys = sorted({(r["norm"], r["dtype"], r["N"], r["dir"]) for r in ok}, key=lambda k: (k[0], k[1], k[2], k[3] != "fwd"))
     out = []
     for norm, dtype, N, d in keys:
@@ -65,15 +86,26 @@ def norms_pivot(rows: list[dict]) -> tuple[list[dict], list[str]]:
             if (r["norm"], r["dtype"], r["N"], r["dir"]) == (norm, dtype, N, d):
                 line[r["impl"]] = r["GB/s"]
                 if r["impl"] == impls[0]:
-                    line["ms"], line["call_ms"], line["err"] = r["ms"], r["call_ms"], r["err"]
+                    _times(line, r)
         _vs_best(line, impls)
         out.append(line)
-    return out, ["norm", "dtype", "N", "dir", *impls, "vs_best", f"ms ({impls[0] if impls else '-'})", "call_ms",
-                 "err"]
+    return out, ["norm", "dtype", "N", "dir", *impls, "vs_best", *_time_columns(impls)]
 
 
-def _rename(rows: list[dict], old: str, new: str) -> list[dict]:
-    return [{**{k: v for k, v in r.items() if k != old}, new: r.get(old)} for r in rows]
+def graph_errors(rows: list[dict]) -> str:
+    """One line per distinct graph-capture failure, with the rows it struck (graph_ms shows '-' there)."""
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("graph_error"):
+            where = " ".join(f"{k}={r[k]}" for k in ("impl", "norm", "dtype", "D", "T", "N", "dir") if k in r)
+            by_reason.setdefault(r["graph_error"], []).append(where)
+    return "".join(f"\ngraph capture failed ({len(w)} row(s), graph_ms '-'): {reason}; "
+                   f"{', '.join(w[:6])}{' ...' if len(w) > 6 else ''}\n" for reason, w in by_reason.items())
+
+
+TIMING_NOTE = ("ms: kernel time (do_bench median, L2 flushed before each call: cold L2, no host); graph_ms: the "
+               "call captured in a CUDA graph and replayed back to back (no host, warm L2; '-' where not "
+               "measured); call_ms: one synchronous call, host overhead included. ")
 
 
 def summary_markdown(payload: dict) -> str:
@@ -103,9 +135,9 @@ def summary_markdown(payload: dict) -> str:
         table, cols = attention_pivot(parts["attention"].get("rows", []))
         wrong = [r for r in parts["attention"].get("rows", []) if r.get("status") == "wrong"]
         s += ["\n## Attention (TFLOP/s; FlashAttention-2's count: fwd 4·B·H·T²·D, /2 causal, bwd ×2.5, fwd+bwd ×3.5)\n",
-              "ms: kernel time (do_bench median, L2 flushed); call_ms: one synchronous call with host overhead; "
-              "err: worst relative L2 error of O, dQ, dK, dV vs fp32 before timing.\n\n",
-              md_table(_rename(table, "ms", cols[-3]), cols)]
+              TIMING_NOTE, "err: worst relative L2 error of O, dQ, dK, dV vs fp32 before timing. minillm-notma: "
+              "minillm with MINILLM_ATTN_TMA=0 (sm_90+ only; forward and fwd+bwd).\n\n",
+              md_table(table, cols), graph_errors(parts["attention"].get("rows", []))]
         if wrong:
             s += ["\nwrong results (not timed): " + ", ".join(f"{r['impl']} D={r['D']} T={r['T']} err={r['err']:.3g}"
                                                           for r in wrong) + "\n"]
@@ -113,8 +145,9 @@ def summary_markdown(payload: dict) -> str:
         p = parts["norms"]
         table, cols = norms_pivot(p.get("rows", []))
         s += ["\n## Norms (GB/s: fwd reads x, writes y; bwd reads x, dy, writes dx; weights counted)\n",
-              f"device copy: {_fmt(p.get('copy_gbps'))} GB/s; spec peak: {_fmt(p.get('peak_gbps'))} GB/s\n\n",
-              md_table(_rename(table, "ms", cols[-3]), cols)]
+              f"device copy: {_fmt(p.get('copy_gbps'))} GB/s; spec peak: {_fmt(p.get('peak_gbps'))} GB/s. ",
+              TIMING_NOTE, "\n\n",
+              md_table(table, cols), graph_errors(p.get("rows", []))]
     if "train" in parts:
         s += ["\n## Training steps (bf16 autocast on CUDA; MFU from minillm/flops.py's peak table)\n",
               md_table(parts["train"].get("rows", []), ["preset", "variant", "kernels", "status", "tokens_per_s",
