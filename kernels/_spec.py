@@ -25,3 +25,7 @@ class KernelSpec:
     # the architectures whose configuration list holds this entry (e.g. (90,) for an sm_90-only tile);
     # the report compiles it for those of its --arch list only. Empty: every arch the report compiles.
     archs: tuple[int, ...] = ()
+    # PTX features the build must show, else the report fails it: "wgmma" (Hopper warpgroup MMA),
+    # "tma" (bulk tensor copies, cp.async.bulk.tensor). A variant written for a feature that silently
+    # compiles without it would otherwise pass as an ordinary kernel.
+    requires: tuple[str, ...] = ()

@@ -80,6 +80,19 @@ and within shared memory; register counts below are from that tier, bf16, causal
   each architecture has its own list and the build report compiles each entry for the architectures
   that list it (``KernelSpec.archs``). 4-warp 128-row tiles spill at d >= 96 (acc + S of a 128-row
   tile over 128 threads) and are pruned by head dim.
+* Forward, sm_90, TMA (the default there for fp16/bf16 inputs that pass the 16-byte alignment check;
+  ``MINILLM_ATTN_TMA=0`` turns it off): K and V arrive as host-built (B, H_kv, T, D) tensor
+  descriptors whose block is one (batch, kv head)'s [BLOCK_N, BLOCK_D] tile (set per autotune
+  configuration by a Config pre_hook, since the block is part of the compiled signature). Hopper's
+  copy engine then moves each tile into shared memory with one bulk tensor copy per stage
+  (cp.async.bulk.tensor.4d, completion on an mbarrier) instead of every thread computing 16-byte
+  cp.async addresses, and fills rows >= T and columns >= HEAD_DIM with zeros, so the loads carry no
+  mask. The arithmetic is unchanged (the interpreter tier checks the output bitwise against the
+  pointer path). Build report, bf16, causal, d128: 124-204 registers against 168-229 for the pointer
+  path at the same tiles (no address registers), 0 spill, wgmma, about 1 KB more shared memory (the
+  mbarriers, inside SMEM_OVERHEAD). Whether it is faster is for the GPU tier, which times both.
+  Q stays a pointer load (once per program). The backward kernels stay on pointers until the GPU
+  tier says whether TMA pays in the forward (their streamed tiles are narrower: 16-32 query rows).
 * Forward, sm_80: mma.sync works on 16-row slices per warp, so 128 x 64 tiles with 8 warps (213
   registers at d128) or 64 x 64 / 64 x 32 with 4 warps, 2-3 stages in 164 KB.
 * Backward dK/dV: the key tile is resident and is the M side of all three dots (K Q^T, P^T dO,
@@ -130,6 +143,11 @@ import triton
 import triton.language as tl
 
 from ._spec import KernelSpec
+
+try:  # Triton >= 3.4: host-built tensor descriptors, the kernels' door to TMA on sm_90+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the pointer path everywhere
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,18 +209,35 @@ def _mm(a, b, IEEE: tl.constexpr):
 # Forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+def _load_kv_tile(src, kv_b, kv_h, start_n, offs_n, stride_t, stride_d, offs_d, n_ok, d_ok,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                  PAD_D: tl.constexpr, ALIGN: tl.constexpr, TMA: tl.constexpr):
+    """One [BLOCK_N, BLOCK_D] key or value tile: keys offs_n = start_n + [0, BLOCK_N).
+
+    TMA: ``src`` is a (B, H_kv, T, D) tensor descriptor with block [1, 1, BLOCK_N, BLOCK_D]; the copy
+    engine moves the whole tile into shared memory and fills rows >= T and columns >= HEAD_DIM with
+    zeros, so no mask is computed. Otherwise ``src`` points at this (batch, kv head)'s [T, D] slice."""
+    if TMA:
+        x = src.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        x = _load_tile(src, offs_n, stride_t, offs_d, stride_d, n_ok, d_ok, MASKED, PAD_D, ALIGN)
+    return x
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
                offs_m, offs_d, d_ok, n_lo, n_hi, T, qk_scale,
-               BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr,
+               TMA: tl.constexpr):
     # acc: [BLOCK_M, BLOCK_D] fp32; l_i, m_i: [BLOCK_M] fp32; q: [BLOCK_M, BLOCK_D] input dtype.
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < T
-        k = _load_tile(k_base, offs_n, stride_kt, offs_d, stride_kd,
-                       n_ok, d_ok, MASKED, PAD_D, ALIGN)                         # [BLOCK_N, BLOCK_D]
-        v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd,
-                       n_ok, d_ok, MASKED, PAD_D, ALIGN)                         # [BLOCK_N, BLOCK_D]
+        k = _load_kv_tile(k_src, kv_b, kv_h, start_n, offs_n, stride_kt, stride_kd, offs_d, n_ok, d_ok,
+                          BLOCK_N, BLOCK_D, MASKED, PAD_D, ALIGN, TMA)           # [BLOCK_N, BLOCK_D]
+        v = _load_kv_tile(v_src, kv_b, kv_h, start_n, offs_n, stride_vt, stride_vd, offs_d, n_ok, d_ok,
+                          BLOCK_N, BLOCK_D, MASKED, PAD_D, ALIGN, TMA)           # [BLOCK_N, BLOCK_D]
         s = _mm(q, tl.trans(k), IEEE) * qk_scale                          # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
             keep = n_ok[None, :]
@@ -228,9 +263,10 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, T, GROUP, qk_scale, T_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-              ALIGN: tl.constexpr):
+              ALIGN: tl.constexpr, TMA: tl.constexpr):
     # grid = (cdiv(T, BLOCK_M), B * H). LSE is contiguous (B, H, T) fp32. T_BUCKET is never read: it
     # is the autotuner's key for T (t_bucket), so every T of one bucket shares one tuning entry.
+    # TMA: K and V are (B, H_kv, T, D) tensor descriptors (their stride arguments are then unused).
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_m = tl.program_id(0)
     if CAUSAL:  # longest rows first: shortens the last wave's tail
@@ -240,9 +276,13 @@ def _attn_fwd(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP  # the kv head serving this query head (GQA: GROUP query heads per kv head)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    if TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -262,12 +302,12 @@ def _attn_fwd(Q, K, V, O, LSE,
     else:
         n_full = (T // BLOCK_N) * BLOCK_N
         n_end = T
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, d_ok, 0, n_full, T, qk_scale,
-                               BLOCK_N, PAD_D, False, CAUSAL, IEEE, ALIGN)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                               BLOCK_N, BLOCK_D, PAD_D, False, CAUSAL, IEEE, ALIGN, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, d_ok, n_full, n_end, T, qk_scale,
-                               BLOCK_N, PAD_D, True, CAUSAL, IEEE, ALIGN)
+                               BLOCK_N, BLOCK_D, PAD_D, True, CAUSAL, IEEE, ALIGN, TMA)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
     _store_tile(o_base, offs_m, stride_ot, offs_d, stride_od, acc.to(O.dtype.element_ty),
@@ -588,6 +628,38 @@ def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
     return [min(fits, key=lambda c: _smem(kind, c, head_dim, elem, arch))]
 
 
+def _tma_wanted(q: torch.Tensor) -> bool:
+    """Whether the forward loads K and V through TMA tensor descriptors (before the alignment check).
+
+    Default: on CUDA devices of compute capability >= 9 (Hopper's copy engine) for fp16 / bf16, off
+    elsewhere. ``MINILLM_ATTN_TMA=0`` turns it off (to compare, or to rule it out); ``=1`` also turns it
+    on under the interpreter, where the tests compare it with the pointer path. Read at every call."""
+    mode = os.environ.get("MINILLM_ATTN_TMA", "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"MINILLM_ATTN_TMA={mode!r}: expected 0 (off), 1 (on) or unset (on for sm_90+)")
+    if mode == "0" or TensorDescriptor is None:
+        return False
+    if _interpreting():
+        return mode == "1"
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
+def _kv_descriptor(t: torch.Tensor, block_n: int, block_d: int):
+    """A TMA descriptor of a (B, H_kv, T, D) K or V view, any strides the host alignment check passed
+    (``_align`` == 16 is exactly TMA's rule: 16-byte base and strides, unit head-dim stride). One block
+    is one (batch, head)'s [block_n, block_d] tile; rows past T and columns past D read as zeros."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
+
+
+def _kv_block_hook(nargs: dict) -> None:
+    """Autotune pre_hook of the forward: a descriptor's block must match the configuration's key tile
+    (the block shape is part of the compiled kernel's signature). Nothing to do on the pointer path."""
+    if nargs.get("TMA"):
+        for name in ("K", "V"):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+
 def _use_fixed() -> bool:
     return _interpreting() or os.environ.get("MINILLM_ATTN_FIXED") == "1" or not torch.cuda.is_available()
 
@@ -602,7 +674,8 @@ def _tuned(kind: str, arch: int, smem_limit: int):
     if key not in _TUNED:
         def to_config(c):
             kw = {"BLOCK_M": c[0]} if kind == "pre" else {"BLOCK_M": c[0], "BLOCK_N": c[1]}
-            return triton.Config(kw, num_warps=c[2], num_stages=c[3])
+            return triton.Config(kw, num_warps=c[2], num_stages=c[3],
+                                 pre_hook=_kv_block_hook if kind == "fwd" else None)
 
         def early_prune(configs, named_args, **kwargs):
             args = {**named_args, **kwargs}
@@ -616,8 +689,8 @@ def _tuned(kind: str, arch: int, smem_limit: int):
 
         _TUNED[key] = triton.autotune(
             configs=[to_config(c) for c in CONFIGS[kind][arch]],
-            key=(["T_BUCKET", "HEAD_DIM", "CAUSAL", "ALIGN"] if kind != "pre"
-                 else ["T_BUCKET", "HEAD_DIM", "ALIGN"]),
+            key=(["T_BUCKET", "HEAD_DIM", "CAUSAL", "ALIGN"] + (["TMA"] if kind == "fwd" else [])
+                 if kind != "pre" else ["T_BUCKET", "HEAD_DIM", "ALIGN"]),
             prune_configs_by={"early_config_prune": early_prune},
         )(_KERNELS[kind])
     return _TUNED[key]
@@ -637,6 +710,8 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
         tiles = {"BLOCK_M": bm} if kind == "pre" else {"BLOCK_M": bm, "BLOCK_N": bn}
         tile_rows = bn if kind == "dkdv" else bm
         grid = (triton.cdiv(grid_rows, tile_rows), grid_cols)
+        if kind == "fwd":
+            _kv_block_hook({"K": args[1], "V": args[2], **meta, **tiles})
         _KERNELS[kind][grid](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
         return
     arch, smem_limit = _device_arch(device)
@@ -681,13 +756,17 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     if T == 0 or B * H == 0:
         return o, lse
     align = _align(q, k, v, o)
+    tma = align == 16 and _tma_wanted(q)
     for s in _batch_chunks(B, H):  # slices are views: same strides, shifted base pointers
         qs, ks, vs, os_ = q[s], k[s], v[s], o[s]
-        _launch("fwd", T, qs.shape[0] * H, q.device, qs, ks, vs, os_, lse[s],
+        # TMA: descriptors of the K / V views; their block is set per configuration (_kv_block_hook)
+        k_arg, v_arg = ((_kv_descriptor(ks, 16, _block_d(D)), _kv_descriptor(vs, 16, _block_d(D)))
+                        if tma else (ks, vs))
+        _launch("fwd", T, qs.shape[0] * H, q.device, qs, k_arg, v_arg, os_, lse[s],
                 *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(),
                 H, T, H // k.shape[1], softmax_scale * LOG2E, t_bucket(T),
                 HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32,
-                ALIGN=align)
+                ALIGN=align, TMA=tma)
     return o, lse
 
 
@@ -885,12 +964,17 @@ def build_specs(head_dims=HEAD_DIMS, dtypes=(torch.bfloat16, torch.float16),
                 for is_causal in flags if kind != "pre" else (None,):
                     for cfg, cfg_archs in listed.items():
                         specs.append(_spec(kind, fn, dtype, d, cfg, is_causal, tuple(cfg_archs)))
+                        if kind == "fwd" and 90 in cfg_archs and 90 in archs:
+                            # what sm_90 runs by default: K / V through TMA (_tma_wanted); the
+                            # pointer variant above is what MINILLM_ATTN_TMA=0 runs there
+                            specs.append(_spec(kind, fn, dtype, d, cfg, is_causal, (90,), tma=True))
     return specs
 
 
 def _spec(kind: str, fn, dtype: torch.dtype, d: int, cfg: tuple, is_causal: bool | None,
-          archs: tuple[int, ...]) -> KernelSpec:
-    """The KernelSpec of one configuration (BLOCK_M, BLOCK_N, warps, stages) of one kernel."""
+          archs: tuple[int, ...], tma: bool = False) -> KernelSpec:
+    """The KernelSpec of one configuration (BLOCK_M, BLOCK_N, warps, stages) of one kernel; ``tma``
+    (forward only): K and V as tensor descriptors, and the report requires TMA bulk copies in the PTX."""
     bm, bn, warps, stages = cfg
     sig, const = _signature(fn, dtype)
     # ALIGN: the usual case (aligned allocations, strides multiple of 16 B)
@@ -899,8 +983,12 @@ def _spec(kind: str, fn, dtype: torch.dtype, d: int, cfg: tuple, is_causal: bool
     if kind != "pre":
         const.update(BLOCK_N=bn, CAUSAL=is_causal, IEEE=False)
         label += f" N{bn}" + (" causal" if is_causal else " full")
-    label += f" w{warps} s{stages}"
+    if kind == "fwd":
+        const["TMA"] = tma
+    label += f" w{warps} s{stages}" + (" tma" if tma else "")
     for name in const:
         sig[name] = "constexpr"
+    if tma:  # the descriptor type carries the block shape _kv_block_hook sets at run time
+        sig["K"] = sig["V"] = f"tensordesc<{_TL_TYPES[dtype]}[1, 1, {bn}, {_block_d(d)}]>"
     return KernelSpec(name=f"attn_{kind}", fn=fn, signature=sig, constexprs=const, num_warps=warps,
-                      num_stages=stages, label=label, archs=archs)
+                      num_stages=stages, label=label, archs=archs, requires=("tma",) if tma else ())

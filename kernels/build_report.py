@@ -17,10 +17,12 @@ needed for that. From the result we report:
 * ``ctas/SM`` how many CTAs of this kernel fit on one SM at once (limited by registers, shared memory,
   warps and the CTA cap): an occupancy figure to reason about latency hiding;
 * ``wgmma``  whether the PTX uses Hopper's warpgroup MMA (``wgmma.mma_async``), which an sm_90
-  attention kernel needs to reach its speed.
+  attention kernel needs to reach its speed;
+* ``tma``    whether the PTX moves tiles with Hopper's tensor memory accelerator (bulk tensor copies,
+  ``cp.async.bulk.tensor``). A spec that ``requires`` a feature fails when the PTX lacks it.
 
-Exit status 1 when any configuration fails to compile, spills, or needs more shared memory than one
-CTA may use on that SM (sm_80: 163 KiB, sm_90: 227 KiB).
+Exit status 1 when any configuration fails to compile, spills, needs more shared memory than one
+CTA may use on that SM (sm_80: 163 KiB, sm_90: 227 KiB), or lacks a PTX feature its spec requires.
 
 The report must run with ``TRITON_INTERPRET`` unset: under the interpreter ``@triton.jit`` returns an
 interpreted function that cannot be compiled. ``main`` clears the variable before it imports any kernel
@@ -54,7 +56,7 @@ ARCH_LIMITS = {
 }
 
 COLUMNS = ["module", "kernel", "config", "arch", "warps", "stages", "regs", "stack", "local",
-           "shared", "ctas/SM", "wgmma", "status"]
+           "shared", "ctas/SM", "wgmma", "tma", "status"]
 
 
 @dataclass
@@ -127,12 +129,14 @@ def compile_spec(spec: Any, arch: int) -> dict:
         "regs": res.regs, "stack": res.stack, "local": res.local, "shared": shared,
         "ctas/SM": ctas_per_sm(arch, res.regs, shared, options["num_warps"]),
         "wgmma": "yes" if "wgmma.mma_async" in ptx else "no",
+        "tma": "yes" if "cp.async.bulk.tensor" in ptx else "no",
     }
 
 
-def check_row(row: dict, arch: int) -> str:
-    """'ok' or the reason this configuration fails the build tier."""
-    problems = []
+def check_row(row: dict, arch: int, requires: Sequence[str] = ()) -> str:
+    """'ok' or the reason this configuration fails the build tier (``requires``: the spec's PTX
+    features, each of which must show as "yes" in the row)."""
+    problems = [f"no {feature} in the PTX" for feature in requires if row.get(feature) != "yes"]
     if row["stack"] or row["local"]:
         problems.append(f"spills ({row['stack']} B stack, {row['local']} B local per thread)")
     limit = ARCH_LIMITS[arch]["max_shared_per_cta"]
@@ -175,7 +179,7 @@ def run(archs: Sequence[int], only: str | None = None, modules: Sequence[str] = 
                 continue  # listed for other architectures only: the dispatcher never runs it here
             try:
                 row = compile_spec(spec, arch)
-                row["status"] = check_row(row, arch)
+                row["status"] = check_row(row, arch, getattr(spec, "requires", ()))
             except Exception as e:  # a compile error is a failed configuration, reported, not a crash
                 msg = str(e).strip().splitlines()
                 row = {"kernel": spec.name, "config": spec.label, "arch": f"sm_{arch}",

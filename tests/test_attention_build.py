@@ -27,7 +27,7 @@ specs = {f"{s.name} {s.label}": s for s in A.build_specs()}
 rows = []
 for key, arch in wanted:
     row = br.compile_spec(specs[key], arch)
-    row["status"] = br.check_row(row, arch)
+    row["status"] = br.check_row(row, arch, specs[key].requires)
     rows.append(row)
 # the PTX of the first spec: are tiles loaded as 16-byte vectors and pipelined through cp.async?
 import triton
@@ -58,6 +58,7 @@ def test_representative_configs_build_without_spills_and_fwd_uses_wgmma():
         ("attn_dkdv d128 bf16 M16 N128 causal w8 s2", 90),
         ("attn_dq d128 bf16 M128 N32 causal w8 s2", 90),
         ("attn_fwd d96 fp16 M64 N64 causal w4 s3", 80),     # padded head dim, mma.sync path
+        ("attn_fwd d96 bf16 M128 N64 causal w8 s3 tma", 90),  # sm_90's default: K / V through TMA
     ]
     rows = _build(wanted)
     specs = {f"{s.name} {s.label}": s for s in A.build_specs()}
@@ -76,6 +77,10 @@ def test_representative_configs_build_without_spills_and_fwd_uses_wgmma():
     assert fwd90["cp_async_16"] and not fwd90["scalar_b16_loads"], fwd90
     assert fwd90["shared"] <= 227 * 1024
     assert rows[3]["wgmma"] == "no"  # sm_80 has no wgmma: the check is not vacuous
+    # TMA: bulk tensor copies in the PTX (the row's status requires them), none in the pointer path
+    assert rows[4]["tma"] == "yes" and rows[4]["wgmma"] == "yes" and fwd90["tma"] == "no", rows[4]
+    assert specs[wanted[4][0]].requires == ("tma",) and "K" in specs[wanted[4][0]].signature
+    assert specs[wanted[4][0]].signature["K"] == "tensordesc<bf16[1, 1, 64, 128]>"
 
 
 @pytest.mark.slow
@@ -92,3 +97,5 @@ def test_full_build_report_for_attention_passes(tmp_path):
     assert out.returncode == 0 and not bad, bad[:5] or out.stdout[-2000:]
     fwd90 = [r for r in data["rows"] if r["kernel"] == "attn_fwd" and r["arch"] == "sm_90"]
     assert fwd90 and all(r["wgmma"] == "yes" for r in fwd90)
+    tma = [r for r in fwd90 if r["config"].endswith(" tma")]
+    assert len(tma) * 2 == len(fwd90) and all(r["tma"] == "yes" for r in tma)

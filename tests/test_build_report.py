@@ -38,6 +38,15 @@ def test_check_row_flags_spills_and_shared_overflow():
     assert "shared" in check_row({**ok, "shared": too_big}, 80)
 
 
+def test_check_row_fails_a_variant_whose_ptx_lacks_a_required_feature():
+    """A TMA variant that silently compiles to ordinary loads must not pass as an ordinary kernel."""
+    ok = {"stack": 0, "local": 0, "shared": 1024, "ctas/SM": 1, "wgmma": "yes", "tma": "no"}
+    assert check_row(ok, 90) == "ok"
+    assert check_row(ok, 90, ("tma",)) == "no tma in the PTX"
+    assert check_row({**ok, "tma": "yes"}, 90, ("tma", "wgmma")) == "ok"
+    assert check_row({**ok, "wgmma": "no", "stack": 8}, 90, ("wgmma",)).startswith("no wgmma in the PTX; spills")
+
+
 def test_ctas_per_sm_limits():
     # 128 regs x 32 threads x 16 warps = 65536 = the whole register file
     assert ctas_per_sm(90, regs=128, shared=0, num_warps=16) == 1

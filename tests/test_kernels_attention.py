@@ -408,3 +408,84 @@ def test_spans_beyond_int32_are_refused_for_q_o_and_do():
         attn._bwd(far, small, small, small, small, meta((1, 2, 64)), True, 0.1)
     with pytest.raises(ValueError, match=r"flash_attention: q spans >= 2\^31"):
         flash_attention(far, small, small)
+
+
+# ---------------------------------------------------------------------------------------------
+# TMA (sm_90's default forward): K and V through tensor descriptors, under the interpreter
+# ---------------------------------------------------------------------------------------------
+def _model_views(B, H, H_kv, T, D, dtype, seed):
+    """q, k, v as the model passes them: (B, T, H, D) storage viewed as (B, H, T, D)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(B, T, H_kv, D, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B, H, H_kv, T, D, causal", [(2, 4, 2, 37, 64, True), (1, 2, 1, 50, 96, False),
+                                                      (1, 2, 2, 1, 32, True)])
+def test_tma_forward_is_bitwise_the_pointer_path(monkeypatch, dtype, B, H, H_kv, T, D, causal):
+    """MINILLM_ATTN_TMA=1 loads K / V tiles through (B, H_kv, T, D) descriptors whose zero fill
+    replaces the row (T) and column (padded head dim 96) masks: same tiles, same arithmetic, so O and
+    LSE equal the pointer path's bit for bit, at a ragged T, GQA / MQA, non-causal, strided views."""
+    built = []
+    real = attn._kv_descriptor
+    monkeypatch.setattr(attn, "_kv_descriptor", lambda *a: built.append(a[1:]) or real(*a))
+    q, k, v = _model_views(B, H, H_kv, T, D, dtype, seed=T + D)
+    scale = 1 / math.sqrt(D)
+    monkeypatch.setenv("MINILLM_ATTN_TMA", "0")
+    o_ptr, lse_ptr = attn._fwd(q, k, v, causal, scale)
+    assert not built
+    monkeypatch.setenv("MINILLM_ATTN_TMA", "1")
+    o_tma, lse_tma = attn._fwd(q, k, v, causal, scale)
+    assert len(built) == 2 and torch.equal(o_tma, o_ptr) and torch.equal(lse_tma, lse_ptr)
+    ref = attention_ref(q.double(), k.double(), v.double(), causal)
+    assert (o_tma.double() - ref).abs().max().item() < (1e-5 if dtype == torch.float32 else 5e-3)
+
+
+def test_tma_is_skipped_where_the_descriptor_rules_fail_and_a_bad_switch_is_one_line(monkeypatch):
+    """TMA needs 16-byte aligned bases and strides (_align == 16): an odd view takes the pointer path
+    even with MINILLM_ATTN_TMA=1, and still passes FlashAttention's rule. A value other than 0 / 1 is
+    refused in one line naming the variable; by default the interpreter runs the pointer path."""
+    built = []
+    monkeypatch.setattr(attn, "_kv_descriptor", lambda *a: built.append(a) or None)
+    monkeypatch.setenv("MINILLM_ATTN_TMA", "1")
+    big = torch.randn(1, 2, 19, 33)
+    q = big[..., 1:17]                     # base pointer off by 4 bytes
+    o, _ = attn._fwd(q, q, q, True, 0.25)
+    assert not built and torch.allclose(o, attention_ref(q, q, q, True, 0.25), atol=1e-5)
+    monkeypatch.delenv("MINILLM_ATTN_TMA")
+    assert not attn._tma_wanted(torch.zeros(1, dtype=torch.float16))
+    monkeypatch.setenv("MINILLM_ATTN_TMA", "yes")
+    with pytest.raises(ValueError, match=r"^MINILLM_ATTN_TMA='yes': expected 0 \(off\), 1 \(on\)"):
+        flash_attention(*_model_views(1, 1, 1, 8, 16, torch.float32, 0))
+
+
+def test_sm90_autotuner_sets_each_configurations_descriptor_block(monkeypatch):
+    """sm_90's forward list through the real triton.autotune wrapper under the interpreter, TMA on:
+    the descriptor's block is part of the compiled signature and must be each candidate's key tile
+    (_kv_block_hook, a Config pre_hook). Candidates with 32-, 64- and 128-row key tiles all run and
+    the chosen one gives the pointer path's output."""
+    monkeypatch.setattr(attn, "_use_fixed", lambda: False)
+    monkeypatch.setattr(attn, "_device_arch", lambda device: (90, attn.SMEM_BYTES[90]))
+    monkeypatch.setattr(attn, "_TUNED", {})
+    tiles = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        return [1.0] * len(quantiles)
+
+    tuner = attn._tuned("fwd", 90, attn.SMEM_BYTES[90])
+    tuner.do_bench = bench
+    real_hook = attn._kv_block_hook
+    for cfg in tuner.configs:
+        cfg.pre_hook = lambda nargs: real_hook(nargs) or (nargs["TMA"] and tiles.append(
+            (nargs["BLOCK_N"], tuple(nargs["K"].block_shape), tuple(nargs["V"].block_shape))))
+    q, k, v = _model_views(1, 2, 1, 100, 32, torch.float16, seed=7)
+    monkeypatch.setenv("MINILLM_ATTN_TMA", "1")
+    o_tma, _ = attn._fwd(q, k, v, True, 0.2)
+    assert {n for n, _, _ in tiles} == {32, 64, 128}
+    assert all(k == v == (1, 1, n, 32) for n, k, v in tiles), tiles
+    monkeypatch.setenv("MINILLM_ATTN_TMA", "0")
+    o_ptr, _ = attn._fwd(q, k, v, True, 0.2)
+    assert torch.equal(o_tma, o_ptr)
