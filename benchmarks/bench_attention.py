@@ -173,8 +173,8 @@ def _bench_one(name, fn, B, H, H_kv, T, D, causal, dtype, device, reps, want, di
         return [{**base, "dir": "check", "status": "wrong", "err": err}]
     calls = timed_calls(fn, q, k, v, do, causal, o)
     graphed = calls
-    if device == "cuda":  # the captured backward replays a graph built on the capture stream (common.py)
-        with on_capture_stream(device):
+    if device == "cuda" and "bwd" in directions:  # the captured backward replays a graph built on
+        with on_capture_stream(device):             # the capture stream (common.py)
             graphed = timed_calls(fn, q, k, v, do, causal, fn(q, k, v, causal))
     rows = []
     for direction in directions:

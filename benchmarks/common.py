@@ -154,9 +154,11 @@ def on_capture_stream(device: str) -> Iterator[None]:
         return
     stream = capture_stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
 
 
 def replay_ms(replay: Callable[[], object], clock: Callable[[Callable[[], object]], float],
@@ -184,36 +186,58 @@ def _events_ms(run: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
+class _GraphPhaseError(RuntimeError):
+    """An error of one phase of ``_capture_and_time`` ("warm-up", "capture", "replay")."""
+
+    def __init__(self, phase: str, error: BaseException):
+        text = str(error).strip().splitlines()
+        super().__init__(f"{phase} failed: {type(error).__name__}: {text[0] if text else ''}")
+        self.phase = phase
+
+
 def _capture_and_time(fn: Callable[[], object], reps: int | None, warmup: int, target_ms: float) -> float:
-    """Warm ``fn`` up on the capture stream, capture one call into a CUDA graph, time its replays."""
+    """Warm ``fn`` up on the capture stream, capture one call into a CUDA graph, time its replays.
+    Raises _GraphPhaseError naming the phase that failed."""
+    global _CAPTURE_STREAM
     stream = capture_stream()
     stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        # warm-up on the side stream: Triton compiles and autotunes, cuBLAS/cuDNN pick plans and the
-        # allocator caches blocks here, since none of that may happen inside a capture
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()  # as torch.cuda.graph does: nothing in flight anywhere when capture begins
-        graph.capture_begin()  # outputs (and autograd.grad's gradients) come from the graph's private pool
-        try:
-            static_out = fn()  # kept alive until the replays end: the replays write into its memory
-        except BaseException:
-            with contextlib.suppress(Exception):  # end the (now invalid) capture; report fn's error, not this
-                graph.capture_end()
-            raise
-        graph.capture_end()
-        try:
-            ms, _ = replay_ms(graph.replay, _events_ms, reps, target_ms)
-        finally:
-            del static_out, graph
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, phase = torch.cuda.CUDAGraph(), "warm-up"
+    try:
+        with torch.cuda.stream(stream):
+            # warm-up on the side stream: Triton compiles and autotunes, cuBLAS/cuDNN pick plans and the
+            # allocator caches blocks here, since none of that may happen inside a capture
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()  # as torch.cuda.graph does: nothing in flight when capture begins
+            phase = "capture"
+            graph.capture_begin()  # outputs (and autograd.grad's gradients) come from the graph's pool
+            try:
+                static_out = fn()  # kept alive until the replays end: the replays write into its memory
+            except BaseException:
+                with contextlib.suppress(Exception):  # end the (invalid) capture; report fn's error
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+            phase = "replay"
+            try:
+                ms, _ = replay_ms(graph.replay, _events_ms, reps, target_ms)
+            finally:
+                del static_out, graph
+    except Exception as e:
+        if phase == "capture":
+            # A capture that failed may leave the caching allocator routing this stream's allocations
+            # to the dead graph's pool (torch ends the pool after cudaStreamEndCapture succeeds): the
+            # next capture gets a fresh stream, which no stale routing matches.
+            _CAPTURE_STREAM = None
+        raise _GraphPhaseError(phase, e) from e
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
     return ms
 
 
 def graph_ms(fn: Callable[[], object], device: str = "cpu", reps: int | None = None, warmup: int = 2,
              target_ms: float = 20.0, errors: list[str] | None = None) -> float | None:
-    """Milliseconds per call of ``fn``'s kernels replayed from a CUDA graph: no host overhead, L2 warm.
+    """Milliseconds per call of ``fn``'s kernels replayed from a CUDA graph: no host overhead.
 
     ``fn`` runs ``warmup`` times on a side stream (so compiling, autotuning and lazy library set-up
     happen before capture, as torch.cuda.graphs asks), one call is captured into a
@@ -223,14 +247,14 @@ def graph_ms(fn: Callable[[], object], device: str = "cpu", reps: int | None = N
     graph built once under ``on_capture_stream`` (see there why that stream).
 
     The three timings of a benchmark row side by side: ``kernel_ms`` (do_bench) = cold L2 per call,
-    no host; ``graph_ms`` = no host, warm L2 (what a CUDA-graphed training step pays, with the input
-    left in L2 by the previous replay when it fits); ``call_ms`` = everything (host, launches, cold or
-    warm as it comes). Below a few microseconds per call the replays are launched slower than they
+    no host; ``graph_ms`` = no host, L2 holding what the previous replay left (the inputs, when they
+    fit: a training step's L2 holds what its previous kernels left instead); ``call_ms`` = everything
+    (host, launches, cold or warm as it comes). Below a few microseconds per call the replays are launched slower than they
     run, so the number is the graph launch rate: an upper bound on the kernels' time.
 
     Returns None on CPU (no CUDA graphs; nothing is recorded, there is nothing to capture) and when
     warm-up, capture or replay raises (e.g. an op that synchronizes with the host or allocates outside
-    the graph's pool): the reason, "ExceptionType: first line", is appended to ``errors`` and printed
+    the graph's pool): the reason, "<phase> failed: ExceptionType: first line", is appended to ``errors`` and printed
     to stderr once per distinct reason per process, so a failed capture is never a silent gap."""
     if device != "cuda":
         return None
@@ -238,12 +262,13 @@ def graph_ms(fn: Callable[[], object], device: str = "cpu", reps: int | None = N
         return _capture_and_time(fn, reps, warmup, target_ms)
     except Exception as e:  # torch refused the capture: no number rather than a made-up one
         text = str(e).strip().splitlines()
-        reason = f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+        reason = (str(e) if isinstance(e, _GraphPhaseError)
+                  else f"{type(e).__name__}: {text[0] if text else ''}")[:300]
         if errors is not None:
             errors.append(reason)
         if reason not in _GRAPH_ERRORS_SEEN:
             _GRAPH_ERRORS_SEEN.add(reason)
-            print(f"[graph_ms] capture failed: {reason}", file=sys.stderr)
+            print(f"[graph_ms] no graph time: {reason}", file=sys.stderr)
         return None
 
 

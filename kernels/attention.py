@@ -538,7 +538,8 @@ CONFIGS: dict[str, dict[int, list[Cfg]]] = {
     "dkdv": {  # the key tile (BLOCK_N) is resident and is the M side of every dot
         90: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 128, 8, 3, 64), (32, 64, 4, 3, 64),
              (64, 128, 8, 2, 32)],
-        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 64), (16, 64, 4, 3, 64),
+        # (32, 64, 4, 3) stops at d32 on sm_80: at d64 it needs 255 registers and Triton 3.6 spills 32 B
+        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 32), (16, 64, 4, 3, 64),
              (64, 64, 4, 2, 32)],
     },
     "dq": {  # the query tile is resident, key tiles streamed
@@ -646,10 +647,18 @@ def _tma_wanted(q: torch.Tensor) -> bool:
 
 
 def _kv_descriptor(t: torch.Tensor, block_n: int, block_d: int):
-    """A TMA descriptor of a (B, H_kv, T, D) K or V view, any strides the host alignment check passed
-    (``_align`` == 16 is exactly TMA's rule: 16-byte base and strides, unit head-dim stride). One block
-    is one (batch, head)'s [block_n, block_d] tile; rows past T and columns past D read as zeros."""
+    """A TMA descriptor of a (B, H_kv, T, D) K or V view whose strides passed ``_tma_layout`` (16-byte
+    base and strides, unit head-dim stride, no zero stride). One block is one (batch, head)'s
+    [block_n, block_d] tile; rows past T and columns past D read as zeros (a box may be wider than the
+    tensor: cuTensorMapEncodeTiled bounds each box dimension by 256 only)."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
+
+
+def _tma_layout(*tensors: torch.Tensor) -> bool:
+    """Beyond ``_align`` == 16 (which implies TensorDescriptor's own checks): no zero stride. An
+    ``expand``-ed K / V is legal for the pointer path, but a global stride of 0 is not one the TMA
+    driver documents accepting, so such views take the pointer path."""
+    return all(s != 0 for t in tensors for s in t.stride())
 
 
 def _kv_block_hook(nargs: dict) -> None:
@@ -756,7 +765,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     if T == 0 or B * H == 0:
         return o, lse
     align = _align(q, k, v, o)
-    tma = align == 16 and _tma_wanted(q)
+    tma = align == 16 and _tma_layout(k, v) and _tma_wanted(q)
     for s in _batch_chunks(B, H):  # slices are views: same strides, shifted base pointers
         qs, ks, vs, os_ = q[s], k[s], v[s], o[s]
         # TMA: descriptors of the K / V views; their block is set per configuration (_kv_block_hook)

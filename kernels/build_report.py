@@ -231,8 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("nothing to compile (no module or --only matched nothing)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        import triton  # the compiler's version decides registers and spills: keep it with the rows
         Path(args.json).write_text(json.dumps(
-            {"archs": archs, "only": args.only, "rows": rows, "failed": len(failed)}, indent=2))
+            {"archs": archs, "only": args.only, "triton": triton.__version__, "rows": rows,
+             "failed": len(failed)}, indent=2))
         print(f"wrote {args.json}")
     return 1 if failed or not rows else 0
 

@@ -297,6 +297,24 @@ def test_gpu_non_causal_and_strided_bf16():
     assert_flash_rule(q, k, v, do, False, dtype=torch.bfloat16)
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("D", [8, 40, 96, 128])
+def test_gpu_tma_and_pointer_forwards_agree_bitwise(monkeypatch, D):
+    """On sm_90+ the default forward reads K / V through TMA; MINILLM_ATTN_TMA=0 gives the pointer
+    path. Same tiles, same arithmetic: O and LSE bitwise equal, at a ragged T with GQA, including
+    head dims whose TMA box is wider than the tensor (8 -> 16, 40 -> 64, 96 -> 128 columns)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    q, k, v, _ = _inputs(2, 8, 2, 1000, D, seed=D, device="cuda")
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    out = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MINILLM_ATTN_TMA", mode)
+        out[mode] = attn._fwd(q, k, v, True, D ** -0.5)
+    assert torch.equal(out["1"][0], out["0"][0]) and torch.equal(out["1"][1], out["0"][1])
+
+
 def test_bench_attention_quick_runs_on_cpu(tmp_path):
     """The benchmark script's CPU path end to end (not a timing test): rows, FLOP accounting, files."""
     import json
@@ -320,8 +338,11 @@ def test_bench_attention_quick_runs_on_cpu(tmp_path):
     assert (tmp_path / "bench_attention.png").stat().st_size > 0
 
 
-def test_batches_beyond_the_grid_limit_are_split(monkeypatch):
-    """B * H above CUDA's grid-y limit is launched in batch slices (views): same result."""
+@pytest.mark.parametrize("tma", ["0", "1"])
+def test_batches_beyond_the_grid_limit_are_split(monkeypatch, tma):
+    """B * H above CUDA's grid-y limit is launched in batch slices (views): same result, on the
+    pointer path and through TMA descriptors (one per slice)."""
+    monkeypatch.setenv("MINILLM_ATTN_TMA", tma)
     monkeypatch.setattr(attn, "MAX_GRID_Y", 5)  # H = 2 -> slices of 2 batch rows
     assert_flash_rule(*_inputs(3, 2, 1, 20, 16, seed=4), True)
 
@@ -454,6 +475,10 @@ def test_tma_is_skipped_where_the_descriptor_rules_fail_and_a_bad_switch_is_one_
     q = big[..., 1:17]                     # base pointer off by 4 bytes
     o, _ = attn._fwd(q, q, q, True, 0.25)
     assert not built and torch.allclose(o, attention_ref(q, q, q, True, 0.25), atol=1e-5)
+    q = torch.randn(2, 2, 19, 16)
+    kv = torch.randn(1, 1, 19, 16).expand(2, 1, 19, 16)   # aligned, but a zero batch stride
+    o, _ = attn._fwd(q, kv, kv, True, 0.25)
+    assert not built and torch.allclose(o, attention_ref(q, kv, kv, True, 0.25), atol=1e-5)
     monkeypatch.delenv("MINILLM_ATTN_TMA")
     assert not attn._tma_wanted(torch.zeros(1, dtype=torch.float16))
     monkeypatch.setenv("MINILLM_ATTN_TMA", "yes")
@@ -477,9 +502,9 @@ def test_sm90_autotuner_sets_each_configurations_descriptor_block(monkeypatch):
 
     tuner = attn._tuned("fwd", 90, attn.SMEM_BYTES[90])
     tuner.do_bench = bench
-    real_hook = attn._kv_block_hook
-    for cfg in tuner.configs:
-        cfg.pre_hook = lambda nargs: real_hook(nargs) or (nargs["TMA"] and tiles.append(
+    for cfg in tuner.configs:  # record what the production hook did (it must be the one wired in)
+        assert cfg.pre_hook is attn._kv_block_hook
+        cfg.pre_hook = lambda nargs, hook=cfg.pre_hook: hook(nargs) or (nargs["TMA"] and tiles.append(
             (nargs["BLOCK_N"], tuple(nargs["K"].block_shape), tuple(nargs["V"].block_shape))))
     q, k, v = _model_views(1, 2, 1, 100, 32, torch.float16, seed=7)
     monkeypatch.setenv("MINILLM_ATTN_TMA", "1")
