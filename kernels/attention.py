@@ -89,8 +89,9 @@ and within shared memory; register counts below are from that tier, bf16, causal
   cp.async addresses, and fills rows >= T and columns >= HEAD_DIM with zeros, so the loads carry no
   mask. The arithmetic is unchanged (the interpreter tier checks the output bitwise against the
   pointer path). Build report, bf16, causal, d128: 124-204 registers against 168-229 for the pointer
-  path at the same tiles (no address registers), 0 spill, wgmma, about 1 KB more shared memory (the
-  mbarriers, inside SMEM_OVERHEAD). Whether it is faster is for the GPU tier, which times both.
+  path at the same tiles with Triton 3.9, 128-243 against 152-249 with Triton 3.6 (the GPU machine's;
+  no address registers), 0 spill, wgmma, about 1 KB more shared memory (the mbarriers, inside
+  SMEM_OVERHEAD). Whether it is faster is for the GPU tier, which times both.
   Q stays a pointer load (once per program). The backward kernels stay on pointers until the GPU
   tier says whether TMA pays in the forward (their streamed tiles are narrower: 16-32 query rows).
 * Forward, sm_80: mma.sync works on 16-row slices per warp, so 128 x 64 tiles with 8 warps (213
@@ -520,7 +521,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # --------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, max head dim). BLOCK_M is always the query tile, BLOCK_N
 # the key tile. "max head dim" is measured, not estimated: the largest head dim for which the build tier
-# (python -m minillm.kernels.build_report) compiles this configuration with 0 spill bytes for the
+# (python -m minillm.kernels.build_report, run with Triton 3.9 and 3.6: benchmarks/measured/build_report/)
+# compiles this configuration with 0 spill bytes for the
 # architecture whose list holds it (build_specs gives each entry the archs that list it; an entry in both
 # lists must build on both, and has one maximum per list). Register use in Triton's output is
 # well above the naive count of accumulator tiles (e.g. dK/dV with a 64-row key tile and 4 warps spill
