@@ -12,6 +12,10 @@ if os.environ.get("MINILLM_TEST_GPU") != "1":
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers (pyproject's -n auto: one per core): one intra-op thread per worker, and for
+    # the train.py / torchrun processes its tests start, instead of every process claiming every core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
 import subprocess
