@@ -20,7 +20,10 @@ read-add-write of dQ, dK, dV into ``.grad`` on every repeat). Before anything is
 implementation's output and all three gradients are checked against an fp32 reference (relative L2
 error, column "err"). "%peak" is against the dense bf16 tensor-core peak of known devices.
 On compute capability 9.x and later, "minillm-notma" is minillm with MINILLM_ATTN_TMA=0 (the forward's
-TMA loads off), forward and forward+backward only: whether TMA pays, measured in the same run.
+TMA loads off), forward and forward+backward only: whether TMA pays, measured in the same run. On every
+CUDA device "minillm-split" is minillm with MINILLM_ATTN_DKDV=split (dV and dK in two kernels with
+wider query tiles instead of the fused dK/dV kernel), backward and forward+backward only: whether the
+split pays for its 1.25x matmul FLOPs.
 
 Goal on an H100/H200 (unmeasured until run there): forward >= 330 TFLOP/s and forward+backward >= 250
 TFLOP/s at d=128, causal, bf16, T >= 4096 (benchmarks/gpu/ reports each against its goal).
@@ -48,10 +51,10 @@ DIRECTION_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 # Environment an implementation runs under (set around its check and every timed call, then restored):
 # kernels/attention.py reads MINILLM_ATTN_TMA at each call, and its autotune key tells the two apart.
-IMPL_ENV = {"minillm-notma": {"MINILLM_ATTN_TMA": "0"}}
+IMPL_ENV = {"minillm-notma": {"MINILLM_ATTN_TMA": "0"}, "minillm-split": {"MINILLM_ATTN_DKDV": "split"}}
 # Directions an implementation is not timed in: TMA is in the forward only, so minillm-notma's backward
-# alone would be minillm's backward again.
-SKIP_DIRECTIONS = {"minillm-notma": ("bwd",)}
+# alone would be minillm's backward again; the split is in the backward only.
+SKIP_DIRECTIONS = {"minillm-notma": ("bwd",), "minillm-split": ("fwd",)}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -88,6 +91,7 @@ def implementations(device: str) -> dict:
     impls = {"minillm": lambda q, k, v, c: flash_attention(q, k, v, causal=c)}
     if torch.cuda.get_device_capability() >= (9, 0):  # where the forward uses TMA: the same kernel without it
         impls["minillm-notma"] = impls["minillm"]
+    impls["minillm-split"] = impls["minillm"]  # the backward with dV and dK in two kernels
     impls |= {"sdpa-flash": backend(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": backend(SDPBackend.CUDNN_ATTENTION)}
     try:
         from flash_attn import flash_attn_func  # layout (B, T, H, D); takes GQA directly

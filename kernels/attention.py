@@ -105,11 +105,16 @@ and within shared memory; register counts below are from that tier, bf16, causal
   warpgroups with register reallocation), which Triton does not expose. Measured alternatives at d128
   (build report, bf16, causal, sm_90): wider query tiles spill (M32 N128 w8: 32 B of stack at 2
   stages, 120 B at 1; M64 N128 w8: 344 B; M64 N64 w4: 584 B), and 16 warps cap registers at 128 and
-  spill 304-544 B. A split into a dV kernel and a dK kernel (each recomputing S = K Q^T: 5 dots of
-  the fused kernel's 4, and Q / dO streamed twice) builds with wider tiles: dV alone M64 N128 w8 s2,
-  252 registers, 0 spill (d96 too; sm_80: M32 only, 255 registers); dK alone M32 N128 w8 s2, 234
-  registers (M64 spills 32 B). Whether 2-4x wider tiles pay for 1.25x the FLOPs is for the GPU tier
-  to measure; the kernel stays fused until then.
+  spill 304-544 B.
+* Backward dK/dV, split (``MINILLM_ATTN_DKDV=split``; the default stays ``fused`` until the GPU tier
+  measures it): the same kernel launched twice with a constexpr PART, once for dV alone and once for
+  dK alone, each recomputing S = K Q^T (5 dots of the fused kernel's 4, Q and dO streamed twice)
+  and each with one fp32 accumulator, so with wider query tiles. Build report, both Tritons, sm_90:
+  dV takes 32-row tiles at d >= 96 (227 registers; 64 rows build on 3.9 at 252 registers but spill
+  72-80 B on 3.6) and 64 at d64; dK takes 32 rows at d64 and 64 at d32, but at d >= 96 stays at 16
+  (32 rows: 234 registers on 3.9, a 32 B spill on 3.6). With the same tiles the split's dK and dV are
+  bitwise the fused kernel's (interpreter tier). Whether the wider tiles pay for 1.25x the FLOPs is
+  what the GPU suite's minillm-split column measures.
 * Backward dQ: the mirror image: 128 resident query rows, 8 warps, key tiles of 32 streamed
   (175 registers at d128), 2-3 stages.
 * Preprocess (delta): memory-bound, 128 rows x D per program.
@@ -349,8 +354,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 stride_qt, stride_qd, stride_dot, stride_dod,
                 offs_n, offs_d, d_ok, m_lo, m_hi, T, qk_scale,
                 BLOCK_M: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
-                IEEE: tl.constexpr, ALIGN: tl.constexpr):
+                IEEE: tl.constexpr, ALIGN: tl.constexpr, PART: tl.constexpr):
     # dk, dv: [BLOCK_N, BLOCK_D] fp32; k, v: [BLOCK_N, BLOCK_D]. Streams query tiles [m_lo, m_hi).
+    # PART: 0 both, 1 dV only (v and delta unused), 2 dK only (dv untouched); see _attn_bwd_dkdv.
     # Query rows >= T load q = dO = 0 and lse = delta = 0, so they add exactly 0 to dK and dV.
     # Key rows >= T (k = v = 0) produce garbage (exp2 may overflow to inf) only in their own rows of
     # dk/dv: row j of P^T dO and dS^T Q depends on key j alone; those rows are never stored.
@@ -362,15 +368,17 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         do = _load_tile(do_base, offs_m, stride_dot, offs_d, stride_dod,
                         m_ok, d_ok, True, PAD_D, ALIGN)                          # [BLOCK_M, BLOCK_D]
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)           # [BLOCK_M] log2 units
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)       # [BLOCK_M]
         s_t = _mm(k, tl.trans(q), IEEE) * qk_scale                        # [BLOCK_N, BLOCK_M] = S^T
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:  # causal: query i sees key j iff i >= j
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        dv += _mm(p_t.to(do.dtype), do, IEEE)
-        dp_t = _mm(v, tl.trans(do), IEEE)                                 # [BLOCK_N, BLOCK_M] = dP^T
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mm(ds_t.to(q.dtype), q, IEEE)
+        if PART != 2:
+            dv += _mm(p_t.to(do.dtype), do, IEEE)
+        if PART != 1:
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)   # [BLOCK_M]
+            dp_t = _mm(v, tl.trans(do), IEEE)                             # [BLOCK_N, BLOCK_M] = dP^T
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _mm(ds_t.to(q.dtype), q, IEEE)
     return dk, dv
 
 
@@ -385,10 +393,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    H, H_KV, T, GROUP, qk_scale, sm_scale, T_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                   ALIGN: tl.constexpr):
+                   ALIGN: tl.constexpr, PART: tl.constexpr):
     # grid = (cdiv(T, BLOCK_N), B * H_KV): one program per (key tile, kv head); it owns its rows of
     # dK and dV outright (no atomics), summing over the GROUP query heads in a fixed order.
-    # T_BUCKET: the autotuner's key only (see _attn_fwd).
+    # T_BUCKET: the autotuner's key only (see _attn_fwd). PART 0: dK and dV (the fused kernel);
+    # 1: dV only; 2: dK only (the split, two launches with their own tiles: see "Backward dK/dV").
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -403,8 +412,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     k = _load_tile(k_base, offs_n, stride_kt, offs_d, stride_kd,
                    n_ok, d_ok, True, PAD_D, ALIGN)
-    v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd,
-                   n_ok, d_ok, True, PAD_D, ALIGN)
+    if PART != 1:
+        v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd,
+                       n_ok, d_ok, True, PAD_D, ALIGN)
+    else:
+        v = k  # never read: dV alone needs P = exp2(S - LSE) and dO only
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
@@ -422,18 +434,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         delta_base = DELTA + bh.to(tl.int64) * T
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d, d_ok,
-                             m_lo, m_mid, T, qk_scale, BLOCK_M, PAD_D, CAUSAL, IEEE, ALIGN)
+                             m_lo, m_mid, T, qk_scale, BLOCK_M, PAD_D, CAUSAL, IEEE, ALIGN, PART)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d, d_ok,
-                             m_mid, T, T, qk_scale, BLOCK_M, PAD_D, False, IEEE, ALIGN)
-    dk = dk * sm_scale
+                             m_mid, T, T, qk_scale, BLOCK_M, PAD_D, False, IEEE, ALIGN, PART)
     out_ok = n_ok[:, None] & d_ok[None, :]
-    _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh,
-                offs_n, stride_dkt, offs_d, stride_dkd,
-                dk.to(DK.dtype.element_ty), out_ok, ALIGN)
-    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh,
-                offs_n, stride_dvt, offs_d, stride_dvd,
-                dv.to(DV.dtype.element_ty), out_ok, ALIGN)
+    if PART != 1:
+        dk = dk * sm_scale
+        _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh,
+                    offs_n, stride_dkt, offs_d, stride_dkd,
+                    dk.to(DK.dtype.element_ty), out_ok, ALIGN)
+    if PART != 2:
+        _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh,
+                    offs_n, stride_dvt, offs_d, stride_dvd,
+                    dv.to(DV.dtype.element_ty), out_ok, ALIGN)
 
 
 @triton.jit
@@ -544,6 +558,19 @@ CONFIGS: dict[str, dict[int, list[Cfg]]] = {
         80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 32), (16, 64, 4, 3, 64),
              (64, 64, 4, 2, 32)],
     },
+    # The split (MINILLM_ATTN_DKDV=split): dV alone and dK alone, each recomputing P, with the wider
+    # query tiles the fused kernel cannot hold (its dK + dV accumulators take 128 registers at d128).
+    # Maxima spill-free with both Triton 3.6 and 3.9. dV: 32-row tiles at d >= 96 on sm_90 (64 rows
+    # spill 72-80 B on 3.6). dK at d >= 96 stays at 16 rows: 32 rows spill 32 B on 3.6 (234 registers,
+    # 0 spill, on 3.9), so on the GPU machine's Triton only the dV half is wider there.
+    "dv": {
+        90: [(32, 128, 8, 2, 128), (64, 128, 8, 2, 64), (64, 64, 4, 3, 32)],
+        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 32), (64, 64, 4, 2, 32)],
+    },
+    "dk": {
+        90: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 64), (64, 128, 8, 2, 32)],
+        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (16, 64, 4, 3, 64)],
+    },
     "dq": {  # the query tile is resident, key tiles streamed
         90: [(128, 32, 8, 2, 128), (128, 32, 8, 3, 128), (128, 64, 8, 2, 64), (64, 64, 4, 3, 128)],
         80: [(128, 32, 8, 2, 128), (64, 32, 4, 3, 128), (128, 16, 8, 3, 128), (64, 64, 4, 2, 128)],
@@ -554,8 +581,12 @@ CONFIGS: dict[str, dict[int, list[Cfg]]] = {
 # purpose, so the tile-boundary arithmetic is exercised in its general form.
 FIXED: dict[str, Cfg] = {
     "fwd": (32, 16, 4, 1, 128), "dkdv": (16, 32, 4, 1, 128), "dq": (32, 16, 4, 1, 128),
-    "pre": (32, 0, 4, 1, 128),
+    "pre": (32, 0, 4, 1, 128), "dv": (16, 32, 4, 1, 128), "dk": (16, 32, 4, 1, 128),
 }
+# The kernels whose resident tile is the key tile (BLOCK_N): the fused dK/dV kernel and its two halves,
+# one program of _attn_bwd_dkdv each, told apart by PART.
+KEY_TILE_KINDS = ("dkdv", "dv", "dk")
+PART = {"dkdv": 0, "dv": 1, "dk": 2}
 SMEM_BYTES = {80: 166912, 90: 232448}  # per-block opt-in maximum (A100: 163 KB, H100: 227 KB)
 
 
@@ -591,7 +622,7 @@ def _smem(kind: str, cfg: Cfg, head_dim: int, elem: int, arch: int = 90) -> int:
     bd = _block_d(head_dim)
     if kind == "fwd":    # Q resident, K and V streamed
         tiles = bm * bd + stages * 2 * bn * bd
-    elif kind == "dkdv":   # K, V resident, Q and dO streamed
+    elif kind in KEY_TILE_KINDS:   # K, V resident, Q and dO streamed (dV alone: an upper bound)
         tiles = 2 * bn * bd + stages * 2 * bm * bd
     elif kind == "dq":     # Q, dO resident, K and V streamed
         tiles = 2 * bm * bd + stages * 2 * bn * bd
@@ -621,7 +652,7 @@ def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
             if bm > t_cap or bn > t_cap:
                 continue
         if arch >= 90 and elem == 2 and kind != "pre":
-            m_side = bn if kind == "dkdv" else bm
+            m_side = bn if kind in KEY_TILE_KINDS else bm
             if warps % 4 or m_side < 64:
                 continue
         keep.append(cfg)
@@ -656,6 +687,16 @@ def _kv_descriptor(t: torch.Tensor, block_n: int, block_d: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
 
 
+def _dkdv_split() -> bool:
+    """Whether the backward computes dV and dK in two kernels (``MINILLM_ATTN_DKDV=split``) instead of
+    the fused one (``fused``, the default until a GPU measures the split). Read at every call."""
+    mode = os.environ.get("MINILLM_ATTN_DKDV", "fused") or "fused"
+    if mode not in ("fused", "split"):
+        raise ValueError(f"MINILLM_ATTN_DKDV={mode!r}: expected fused (one dK/dV kernel, the default) "
+                         f"or split (a dV kernel and a dK kernel)")
+    return mode == "split"
+
+
 def _tma_layout(*tensors: torch.Tensor) -> bool:
     """Beyond ``_align`` == 16 (which implies TensorDescriptor's own checks): no zero stride. An
     ``expand``-ed K / V is legal for the pointer path, but a global stride of 0 is not one the TMA
@@ -675,7 +716,8 @@ def _use_fixed() -> bool:
     return _interpreting() or os.environ.get("MINILLM_ATTN_FIXED") == "1" or not torch.cuda.is_available()
 
 
-_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess}
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess,
+            "dv": _attn_bwd_dkdv, "dk": _attn_bwd_dkdv}
 _TUNED: dict[tuple[str, int, int], object] = {}
 
 
@@ -719,7 +761,7 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
     if _use_fixed():
         bm, bn, warps, stages, _ = FIXED[kind]
         tiles = {"BLOCK_M": bm} if kind == "pre" else {"BLOCK_M": bm, "BLOCK_N": bn}
-        tile_rows = bn if kind == "dkdv" else bm
+        tile_rows = bn if kind in KEY_TILE_KINDS else bm
         grid = (triton.cdiv(grid_rows, tile_rows), grid_cols)
         if kind == "fwd":
             _kv_block_hook({"K": args[1], "V": args[2], **meta, **tiles})
@@ -728,7 +770,7 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
     arch, smem_limit = _device_arch(device)
 
     def grid(m):
-        return (triton.cdiv(grid_rows, m["BLOCK_N"] if kind == "dkdv" else m["BLOCK_M"]), grid_cols)
+        return (triton.cdiv(grid_rows, m["BLOCK_N"] if kind in KEY_TILE_KINDS else m["BLOCK_M"]), grid_cols)
 
     _tuned(kind, arch, smem_limit)[grid](*args, **meta)
 
@@ -793,16 +835,18 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     ieee = q.dtype == torch.float32
     align = _align(q, k, v, o, do, dq, dk, dv)
     meta = dict(T_BUCKET=t_bucket(T), HEAD_DIM=D, BLOCK_D=_block_d(D), ALIGN=align)
+    kv_kinds = ("dv", "dk") if _dkdv_split() else ("dkdv",)
     for s in _batch_chunks(B, H):
         qs, ks, vs, os_, dos, dqs, dks, dvs = (t[s] for t in (q, k, v, o, do, dq, dk, dv))
         nb = qs.shape[0]
         _launch("pre", T, nb * H, q.device, os_, dos, delta[s], *os_.stride(), *dos.stride(), H, T,
                 **meta)
         # dK/dV and dQ write disjoint outputs and only read the rest: they could run concurrently.
-        _launch("dkdv", T, nb * H_kv, q.device, qs, ks, vs, dos, dks, dvs, lse[s], delta[s],
-                *qs.stride(), *ks.stride(), *vs.stride(), *dos.stride(), *dks.stride(),
-                *dvs.stride(), H, H_kv, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
-                CAUSAL=causal, IEEE=ieee, **meta)
+        for kind in kv_kinds:
+            _launch(kind, T, nb * H_kv, q.device, qs, ks, vs, dos, dks, dvs, lse[s], delta[s],
+                    *qs.stride(), *ks.stride(), *vs.stride(), *dos.stride(), *dks.stride(),
+                    *dvs.stride(), H, H_kv, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
+                    CAUSAL=causal, IEEE=ieee, PART=PART[kind], **meta)
         _launch("dq", T, nb * H, q.device, qs, ks, vs, dos, dqs, lse[s], delta[s],
                 *qs.stride(), *ks.stride(), *vs.stride(), *dos.stride(), *dqs.stride(),
                 H, T, H // H_kv, softmax_scale * LOG2E, softmax_scale,
@@ -996,6 +1040,8 @@ def _spec(kind: str, fn, dtype: torch.dtype, d: int, cfg: tuple, is_causal: bool
         label += f" N{bn}" + (" causal" if is_causal else " full")
     if kind == "fwd":
         const["TMA"] = tma
+    if kind in KEY_TILE_KINDS:
+        const["PART"] = PART[kind]
     label += f" w{warps} s{stages}" + (" tma" if tma else "")
     for name in const:
         sig[name] = "constexpr"

@@ -329,6 +329,8 @@ def test_notma_is_listed_on_sm90_only_and_runs_under_its_environment(monkeypatch
     for cap, listed in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cap=cap: cap)
         assert ("minillm-notma" in ba.implementations("cuda")) is listed, cap
+        assert "minillm-split" in ba.implementations("cuda")  # the backward split: every CUDA device
+    assert "minillm-split" not in ba.implementations("cpu")
     seen = []
 
     class Spy(torch.autograd.Function):  # identity on q that notes the switch in forward and backward
@@ -454,3 +456,28 @@ def test_gpu_norms_by_flash_rule_on_strided_rows(kind, dtype):
         mine, torch_fn = (lambda x, w: rms_norm(x, w)), (lambda x, w: F.rms_norm(x, (N,), w, 1e-6))
     ref = [t.double() for t in run(torch_fn, torch.float64)]
     _rule(run(mine, dtype), run(torch_fn, dtype), ref, 1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_split_runs_its_backward_under_its_environment(monkeypatch):
+    """minillm-split: its check and every timed call run with MINILLM_ATTN_DKDV=split (restored after);
+    no forward-only row, since the split changes only the backward."""
+    from benchmarks import bench_attention as ba
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(os.environ.get("MINILLM_ATTN_DKDV"))
+            return g
+
+    ref, sdpa = ba.implementations("cpu")["reference"], ba.implementations("cpu")["sdpa"]
+    spy = lambda q, k, v, c: sdpa(Spy.apply(q), k, v, c)  # noqa: E731
+    monkeypatch.delenv("MINILLM_ATTN_DKDV", raising=False)
+    rows = ba.bench_one("minillm-split", spy, 1, 2, 1, 16, 8, True, torch.float32, "cpu", 2,
+                        lambda q, k, v: ref(q, k, v, True), directions=("fwd", "bwd", "fwd+bwd"))
+    assert [r["dir"] for r in rows] == ["bwd", "fwd+bwd"]
+    assert len(seen) > 5 and set(seen) == {"split"} and "MINILLM_ATTN_DKDV" not in os.environ

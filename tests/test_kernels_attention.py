@@ -245,7 +245,7 @@ def test_every_configuration_the_autotuner_can_run_was_built_by_the_report():
     smaller limit, the never-empty fallback) must not reach a configuration no build checked for spills."""
     built = _built_configs()
     limits = {80: (99 * 1024, attn.SMEM_BYTES[80]), 90: (attn.SMEM_BYTES[90],)}
-    for kind, arch, d, dtype, T in itertools.product(("fwd", "dkdv", "dq", "pre"), (80, 90), attn.HEAD_DIMS,
+    for kind, arch, d, dtype, T in itertools.product(("fwd", "dkdv", "dq", "pre", "dv", "dk"), (80, 90), attn.HEAD_DIMS,
                                                      ("bf16", "fp16"), (1, 17, 40, 100, 1000, 8192)):
         for smem in limits[arch]:
             kept = attn.prune(kind, arch, d, 2, T, smem_limit=smem)
@@ -315,6 +315,16 @@ def test_gpu_tma_and_pointer_forwards_agree_bitwise(monkeypatch, D):
     assert torch.equal(out["1"][0], out["0"][0]) and torch.equal(out["1"][1], out["0"][1])
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("B,H,T,D,ratio", [(2, 8, 1000, 64, 4), (1, 4, 2047, 128, 2), (2, 8, 333, 96, 1)])
+def test_gpu_split_dkdv_by_flash_rule(monkeypatch, B, H, T, D, ratio):
+    """MINILLM_ATTN_DKDV=split on real tensor cores, with its own autotuned tiles (so not bitwise the
+    fused kernel's sums): O and every gradient by FlashAttention's rule in bf16."""
+    monkeypatch.setenv("MINILLM_ATTN_DKDV", "split")
+    assert_flash_rule(*_inputs(B, H, H // ratio, T, D, seed=T, device="cuda"), True, dtype=torch.bfloat16)
+
+
 def test_bench_attention_quick_runs_on_cpu(tmp_path):
     """The benchmark script's CPU path end to end (not a timing test): rows, FLOP accounting, files."""
     import json
@@ -362,7 +372,7 @@ def test_unaligned_and_strided_head_dim_inputs():
     assert_flash_rule_on_views([big, v], views, do, True)
 
 
-@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "pre"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "pre", "dv", "dk"])
 def test_gpu_autotuner_prunes_with_the_real_argument_names(kind):
     """The CUDA path's triton.autotune wrapper, exercised without a GPU: its early-prune hook must
     find Q / O, HEAD_DIM and T among the launch arguments and keep only configurations that the
@@ -514,3 +524,64 @@ def test_sm90_autotuner_sets_each_configurations_descriptor_block(monkeypatch):
     monkeypatch.setenv("MINILLM_ATTN_TMA", "0")
     o_ptr, _ = attn._fwd(q, k, v, True, 0.2)
     assert torch.equal(o_tma, o_ptr)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dK/dV split (MINILLM_ATTN_DKDV=split): a dV kernel and a dK kernel
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B, H, H_kv, T, D, causal", [(2, 4, 2, 37, 64, True), (1, 2, 1, 50, 96, False),
+                                                      (1, 2, 2, 1, 32, True)])
+def test_split_dkdv_is_bitwise_the_fused_kernel(monkeypatch, dtype, B, H, H_kv, T, D, causal):
+    """Each half runs the fused kernel's loop with the other half's dots removed (PART): with the same
+    tiles (the interpreter's fixed ones) every dK and dV element is the same sum in the same order, so
+    bit for bit the fused result; dQ is untouched. Both halves must run: dK and dV come from different
+    launches (a half that did not run would leave torch.empty's garbage)."""
+    q, k, v = _model_views(B, H, H_kv, T, D, dtype, seed=3 * T + D)
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    o, lse = attn._fwd(q, k, v, causal, D ** -0.5)
+    launched = []
+    real = attn._launch
+    monkeypatch.setattr(attn, "_launch", lambda kind, *a, **kw: launched.append(kind) or real(kind, *a, **kw))
+    grads = {}
+    for mode in ("fused", "split"):
+        monkeypatch.setenv("MINILLM_ATTN_DKDV", mode)
+        grads[mode] = attn._bwd(do, q, k, v, o, lse, causal, D ** -0.5)
+    assert launched == ["pre", "dkdv", "dq", "pre", "dv", "dk", "dq"]
+    for name, fused, split in zip(("dQ", "dK", "dV"), grads["fused"], grads["split"]):
+        assert torch.equal(fused, split), name
+
+
+def test_a_bad_dkdv_switch_is_one_line(monkeypatch):
+    monkeypatch.setenv("MINILLM_ATTN_DKDV", "both")
+    q = torch.randn(1, 1, 8, 16, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^MINILLM_ATTN_DKDV='both': expected fused .* or split"):
+        flash_attention(q, q, q).sum().backward()
+
+
+def test_each_half_of_the_split_writes_only_its_own_gradient(monkeypatch):
+    """The dV launch must leave dK alone and the dK launch dV (else a half does the other's work, or
+    a later half overwrites an earlier one): the other output is swapped for a NaN-filled stand-in,
+    which must come back untouched, while the real outputs still equal the fused kernel's."""
+    q, k, v = _model_views(1, 4, 2, 45, 32, torch.float32, seed=11)
+    do = torch.randn_like(q)
+    o, lse = attn._fwd(q, k, v, True, 0.2)
+    fused = attn._bwd(do, q, k, v, o, lse, True, 0.2)
+    untouched = []
+    real = attn._launch
+
+    def launch(kind, rows, cols, device, *args, **kw):
+        if kind in ("dv", "dk"):
+            other = 4 if kind == "dv" else 5          # positions of DK and DV in the launch arguments
+            stand_in = torch.full_like(args[other], float("nan"))
+            args = args[:other] + (stand_in,) + args[other + 1:]
+            real(kind, rows, cols, device, *args, **kw)
+            untouched.append(bool(stand_in.isnan().all()))
+            return
+        real(kind, rows, cols, device, *args, **kw)
+
+    monkeypatch.setattr(attn, "_launch", launch)
+    monkeypatch.setenv("MINILLM_ATTN_DKDV", "split")
+    split = attn._bwd(do, q, k, v, o, lse, True, 0.2)
+    assert untouched == [True, True]
+    assert all(torch.equal(a, b) for a, b in zip(fused, split))

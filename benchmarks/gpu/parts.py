@@ -1,8 +1,9 @@
 """The five parts of the GPU tier; each runs in its own process (``python -m benchmarks.gpu.parts NAME``).
 
     tests      pytest -m gpu (bf16/fp16 against FlashAttention's rule, determinism, ...): one row per case
-    attention  minillm vs SDPA flash / cuDNN (and flash-attn): TFLOP/s fwd, bwd, fwd+bwd; on sm_90+ also
-               minillm with MINILLM_ATTN_TMA=0 (minillm-notma) at the goal's shapes
+    attention  minillm vs SDPA flash / cuDNN (and flash-attn): TFLOP/s fwd, bwd, fwd+bwd; at the goal's
+               shapes also minillm's variants: MINILLM_ATTN_TMA=0 (minillm-notma, sm_90+) and
+               MINILLM_ATTN_DKDV=split (minillm-split)
     norms      LayerNorm / RMSNorm: minillm vs torch eager, torch.compile (and Liger): GB/s fwd, bwd
                (the dry run runs minillm's norm kernels in the Triton interpreter; attention's are too slow there)
     train      gpt2-small and llama-small steps, kernels triton vs torch, compile off/on: tokens/s, MFU
@@ -153,9 +154,10 @@ def part_attention(res: Result, args) -> None:
     res.save(impls=list(impls), peak_tflops=peak)
     deadline = time.monotonic() + args.budget - 5
     for i, g in enumerate(attention_grid(args.dry_run, args.full)):
-        # TMA on or off is asked at the goal's shapes (the first group) only: the rest of the budget goes
-        # to the other shapes (--full: every group)
-        group_impls = impls if i == 0 or args.full else {k: f for k, f in impls.items() if k != "minillm-notma"}
+        # minillm's variants (TMA off, the dK/dV split) are asked at the goal's shapes (the first group)
+        # only: the rest of the budget goes to the other shapes (--full: every group)
+        group_impls = impls if i == 0 or args.full else {k: f for k, f in impls.items()
+                                                         if k not in ("minillm-notma", "minillm-split")}
         for T in g["seqlens"]:
             if time.monotonic() > deadline:
                 res.note(f"budget spent: skipped D={g['D']} T={T} causal={g['causal']} gqa={g['gqa']}")

@@ -25,7 +25,7 @@ def md_table(rows: list[dict], columns: list[str]) -> str:
 
 def _vs_best(line: dict, impls: list[str]) -> None:
     """line["vs_best"]: the first implementation's rate over the best other one's (same shape, same run);
-    minillm's own variants (minillm-notma) are not "others"."""
+    minillm's own variants (minillm-notma, minillm-split) are not "others"."""
     others = [line[i] for i in impls[1:] if line.get(i) and not i.startswith("minillm")]
     if impls and line.get(impls[0]) and others:
         line["vs_best"] = line[impls[0]] / max(others)
@@ -41,7 +41,7 @@ def _time_columns(impls: list[str]) -> list[str]:
 
 
 def _impl_order(ok: list[dict]) -> list[str]:
-    """minillm first, its variants next (minillm-notma), then the baselines by name."""
+    """minillm first, its variants next (minillm-notma, minillm-split), then the baselines by name."""
     return sorted({r["impl"] for r in ok}, key=lambda i: (i != "minillm", not i.startswith("minillm"), i))
 
 
@@ -136,7 +136,8 @@ def summary_markdown(payload: dict) -> str:
         wrong = [r for r in parts["attention"].get("rows", []) if r.get("status") == "wrong"]
         s += ["\n## Attention (TFLOP/s; FlashAttention-2's count: fwd 4·B·H·T²·D, /2 causal, bwd ×2.5, fwd+bwd ×3.5)\n",
               TIMING_NOTE, "err: worst relative L2 error of O, dQ, dK, dV vs fp32 before timing. minillm-notma: "
-              "minillm with MINILLM_ATTN_TMA=0 (sm_90+ only; forward and fwd+bwd).\n\n",
+              "minillm with MINILLM_ATTN_TMA=0 (sm_90+ only; forward and fwd+bwd). minillm-split: minillm with "
+              "MINILLM_ATTN_DKDV=split (dV and dK in two kernels; bwd and fwd+bwd).\n\n",
               md_table(table, cols), graph_errors(parts["attention"].get("rows", []))]
         if wrong:
             s += ["\nwrong results (not timed): " + ", ".join(f"{r['impl']} D={r['D']} T={r['T']} err={r['err']:.3g}"
