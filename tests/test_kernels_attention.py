@@ -306,6 +306,9 @@ def test_gpu_tma_and_pointer_forwards_agree_bitwise(monkeypatch, D):
     head dims whose TMA box is wider than the tensor (8 -> 16, 40 -> 64, 96 -> 128 columns)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
+    # the fixed tiles: one compile per head dim and path (the autotuned TMA path runs in every other
+    # GPU test; this one checks the descriptors' zero fill and boxes, within the suite's time budget)
+    monkeypatch.setenv("MINILLM_ATTN_FIXED", "1")
     q, k, v, _ = _inputs(2, 8, 2, 1000, D, seed=D, device="cuda")
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     out = {}
@@ -317,7 +320,7 @@ def test_gpu_tma_and_pointer_forwards_agree_bitwise(monkeypatch, D):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("B,H,T,D,ratio", [(2, 8, 1000, 64, 4), (1, 4, 2047, 128, 2), (2, 8, 333, 96, 1)])
+@pytest.mark.parametrize("B,H,T,D,ratio", [(2, 8, 1000, 64, 4), (1, 4, 2047, 128, 2)])
 def test_gpu_split_dkdv_by_flash_rule(monkeypatch, B, H, T, D, ratio):
     """MINILLM_ATTN_DKDV=split on real tensor cores, with its own autotuned tiles (so not bitwise the
     fused kernel's sums): O and every gradient by FlashAttention's rule in bf16."""
