@@ -322,6 +322,26 @@ def test_report_renders_rows_with_and_without_graph_ms():
     assert ncols[-4:] == ["ms (minillm)", "graph_ms", "call_ms", "err"] and norms[0]["graph_ms"] is None
 
 
+def _env_spy(var: str, seen: list):
+    """An attention implementation (SDPA behind an identity on q) that appends ``os.environ[var]`` to
+    ``seen`` in its forward and in its backward: the environment a benchmark variant ran under."""
+    from benchmarks import bench_attention as ba
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            seen.append(os.environ.get(var))
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(os.environ.get(var))
+            return g
+
+    sdpa = ba.implementations("cpu")["sdpa"]
+    return lambda q, k, v, c: sdpa(Spy.apply(q), k, v, c)
+
+
 def test_notma_is_listed_on_sm90_only_and_runs_under_its_environment(monkeypatch):
     """minillm-notma: listed where the device is compute capability 9 or more; its check and every timed
     call (forward and backward) run with MINILLM_ATTN_TMA=0, restored afterwards; no backward-only row."""
@@ -332,20 +352,7 @@ def test_notma_is_listed_on_sm90_only_and_runs_under_its_environment(monkeypatch
         assert "minillm-split" in ba.implementations("cuda")  # the backward split: every CUDA device
     assert "minillm-split" not in ba.implementations("cpu")
     seen = []
-
-    class Spy(torch.autograd.Function):  # identity on q that notes the switch in forward and backward
-        @staticmethod
-        def forward(ctx, q):
-            seen.append(os.environ.get("MINILLM_ATTN_TMA"))
-            return q.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            seen.append(os.environ.get("MINILLM_ATTN_TMA"))
-            return g
-
-    ref, sdpa = ba.implementations("cpu")["reference"], ba.implementations("cpu")["sdpa"]
-    spy = lambda q, k, v, c: sdpa(Spy.apply(q), k, v, c)  # noqa: E731
+    spy, ref = _env_spy("MINILLM_ATTN_TMA", seen), ba.implementations("cpu")["reference"]
     for before in ("1", None):
         if before is None:
             monkeypatch.delenv("MINILLM_ATTN_TMA", raising=False)
@@ -463,19 +470,7 @@ def test_split_runs_its_backward_under_its_environment(monkeypatch):
     no forward-only row, since the split changes only the backward."""
     from benchmarks import bench_attention as ba
     seen = []
-
-    class Spy(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q):
-            return q.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            seen.append(os.environ.get("MINILLM_ATTN_DKDV"))
-            return g
-
-    ref, sdpa = ba.implementations("cpu")["reference"], ba.implementations("cpu")["sdpa"]
-    spy = lambda q, k, v, c: sdpa(Spy.apply(q), k, v, c)  # noqa: E731
+    spy, ref = _env_spy("MINILLM_ATTN_DKDV", seen), ba.implementations("cpu")["reference"]
     monkeypatch.delenv("MINILLM_ATTN_DKDV", raising=False)
     rows = ba.bench_one("minillm-split", spy, 1, 2, 1, 16, 8, True, torch.float32, "cpu", 2,
                         lambda q, k, v: ref(q, k, v, True), directions=("fwd", "bwd", "fwd+bwd"))
