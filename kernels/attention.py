@@ -742,7 +742,11 @@ def _tuned(kind: str, arch: int, smem_limit: int):
 
         _TUNED[key] = triton.autotune(
             configs=[to_config(c) for c in CONFIGS[kind][arch]],
+            # TMA / PART in the key: Triton's on-disk autotune cache (TRITON_CACHE_AUTOTUNING) keys on the
+            # function, this key and the candidates, so the fused dK/dV kernel and its dK half (the same
+            # function, the same candidates at some head dims) would otherwise share an entry
             key=(["T_BUCKET", "HEAD_DIM", "CAUSAL", "ALIGN"] + (["TMA"] if kind == "fwd" else [])
+                 + (["PART"] if kind in KEY_TILE_KINDS else [])
                  if kind != "pre" else ["T_BUCKET", "HEAD_DIM", "ALIGN"]),
             prune_configs_by={"early_config_prune": early_prune},
         )(_KERNELS[kind])
@@ -810,6 +814,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         return o, lse
     align = _align(q, k, v, o)
     tma = align == 16 and _tma_layout(k, v) and _tma_wanted(q)
+    _dkdv_split()  # a bad MINILLM_ATTN_DKDV fails here, before a forward whose backward would refuse it
     for s in _batch_chunks(B, H):  # slices are views: same strides, shifted base pointers
         qs, ks, vs, os_ = q[s], k[s], v[s], o[s]
         # TMA: descriptors of the K / V views; their block is set per configuration (_kv_block_hook)

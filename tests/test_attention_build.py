@@ -59,6 +59,8 @@ def test_representative_configs_build_without_spills_and_fwd_uses_wgmma():
         ("attn_dq d128 bf16 M128 N32 causal w8 s2", 90),
         ("attn_fwd d96 fp16 M64 N64 causal w4 s3", 80),     # padded head dim, mma.sync path
         ("attn_fwd d96 bf16 M128 N64 causal w8 s3 tma", 90),  # sm_90's default: K / V through TMA
+        ("attn_dv d128 bf16 M32 N128 causal w8 s2", 90),       # the dK/dV split's halves (PART 1, 2)
+        ("attn_dk d64 bf16 M32 N128 causal w8 s2", 90),
     ]
     rows = _build(wanted)
     specs = {f"{s.name} {s.label}": s for s in A.build_specs()}

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu" / "suite.py"
 on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                            reason="needs CUDA and compiled kernels (MINILLM_TEST_GPU=1 pytest -m gpu)")
+                            reason="needs CUDA and compiled kernels (MINILLM_TEST_GPU=1 pytest -n 0 -m gpu)")
 
 
 # ------------------------------------------------------------------------------------- the dry run

@@ -1,6 +1,7 @@
 """kill -9 at random moments, relaunch until done: the final state equals an uninterrupted run's, bit for
 bit; then random bit flips in the newest checkpoint: every one is caught. Slow (a minute or two each):
-`python -m pytest -q -m slow -p no:cacheprovider tests/test_kill_stress.py -s` prints the counts.
+`python -m pytest -q -n 0 -m slow -p no:cacheprovider tests/test_kill_stress.py -s` prints the counts
+(-n 0: in one process, so -s reaches the terminal).
 
 Kills are seeded (KILL_SEED) and land in three kinds of moment: any time after the launch (start-up,
 resume, the first steps), during training, and while a checkpoint is being written (a ``*.tmp`` exists

@@ -14,6 +14,9 @@
 #                                                    imported only when logger.wandb.mode != disabled;
 #                                                    carried so that a wandb run can work there too
 #                                                    (wandb 0.19 wants protobuf < 7: not checked there)
+#   pytest-xdist, execnet                            pyproject's pytest addopts name -n (parallel
+#                                                    workers): without the plugin a hand-run pytest there
+#                                                    fails to parse them (the suite passes -o addopts=)
 # Already there (not fetched): torch, triton, numpy, sentencepiece, pyarrow, tqdm, matplotlib, pyyaml,
 # requests, click, protobuf, typing-extensions, packaging, urllib3, certifi, pytest.
 # Versions are pinned (one version of each, as the device README asks) and satisfy each other's pins:
@@ -31,7 +34,8 @@ grep -qxF '/.whl/' "$EXCLUDE" 2>/dev/null || echo '/.whl/' >> "$EXCLUDE"
 
 PURE=(hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
       wandb==0.19.11 pydantic==2.11.7 annotated-types==0.7.0 typing-inspection==0.4.1
-      gitpython==3.1.44 gitdb==4.0.12 smmap==5.0.2 sentry-sdk==2.32.0 platformdirs==4.3.8 docker-pycreds==0.4.0)
+      gitpython==3.1.44 gitdb==4.0.12 smmap==5.0.2 sentry-sdk==2.32.0 platformdirs==4.3.8 docker-pycreds==0.4.0
+      pytest-xdist==3.8.0 execnet==2.1.2)
 BINARY=(zstandard==0.23.0 pydantic-core==2.33.2 setproctitle==1.3.6)
 ALL=("${PURE[@]}" "${BINARY[@]}")
 
