@@ -29,8 +29,24 @@ on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRI
 # ------------------------------------------------------------------------------------- the dry run
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
-    """Two dry runs side by side: every part (a), and norms + attention with norms made to fail (b)."""
-    base = tmp_path_factory.mktemp("gpu_suite")
+    """Two dry runs side by side: every part (a), and norms + attention with norms made to fail (b).
+
+    Once per test session: under pytest-xdist the tests of this module land on several workers, and
+    each would run its own pair (half a minute of both cores). The first worker to take the lock runs
+    them into the folder all workers of this session share; the others wait and read its results."""
+    from filelock import FileLock  # torch's own dependency
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above every worker's own
+    base, done = shared / "gpu_suite_dry_runs", shared / "gpu_suite_dry_runs.json"
+    with FileLock(str(shared / "gpu_suite_dry_runs.lock")):
+        if not done.exists():
+            done.write_text(json.dumps(_run_dry_runs(base)))
+    return {k: (code, text, base / k) for k, (code, text) in json.loads(done.read_text()).items()}
+
+
+def _run_dry_runs(base: Path) -> dict[str, list]:
+    """{"a" | "b": [exit code, output]} of the two dry runs, written under ``base``."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "MINILLM_GPU_SUITE_INJECT")}
     procs = {
         "a": subprocess.Popen([sys.executable, str(SUITE), "--dry-run", "--out-dir", str(base / "a")], cwd=ROOT,
@@ -43,7 +59,7 @@ def dry_runs(tmp_path_factory):
     out = {}
     for k, p in procs.items():
         text, _ = p.communicate(timeout=600)
-        out[k] = (p.returncode, text, base / k)
+        out[k] = [p.returncode, text]
     return out
 
 
