@@ -167,9 +167,13 @@ HOLD_LOCK = r"""
 import os, sys, time
 from minillm.run_lock import RunLock
 RunLock(sys.argv[1]).acquire()
-if len(sys.argv) > 2 and os.fork() == 0:   # a forked worker that outlives its parent
-    time.sleep(120)
-    os._exit(0)
+if len(sys.argv) > 2:                        # a forked worker that outlives its parent
+    ready_r, ready_w = os.pipe()
+    if os.fork() == 0:
+        os.write(ready_w, b"1")  # child code runs after the at-fork handlers: its copy is closed by now
+        time.sleep(120)
+        os._exit(0)
+    os.read(ready_r, 1)          # say "held" only then: a loaded machine may schedule the child late
 print("held", flush=True)
 time.sleep(120)
 """
