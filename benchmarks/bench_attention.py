@@ -12,8 +12,8 @@ papers: B*T = 16k tokens, hidden 2048, so H = 2048 / D.
 
 Timing (benchmarks/common.py): "ms" is the kernel time, ``triton.testing.do_bench`` median with an L2
 flush before each call on CUDA (cold L2, no host); "graph_ms" the same call captured once into a CUDA
-graph and replayed back to back (no host, warm L2; "-" on CPU or where the capture failed, the reason in
-the row's "graph_error"); "call_ms" is one synchronous call with the host's overhead (Python, autograd,
+graph and replayed back to back (no host; L2 holds what the previous replay left; "-" on CPU or where
+the capture failed, the reason in the row's "graph_error"); "call_ms" is one synchronous call with the host's overhead (Python, autograd,
 launches), and "host_ms" the difference of call_ms and ms. The backward is timed alone with
 ``torch.autograd.grad`` on a graph built once (never ``.backward()`` repeated, which would add a
 read-add-write of dQ, dK, dV into ``.grad`` on every repeat). Before anything is timed, every
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (bench_parser, environment, grad_fn, on_capture_stream, print_table,  # noqa: E402
-                               rel_err, save_figure, timings, write_results)
+from benchmarks.common import (TIMING, bench_parser, environment, grad_fn, on_capture_stream,  # noqa: E402
+                               print_table, rel_err, save_figure, timings, write_results)
 
 PEAK_TFLOPS = {"H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 989, "H200": 989,
                "A100": 312, "L40S": 362, "4090": 165}
@@ -291,10 +291,7 @@ def main(argv=None) -> int:
                          extra={"quick": args.quick, "causal": causal, "peak_tflops": peak,
                                 "flops": "FlashAttention-2 benchmark_flash_attention.py: fwd 4*B*H*T^2*D "
                                          "(/2 causal), bwd 2.5x, fwd+bwd 3.5x",
-                                "timing": "ms: do_bench median with L2 flush (CUDA; cold L2, no host); graph_ms: "
-                                          "CUDA-graph replay (no host, warm L2; null on CPU or when capture "
-                                          "failed, reason in graph_error); call_ms: one synchronous call with "
-                                          "host overhead; backward via torch.autograd.grad",
+                                "timing": TIMING,
                                 "goal": {"fwd_tflops": 330, "fwd_bwd_tflops": 250, "D": 128,
                                          "T_min": 4096, "device": "H100/H200", "dtype": "bf16"}})
     plot(rows, path.with_suffix(".png"))

@@ -10,7 +10,7 @@ counted too, but are < 0.1% at the sizes here):
     backward: read x, read dy, write dx              3*M*N*s  + weight (+bias) read N*s, dw (+db) written N*s
 Timing (benchmarks/common.py): "ms" is the kernel time (``triton.testing.do_bench`` median with an L2
 flush before each call, on CUDA: cold L2, no host), "graph_ms" the same call captured once into a CUDA
-graph and replayed back to back (no host, warm L2: an activation under the L2's size stays there; "-" on
+graph and replayed back to back (no host; an activation under the L2's size stays there; "-" on
 CPU or where the capture failed, the reason in the row's "graph_error"), "call_ms" one synchronous call
 with the host's overhead (Python, autograd, launches: 35-70 us on an H100, as large as the kernel at
 small N), "host_ms" the difference of call_ms and ms. The backward is timed alone with
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (bench_parser, environment, grad_fn, kernel_ms, on_capture_stream,  # noqa: E402
-                               print_table, rel_err, save_figure, timings, write_results)
+from benchmarks.common import (TIMING, bench_parser, environment, grad_fn, kernel_ms,  # noqa: E402
+                               on_capture_stream, print_table, rel_err, save_figure, timings, write_results)
 
 # Spec HBM bandwidth in GB/s by device-name substring (vendor data sheets).
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800,
@@ -226,11 +226,8 @@ def main(argv=None) -> int:
     cols += ["%peak"] if peak else []
     print_table(rows, cols + ["vs_torch", "err"])
     print(f"device copy bandwidth: {copy:.1f} GB/s" + (f", spec peak {peak:.0f} GB/s" if peak else ""))
-    timing = ("ms: do_bench median with L2 flush (CUDA; cold L2, no host); graph_ms: CUDA-graph replay (no host, "
-              "warm L2; null on CPU or when capture failed, reason in graph_error); call_ms: one synchronous call "
-              "with host overhead; backward via torch.autograd.grad")
     path = write_results("bench_norm", rows, extra={"copy_gbps": copy, "peak_gbps": peak, "quick": args.quick,
-                                                    "timing": timing}, out_dir=args.out_dir)
+                                                    "timing": TIMING}, out_dir=args.out_dir)
     plot(rows, path.with_suffix(".png"))
     return 0
 

@@ -129,6 +129,11 @@ def call_ms(fn: Callable[[], object], device: str = "cpu", reps: int = 10, warmu
     return statistics.median(times)
 
 
+# The three timings of a row, as the result files describe them ("timing" in their JSON).
+TIMING = ("ms: do_bench median with L2 flush (CUDA; cold L2, no host); graph_ms: CUDA-graph replay (no host; "
+          "L2 holds what the previous replay left; null on CPU or when capture failed, reason in graph_error); "
+          "call_ms: one synchronous call with host overhead; backward via torch.autograd.grad")
+
 _CAPTURE_STREAM = None
 _GRAPH_ERRORS_SEEN: set[str] = set()
 
@@ -186,12 +191,17 @@ def _events_ms(run: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
+def _one_line(error: BaseException) -> str:
+    """"ExceptionType: first line of its message"."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 class _GraphPhaseError(RuntimeError):
     """An error of one phase of ``_capture_and_time`` ("warm-up", "capture", "replay")."""
 
     def __init__(self, phase: str, error: BaseException):
-        text = str(error).strip().splitlines()
-        super().__init__(f"{phase} failed: {type(error).__name__}: {text[0] if text else ''}")
+        super().__init__(f"{phase} failed: {_one_line(error)}")
         self.phase = phase
 
 
@@ -249,21 +259,21 @@ def graph_ms(fn: Callable[[], object], device: str = "cpu", reps: int | None = N
     The three timings of a benchmark row side by side: ``kernel_ms`` (do_bench) = cold L2 per call,
     no host; ``graph_ms`` = no host, L2 holding what the previous replay left (the inputs, when they
     fit: a training step's L2 holds what its previous kernels left instead); ``call_ms`` = everything
-    (host, launches, cold or warm as it comes). Below a few microseconds per call the replays are launched slower than they
-    run, so the number is the graph launch rate: an upper bound on the kernels' time.
+    (host, launches, cold or warm as it comes). Below a few microseconds per call the replays are
+    launched slower than they run, so the number is the graph launch rate: an upper bound on the
+    kernels' time.
 
     Returns None on CPU (no CUDA graphs; nothing is recorded, there is nothing to capture) and when
     warm-up, capture or replay raises (e.g. an op that synchronizes with the host or allocates outside
-    the graph's pool): the reason, "<phase> failed: ExceptionType: first line", is appended to ``errors`` and printed
-    to stderr once per distinct reason per process, so a failed capture is never a silent gap."""
+    the graph's pool): the reason, "<phase> failed: ExceptionType: first line", is appended to
+    ``errors`` and printed to stderr once per distinct reason per process, so a failed capture is never
+    a silent gap."""
     if device != "cuda":
         return None
     try:
         return _capture_and_time(fn, reps, warmup, target_ms)
     except Exception as e:  # torch refused the capture: no number rather than a made-up one
-        text = str(e).strip().splitlines()
-        reason = (str(e) if isinstance(e, _GraphPhaseError)
-                  else f"{type(e).__name__}: {text[0] if text else ''}")[:300]
+        reason = (str(e) if isinstance(e, _GraphPhaseError) else _one_line(e))[:300]
         if errors is not None:
             errors.append(reason)
         if reason not in _GRAPH_ERRORS_SEEN:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from minillm.data.batches import eval_batches
+from minillm.data.batches import eval_batch_count, eval_batches
 from minillm.distributed import process_group as dist
 
 
@@ -54,8 +54,6 @@ def estimate_seconds(model: torch.nn.Module, tokens: np.ndarray, batch_size: int
     """Seconds ``evaluate`` will take with these arguments, without running it: one of its batches'
     forward (the faster of two calls) times the number of batches each rank scores."""
     x, y = (t.to(info.device) for t in next(eval_batches(tokens, batch_size, block_size, max_tokens)))
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
-    windows = math.ceil((n - 1) / block_size)
     model.eval()
     times = []
     with amp:
@@ -64,7 +62,7 @@ def estimate_seconds(model: torch.nn.Module, tokens: np.ndarray, batch_size: int
             model(x, y, reduction="none")
             times.append(time.time() - t0)
     model.train()
-    return min(times) * math.ceil(windows / batch_size / info.world_size)
+    return min(times) * eval_batch_count(len(tokens), batch_size, block_size, max_tokens, info.world_size)
 
 
 def restricted_nll(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:

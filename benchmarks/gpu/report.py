@@ -104,7 +104,8 @@ def graph_errors(rows: list[dict]) -> str:
 
 
 TIMING_NOTE = ("ms: kernel time (do_bench median, L2 flushed before each call: cold L2, no host); graph_ms: the "
-               "call captured in a CUDA graph and replayed back to back (no host, warm L2; '-' where not "
+               "call captured in a CUDA graph and replayed back to back (no host; L2 holds what the previous replay "
+               "left; '-' where not "
                "measured); call_ms: one synchronous call, host overhead included. ")
 
 

@@ -60,6 +60,15 @@ class BatchSource:
         return windows[:, :-1], windows[:, 1:]
 
 
+def eval_batch_count(n_tokens: int, batch_size: int, block_size: int, max_tokens: int | None = None,
+                     world_size: int = 1) -> int:
+    """Batches every rank's ``eval_batches`` yields for a stream of ``n_tokens``: rank 0's windows (the
+    most any rank has, windows being dealt round-robin) in batches of ``batch_size``."""
+    n = n_tokens if max_tokens is None else min(n_tokens, max_tokens + 1)
+    windows = len(range(0, n - 1, block_size))
+    return -(-(-(-windows // world_size)) // batch_size)
+
+
 def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_tokens: int | None = None,
                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive windows covering every target of ``tokens[:max_tokens]`` exactly once.
@@ -70,10 +79,8 @@ def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_token
     forward is a collective that every rank must join.
     """
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
-    all_starts = list(range(0, n - 1, block_size))
-    starts = all_starts[rank::world_size]
-    n_batches = -(-len(all_starts[0::world_size]) // batch_size)  # rank 0 has the most windows
-    for b in range(n_batches):
+    starts = list(range(0, n - 1, block_size))[rank::world_size]
+    for b in range(eval_batch_count(len(tokens), batch_size, block_size, max_tokens, world_size)):
         i = b * batch_size
         x = torch.zeros(max(1, len(starts[i:i + batch_size])), block_size, dtype=torch.int64)
         y = torch.full_like(x, -1)
