@@ -232,9 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         import triton  # the compiler's version decides registers and spills: keep it with the rows
-        Path(args.json).write_text(json.dumps(
-            {"archs": archs, "only": args.only, "triton": triton.__version__, "rows": rows,
-             "failed": len(failed)}, indent=2))
+        head = {"archs": archs, "only": args.only, "triton": triton.__version__, "failed": len(failed)}
+        # one row per line, so that a rebuilt report's diff shows the configurations that changed
+        Path(args.json).write_text(json.dumps(head)[:-1] + ', "rows": [\n'
+                                   + ",\n".join("  " + json.dumps(r) for r in rows) + "\n]}\n")
         print(f"wrote {args.json}")
     return 1 if failed or not rows else 0
 

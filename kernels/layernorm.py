@@ -41,8 +41,9 @@ Configuration (one function, ``norm_config``, used by the wrapper and by ``build
 * Narrow rows: one program handles ROWS rows as a [ROWS, BLOCK_N] tile so each program moves >= 4096
   (backward: 2048, as it holds more tiles live) elements (8 KiB of bf16 at N=768 instead of 1.5 KiB) - the launch and the reduction latency are
   amortised over more bytes. This is what the per-row tutorial kernels lose at small N.
-* num_warps grows with the tile so each thread holds ~8-16 fp32 values: enough independent 16-byte
-  loads in flight, few enough registers to keep >= 2 CTAs (or one 16-warp CTA) resident per SM.
+* num_warps grows with the tile so each thread holds ~8-16 fp32 values (4 in a one-row backward
+  tile: at 2048 columns and 8 warps, Triton 3.6 spills on sm_90): enough independent loads in
+  flight, few enough registers to keep >= 2 CTAs (or one 16-warp CTA) resident per SM.
   The build report (``python -m minillm.kernels.build_report --only norm``) shows registers and that nothing
   spills for every configuration chosen here.
 * Wider rows use a chunked variant (CHUNKED, one row per program): the forward re-reads the
@@ -119,8 +120,10 @@ def norm_config(N: int, backward: bool) -> NormConfig:
     tile, max_rows = (TILE_ELEMS_BWD, MAX_ROWS_BWD) if backward else (TILE_ELEMS, MAX_ROWS)
     rows = max(1, min(tile // block, max_rows))
     elems = rows * block
-    # ~16 fp32 values per thread forward, ~8 backward (it also carries dy and two accumulators)
-    per_thread = 8 if backward else 16
+    # ~16 fp32 values per thread forward, ~8 backward (it also carries dy and two accumulators); a
+    # one-row backward tile, 4: at 2048 columns and 8 warps, Triton 3.6's ptxas spills one register
+    # per row on sm_90 (LayerNorm, 64 registers); 16 warps build at 53 with no spill (build report)
+    per_thread = 16 if not backward else (8 if rows > 1 else 4)
     warps = max(1, min(16, elems // (32 * per_thread)))
     return NormConfig(block, rows, False, warps)
 
