@@ -234,9 +234,16 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
     """
     t0 = time.time()
     buf = io.BytesIO()
+    lines = _training_lines(texts, cfg.max_sentence_length)
+    # A char vocabulary without byte fallback is lossless only if it holds every character: its trainer
+    # keeps the most frequent ones up to vocab_size and says nothing of the rest (they become <unk>).
+    alphabet: set[str] | None = None
+    if cfg.model_type == "char" and not cfg.byte_fallback and cfg.character_coverage == 1.0:
+        alphabet = set()
+        lines = _noting_characters(lines, alphabet)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts, cfg.max_sentence_length),
+            sentence_iterator=lines,
             model_writer=buf,
             model_type=cfg.model_type,
             vocab_size=cfg.vocab_size,
@@ -260,7 +267,33 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
         raise TokenizerError(_explain_training_error(str(e), cfg, source)) from e
     tok = Tokenizer(buf.getvalue())
     tok.train_seconds = time.time() - t0
+    if alphabet is not None:
+        _check_alphabet(tok, alphabet, cfg, source)
     return tok
+
+
+def _noting_characters(lines: Iterable[str], seen: set[str]) -> Iterator[str]:
+    """``lines`` unchanged, each one's characters added to ``seen`` on the way."""
+    for line in lines:
+        seen.update(line)
+        yield line
+
+
+def _check_alphabet(tok: Tokenizer, alphabet: set[str], cfg: TokenizerConfig, source: str) -> None:
+    """Raises TokenizerError when a character of the training text has no piece in a char vocabulary
+    without byte fallback (it would encode as <unk>: lossy)."""
+    missing = [c for c in alphabet if tok.sp.piece_to_id(_SPACE if c == " " else c) == UNK_ID]
+    if not missing:
+        return
+    if tok.vocab_size >= cfg.vocab_size:  # the ceiling cut the alphabet
+        why = f"tokenizer.vocab_size={cfg.vocab_size} leaves out"
+        fix = f"tokenizer.vocab_size >= {len(alphabet) + 4} (characters + <unk> <s> </s> <pad>)"
+    else:  # the lines sentencepiece sampled lack them
+        why = f"sentencepiece sampled too few lines (tokenizer.input_sentence_size={cfg.input_sentence_size}) and left out"
+        fix = "a larger tokenizer.input_sentence_size"
+    raise TokenizerError(
+        f"{why} {len(missing)} of the {len(alphabet)} characters of {source} (e.g. {sorted(missing)[0]!r}); "
+        f"without byte fallback they would become <unk>: set {fix}, or tokenizer.byte_fallback=true")
 
 
 if __name__ == "__main__":  # the command moved: say so instead of silently doing nothing

@@ -88,6 +88,31 @@ def test_vocab_too_small_for_byte_fallback_is_a_config_error():
     TokenizerConfig(vocab_size=100, byte_fallback=False)  # without byte fallback the floor is low
 
 
+def test_char_vocab_without_byte_fallback_takes_every_character_or_fails():
+    """sentencepiece's char trainer keeps the most frequent characters up to vocab_size and drops the
+    rest silently; without byte fallback those would be <unk>. A ceiling above the alphabet gives one
+    piece per character + 4 specials; one piece short is an error that names the size needed."""
+    text = make_corpus(300) + "\u00e9\u00e8 \u68a6 \u00a7\n"      # rare characters, each once
+    chars = len(set(text))
+    tok = train_tokenizer([text], TokenizerConfig(model_type="char", vocab_size=65536, byte_fallback=False))
+    assert tok.vocab_size == chars + 4
+    assert tok.decode(tok.encode(text)) == text and 0 not in tok.encode(text)
+    assert train_tokenizer([text], TokenizerConfig(model_type="char", vocab_size=chars + 4,
+                                                   byte_fallback=False)).vocab_size == chars + 4
+    with pytest.raises(TokenizerError, match=rf"tokenizer.vocab_size={chars + 3} leaves out 1 of the {chars} "
+                                             rf"characters of c.txt .*tokenizer.vocab_size >= {chars + 4} "):
+        train_tokenizer([text], TokenizerConfig(model_type="char", vocab_size=chars + 3, byte_fallback=False),
+                        source="c.txt")
+    # a character only in lines sentencepiece did not sample: the remedy is the sample, not the size
+    with pytest.raises(TokenizerError, match=r"sampled too few lines \(tokenizer.input_sentence_size=101\) and left "
+                                             r"out 1 of the 8 characters .*'Z'.*larger tokenizer.input_sentence_size"):
+        train_tokenizer(["abc de\n" * 3000 + "Z\n"],
+                        TokenizerConfig(model_type="char", vocab_size=65536, byte_fallback=False, input_sentence_size=101))
+    # with byte fallback a smaller char vocabulary is lossless (rare characters become bytes)
+    small = train_tokenizer([text], TokenizerConfig(model_type="char", vocab_size=261 + chars - 3))
+    assert small.decode(small.encode(text)) == text
+
+
 def test_long_lines_and_sampling_keep_training_lossless():
     line = ("梦" * 3000 + " x") * 3  # one 27 KB line, longer than max_sentence_length
     cfg = TokenizerConfig(vocab_size=340, max_sentence_length=4096, input_sentence_size=200)

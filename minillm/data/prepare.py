@@ -218,7 +218,9 @@ def _tokenizer_for(train_segs: list[Segment | Records], tok_cfg: TokenizerConfig
         log.info("encoding %s with the given tokenizer (vocab %d)", source, given.vocab_size)
         given.train_seconds = 0.0
         return given
-    log.info("training a %s tokenizer (vocab %d) on %s", tok_cfg.model_type, tok_cfg.vocab_size, source)
+    # a char vocabulary takes one piece per character of the corpus, up to vocab_size
+    size = f"vocab {'up to ' if tok_cfg.model_type == 'char' else ''}{tok_cfg.vocab_size}"
+    log.info("training a %s tokenizer (%s) on %s", tok_cfg.model_type, size, source)
     return train_on_sample(segment_texts(train_segs, progress=progress), tok_cfg, source=source)
 
 
