@@ -13,7 +13,9 @@
 #          sentry-sdk, platformdirs, docker-pycreds, setproctitle)
 #                                                    imported only when logger.wandb.mode != disabled;
 #                                                    carried so that a wandb run can work there too
-#                                                    (wandb 0.19 wants protobuf < 7: not checked there)
+#                                                    (wandb 0.19 wants protobuf < 7: with protobuf 7 its
+#                                                    import fails, seen in a Python 3.12 twin of that
+#                                                    machine; run.sh logs the machine's protobuf)
 #   pytest-xdist, execnet                            pyproject's pytest addopts name -n (parallel
 #                                                    workers): without the plugin a hand-run pytest there
 #                                                    fails to parse them (the suite passes -o addopts=)

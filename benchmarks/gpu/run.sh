@@ -26,7 +26,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # what the suite will use, in the log (a missing module shows here, before any part starts)
 "$PY" - <<'PY' || true
 import importlib
-for m in ("torch", "triton", "hydra", "omegaconf", "zstandard", "sentencepiece", "minillm", "minillm.kernels"):
+for m in ("torch", "triton", "numpy", "hydra", "omegaconf", "zstandard", "sentencepiece", "google.protobuf", "wandb",
+          "minillm", "minillm.kernels"):
     try:
         mod = importlib.import_module(m)
         print(f"run.sh: {m} {getattr(mod, '__version__', '')} from {getattr(mod, '__file__', '?')}")
