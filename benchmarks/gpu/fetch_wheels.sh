@@ -10,12 +10,12 @@
 #   hydra-core, omegaconf, antlr4-python3-runtime   train.py / sample.py (Hydra); pure Python
 #   zstandard                                        minillm/data/formats.py imports it at module level
 #   wandb (+ pydantic, pydantic-core, annotated-types, typing-inspection, gitpython, gitdb, smmap,
-#          sentry-sdk, platformdirs, docker-pycreds, setproctitle)
+#          sentry-sdk, platformdirs)
 #                                                    imported only when logger.wandb.mode != disabled;
 #                                                    carried so that a wandb run can work there too
-#                                                    (wandb 0.19 wants protobuf < 7: with protobuf 7 its
-#                                                    import fails, seen in a Python 3.12 twin of that
-#                                                    machine; run.sh logs the machine's protobuf)
+#                                                    (0.28: protobuf < 8; 0.19.11 did not import with
+#                                                    protobuf 7, seen in benchmarks/gpu/twin.sh; 0.29 on
+#                                                    adds OpenTelemetry's packages)
 #   pytest-xdist, execnet                            pyproject's pytest addopts name -n (parallel
 #                                                    workers): without the plugin a hand-run pytest there
 #                                                    fails to parse them (the suite passes -o addopts=)
@@ -35,10 +35,10 @@ mkdir -p "$(dirname "$EXCLUDE")"
 grep -qxF '/.whl/' "$EXCLUDE" 2>/dev/null || echo '/.whl/' >> "$EXCLUDE"
 
 PURE=(hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
-      wandb==0.19.11 pydantic==2.11.7 annotated-types==0.7.0 typing-inspection==0.4.1
-      gitpython==3.1.44 gitdb==4.0.12 smmap==5.0.2 sentry-sdk==2.32.0 platformdirs==4.3.8 docker-pycreds==0.4.0
+      wandb==0.28.0 pydantic==2.11.7 annotated-types==0.7.0 typing-inspection==0.4.1
+      gitpython==3.1.44 gitdb==4.0.12 smmap==5.0.2 sentry-sdk==2.32.0 platformdirs==4.3.8
       pytest-xdist==3.8.0 execnet==2.1.2)
-BINARY=(zstandard==0.23.0 pydantic-core==2.33.2 setproctitle==1.3.6)
+BINARY=(zstandard==0.23.0 pydantic-core==2.33.2)
 ALL=("${PURE[@]}" "${BINARY[@]}")
 
 mkdir -p .whl

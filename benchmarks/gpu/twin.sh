@@ -26,7 +26,7 @@ done
 [ -n "$PY312" ] || { echo "twin.sh: no Python 3.12 found (set PYTHON312, or install python3.12 or pyenv's 3.12.x)" >&2; exit 2; }
 [ -x "$VENV/bin/python" ] || "$PY312" -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" sentencepiece pyarrow tqdm matplotlib pyyaml \
-  pytest filelock safetensors transformers protobuf hypothesis
+  pytest filelock safetensors transformers protobuf hypothesis requests click
 ls .whl/*.whl >/dev/null 2>&1 || bash benchmarks/gpu/fetch_wheels.sh
 PYTHON="$VENV/bin/python" bash benchmarks/gpu/run.sh "${TMPDIR:-/tmp}/minillm-gpu-twin-out" --dry-run
 [ $# -gt 0 ] || set -- tests/test_kernels_attention.py tests/test_kernels_norm.py tests/test_ops.py \
