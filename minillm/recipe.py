@@ -65,7 +65,7 @@ class CorpusStats:
     """What the recipe reads of a corpus: its size in bytes, and of a sample of its text the share of
     CJK characters among non-space characters and the counts of its distinct characters, commonest
     first (how much of the text the commonest k characters cover: ``coverage_of``)."""
-    bytes: int
+    bytes: int | None  # None: unknown (a hub dataset whose metadata gives no row count)
     sample_chars: int
     cjk_share: float
     counts: tuple[int, ...]
@@ -84,11 +84,14 @@ def is_cjk(ch: str) -> bool:
     return unicodedata.name(ch, "").startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL"))
 
 
-def text_stats(text: str, total_bytes: int) -> CorpusStats:
+def text_stats(text: str, total_bytes: int | None) -> CorpusStats:
     counts = Counter(text)
     visible = sum(n for c, n in counts.items() if not c.isspace())
     cjk = sum(n for c, n in counts.items() if is_cjk(c))
     return CorpusStats(total_bytes, len(text), cjk / max(1, visible), tuple(sorted(counts.values(), reverse=True)))
+
+
+SAMPLE_BYTES = 4 << 20  # of text read for the statistics
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,13 +102,13 @@ def _stats_of(data_key: tuple) -> CorpusStats | None:
 
     data = DataConfig(**dict(data_key))
     if data.hf_dataset is not None:
-        return None  # a dataset's size and text are known only once it is read
+        return _hf_stats(data)
     try:
         files = resolve_corpus(data)
     except Exception:  # noqa: BLE001 - the corpus's own error comes, as one line, when the data is prepared
         return None
     picked = files[:: max(1, len(files) // 8)][:8]
-    per_file, texts = (4 << 20) // len(picked), []
+    per_file, texts = SAMPLE_BYTES // len(picked), []
     for path in picked:
         try:
             fmt = file_format(path)
@@ -126,10 +129,43 @@ def _stats_of(data_key: tuple) -> CorpusStats | None:
     return text_stats("".join(texts), total) if texts else None
 
 
+def _hf_stats(data: Any) -> CorpusStats | None:
+    """CorpusStats of the training split of ``data.hf_dataset`` from its first SAMPLE_BYTES of text. Its
+    size: exact when the sample is the whole split, else rows x the sample's bytes per row (rows from a
+    saved dataset or the metadata), else a local folder's file bytes (compressed Parquet counts small,
+    so its epoch cap comes early), else unknown. None when it cannot be opened here (preparation says why)."""
+    from minillm.data.hf_dataset import hf_splits
+
+    try:
+        split = hf_splits(data)[0]
+        texts, got, rows = [], 0, 0
+        for _, text in split.records(data.text_field, skip_bad=True):
+            rows += 1
+            if isinstance(text, str):
+                texts.append(text)
+                got += len(text.encode("utf-8"))
+            if got >= SAMPLE_BYTES:
+                break
+        else:  # the whole split was read
+            return text_stats("".join(texts), got) if texts else None
+        total = split.rows()
+        if total is not None:
+            size = round(got / rows * total)
+        elif split.kind == "folder":
+            size = sum(p.stat().st_size for p in split.path.rglob("*") if p.is_file())
+        else:
+            size = None
+        return text_stats("".join(texts), size) if texts else None
+    except Exception:  # noqa: BLE001 - the dataset's own error comes, as one line, when the data is prepared
+        return None
+
+
 def corpus_stats(data: Any) -> CorpusStats | None:
-    """CorpusStats of the corpus ``data`` (a DataConfig or its config node) names; None when it
-    cannot be read here (a Hugging Face dataset; a missing file, reported later by preparation)."""
-    keys = ("name", "path", "url", "sha256", "filename", "val_fraction", "val_path", "text_field", "hf_dataset")
+    """CorpusStats of the corpus ``data`` (a DataConfig or its config node) names: files or a Hugging
+    Face dataset (its first SAMPLE_BYTES of text; a hub dataset over the network); None when it cannot
+    be read here (a missing file or dataset, reported later by preparation)."""
+    keys = ("name", "path", "url", "sha256", "filename", "val_fraction", "val_path", "text_field", "hf_dataset",
+            "hf_config", "hf_split", "hf_val_split")
     return _stats_of(tuple((k, getattr(data, k)) for k in keys))
 
 
@@ -184,9 +220,10 @@ def epoch_cap(stats: CorpusStats | None, data: Any, tokens_per_step: int) -> int
     split's tokens are estimated from its bytes at BYTES_PER_TOKEN (measured 2.2-2.5 for English and
     code at 1024 pieces, 4.1 for 红楼梦 at 4000); a compressed file counts at its compressed size, so
     its cap comes early."""
-    if stats is None:
+    if stats is None or stats.bytes is None:
         return None
-    train_bytes = stats.bytes * (1.0 if data.val_path is not None else 1.0 - data.val_fraction)
+    held_out = data.val_path is not None or getattr(data, "hf_val_split", None) is not None
+    train_bytes = stats.bytes * (1.0 if held_out else 1.0 - data.val_fraction)
     per_token = BYTES_PER_TOKEN[1] if stats.cjk_share > 0.3 else BYTES_PER_TOKEN[0]
     return max(1, math.ceil(MAX_EPOCHS * train_bytes / per_token / tokens_per_step))
 
@@ -250,8 +287,9 @@ def resolve(key: str, *, _root_: Any) -> Any:
 
 def describe(chosen: dict[str, Any], stats: CorpusStats | None, budget: float) -> str:
     """One log line: what the recipe chose and from what."""
+    size = "size unknown" if stats is None or stats.bytes is None else f"{stats.bytes / 1e6:.2f} MB"
     seen = ("corpus unknown until read" if stats is None else
-            f"corpus {stats.bytes / 1e6:.2f} MB, {stats.cjk_share:.0%} CJK, {stats.alphabet} distinct characters in "
+            f"corpus {size}, {stats.cjk_share:.0%} CJK, {stats.alphabet} distinct characters in "
             f"{stats.sample_chars:,} sampled")
     values = ", ".join(f"{k}={v}" for k, v in chosen.items())
     return f"time budget {budget:g} s ({seen}): {values}"

@@ -2,6 +2,7 @@
 save_to_disk, and a local folder of parquet / jsonl files in the hub's layout. Each prepared split decodes
 to exactly its rows' texts (Chinese, emoji, empty rows skipped), separated by eos; validation is a split
 or the last fraction of the rows; the cache key follows the data; bad input is one line."""
+import math
 import os
 import sys
 import tempfile
@@ -203,3 +204,41 @@ def test_files_alone_never_import_datasets_or_torch(tmp_path):
                           env={**os.environ, "MINILLM_DATA_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def chinese_rows(n: int, seed: int = 0) -> list[str]:
+    """n documents of Zipf-distributed Han characters (a CJK corpus's statistics), 200 characters each."""
+    import random
+    rng = random.Random(seed)
+    chars = [chr(0x4E00 + i) for i in range(3000)]
+    return ["".join(rng.choices(chars, [1 / (i + 1) for i in range(3000)], k=199)) + "。" for _ in range(n)]
+
+
+def test_the_budget_recipe_sizes_a_dataset_from_its_rows(tmp_path, monkeypatch):
+    """A time budget on data.hf_dataset: the recipe reads the training split's text as it reads files (a
+    CJK vocabulary for Chinese rows, the epoch cap from its size); a split larger than the sample is
+    sized as rows x the sample's bytes per row; an unreadable dataset leaves the recipe its defaults."""
+    from minillm import recipe
+    rows = chinese_rows(300)
+    ds = saved_dict(tmp_path / "zh", train=rows, val=rows[:5])
+    data = DataConfig(hf_dataset=str(ds), hf_val_split="validation")
+    recipe._stats_of.cache_clear()
+    stats = recipe.corpus_stats(data)
+    assert stats.bytes == sum(len(r.encode()) for r in rows) and stats.sample_chars == sum(map(len, rows))
+    assert recipe.vocab_for(stats) >= recipe.CJK_VOCAB
+    per_step = 32 * 32
+    assert recipe.epoch_cap(stats, data, per_step) == math.ceil(      # the validation split is held out
+        recipe.MAX_EPOCHS * stats.bytes / recipe.BYTES_PER_TOKEN[1] / per_step)
+    fraction = DataConfig(hf_dataset=str(ds), val_fraction=0.5)
+    assert recipe.epoch_cap(stats, fraction, per_step) == math.ceil(
+        recipe.MAX_EPOCHS * stats.bytes * 0.5 / recipe.BYTES_PER_TOKEN[1] / per_step)
+
+    monkeypatch.setattr(recipe, "SAMPLE_BYTES", 20 * len(rows[0].encode()))  # 20 of the 300 rows
+    recipe._stats_of.cache_clear()
+    sampled = recipe.corpus_stats(data)
+    assert sampled.sample_chars == 20 * 200 and sampled.bytes == stats.bytes  # equal-sized rows: exact
+
+    recipe._stats_of.cache_clear()
+    assert recipe.corpus_stats(DataConfig(hf_dataset="someone/no-such-dataset")) is None  # offline hub
+    assert recipe.corpus_stats(DataConfig(hf_dataset=str(tmp_path / "nope"))) is None
+    recipe._stats_of.cache_clear()
