@@ -247,13 +247,26 @@ def split_corpus(src: Path, out_dir: Path) -> dict:
     if len(val) > VAL_CAP:
         nl = val.rfind(b"\n", 0, VAL_CAP)
         val = val[: nl + 1 if nl > 0 else VAL_CAP]
+    chars = set(train.decode("utf-8"))
     info = {"train": str(out_dir / "train.txt"), "val": str(out_dir / "val.txt"), "bytes": len(data),
-            "train_bytes": len(train), "val_bytes": len(val), "chars": len(set(train.decode("utf-8")))}
+            "train_bytes": len(train), "val_bytes": len(val), "chars": len(chars), "unpieced": unpieced(chars)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train.txt").write_bytes(train)
     (out_dir / "val.txt").write_bytes(val)
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def unpieced(chars: set[str]) -> list[str]:
+    """The characters of ``chars`` sentencepiece gives no piece of their own (minillm.tokenizer's
+    needs_alphabet: some control characters, U+2585, a literal U+2581): a char vocabulary without byte
+    fallback cannot hold them, so the baseline gets byte fallback on a corpus that has any."""
+    from minillm.config import TokenizerConfig
+    from minillm.tokenizer import UNK_ID, train_tokenizer
+    space = "\u2581"
+    tok = train_tokenizer(["".join(c + "\n" for c in sorted(chars))],  # one per line: a U+2585 line drops alone
+                          TokenizerConfig(model_type="char", vocab_size=1 << 20))
+    return sorted(c for c in chars if c == space or tok.sp.piece_to_id(space if c == " " else c) == UNK_ID)
 
 
 def bpb_at(curve: list[dict], t: float) -> dict | None:
@@ -327,8 +340,9 @@ def has_time_budget(env: dict) -> bool:
 
 def baseline_overrides(split: dict) -> list[str]:
     """nanoGPT's CPU recipe at character level on the split (the experiment's char vocabulary takes
-    every character of it, + 4 specials)."""
-    return ["experiment=nanogpt_cpu", "data=text", f"data.path={split['train']}", f"data.val_path={split['val']}"]
+    every character of it, + 4 specials), with byte fallback where sentencepiece cannot hold a character."""
+    return (["experiment=nanogpt_cpu", "data=text", f"data.path={split['train']}", f"data.val_path={split['val']}"]
+            + (["tokenizer.byte_fallback=true"] if split.get("unpieced") else []))
 
 
 def minillm_overrides(split: dict, budget: float, time_key: bool, quick: bool, extra: list[str]) -> list[str]:
@@ -495,6 +509,11 @@ def budget_main(args) -> int:
                 shutil.rmtree(work, ignore_errors=True)
 
 
+def unpieced_note(split: dict) -> str:
+    chars = split.get("unpieced") or []
+    return f"; {len(chars)} without a sentencepiece piece {chars[:5]}: the baseline gets byte fallback" if chars else ""
+
+
 def describe_corpus(corpus: dict, work: Path) -> str | None:
     """Split CORPUS into WORK/splits/<name>/ and record its sha256, sizes and characters in it (printed);
     returns an error line when its training text is not UTF-8."""
@@ -505,7 +524,7 @@ def describe_corpus(corpus: dict, work: Path) -> str | None:
         return f"{corpus['path']}: not UTF-8 text ({e.reason} at byte {e.start}); give UTF-8 text"
     corpus.update(split, sha256=sha256(Path(corpus["path"])), path=str(corpus["path"]))
     print(f"{corpus['name']}: {corpus['bytes']:,} bytes ({split['train_bytes']:,} train, {split['val_bytes']:,} val, "
-          f"{split['chars']} characters), sha256 {corpus['sha256'][:16]}", flush=True)
+          f"{split['chars']} characters{unpieced_note(split)}), sha256 {corpus['sha256'][:16]}", flush=True)
     return None
 
 

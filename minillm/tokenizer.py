@@ -27,7 +27,7 @@ import itertools
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -226,21 +226,46 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig, source: str) -> str:
     return f"training the tokenizer on {source} failed: {last}"
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "corpus") -> Tokenizer:
+@dataclass
+class Alphabet:
+    """The characters of a training text and how many lines it has (_training_lines' count): what
+    :func:`check_alphabet` needs. ``note(text)`` adds a text's characters; ``lines`` is set by the
+    caller that streams the lines (minillm/data/tokenizer_sample.py, or train_tokenizer itself)."""
+    chars: set = field(default_factory=set)
+    lines: int = 0
+
+    def note(self, text: str) -> str:
+        self.chars.update(text)
+        return text
+
+
+def needs_alphabet(cfg: TokenizerConfig) -> bool:
+    """Whether training must check that every character got a piece: without byte fallback, at
+    character_coverage 1 (which asks for all of them), a character left out encodes as <unk> (lossy).
+    sentencepiece's char trainer keeps the commonest characters up to vocab_size and says nothing of
+    the rest; no trainer gives a piece to some control characters ("\\r", "\\x00") or to U+2585, and
+    a literal U+2581 can only come back as a space."""
+    return not cfg.byte_fallback and cfg.character_coverage == 1.0
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "corpus",
+                    alphabet: Alphabet | None = None) -> Tokenizer:
     """Train a sentencepiece model on ``texts`` (an iterable of text pieces, streamed) losslessly.
 
     Memory stays bounded on large corpora: sentencepiece keeps a uniform random sample of at most
-    ``cfg.input_sentence_size`` lines (reservoir sampling over the stream).
+    ``cfg.input_sentence_size`` lines (reservoir sampling over the stream). When ``needs_alphabet(cfg)``
+    the characters of ``texts`` are checked against the trained pieces (``alphabet``: those of the whole
+    corpus when ``texts`` is a sample of it). Raises TokenizerError (one line naming the setting to change).
     """
     t0 = time.time()
     buf = io.BytesIO()
+    check = alphabet
+    if check is None and needs_alphabet(cfg):
+        check = Alphabet()
+        texts = (check.note(t) for t in texts)
     lines = _training_lines(texts, cfg.max_sentence_length)
-    # A char vocabulary without byte fallback is lossless only if it holds every character: its trainer
-    # keeps the most frequent ones up to vocab_size and says nothing of the rest (they become <unk>).
-    alphabet: set[str] | None = None
-    if cfg.model_type == "char" and not cfg.byte_fallback and cfg.character_coverage == 1.0:
-        alphabet = set()
-        lines = _noting_characters(lines, alphabet)
+    if check is not None and alphabet is None:
+        lines = _counted(lines, check)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines,
@@ -267,33 +292,40 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
         raise TokenizerError(_explain_training_error(str(e), cfg, source)) from e
     tok = Tokenizer(buf.getvalue())
     tok.train_seconds = time.time() - t0
-    if alphabet is not None:
-        _check_alphabet(tok, alphabet, cfg, source)
+    if check is not None:
+        check_alphabet(tok, check, cfg, source)
     return tok
 
 
-def _noting_characters(lines: Iterable[str], seen: set[str]) -> Iterator[str]:
-    """``lines`` unchanged, each one's characters added to ``seen`` on the way."""
+def _counted(lines: Iterable[str], alphabet: Alphabet) -> Iterator[str]:
     for line in lines:
-        seen.update(line)
+        alphabet.lines += 1
         yield line
 
 
-def _check_alphabet(tok: Tokenizer, alphabet: set[str], cfg: TokenizerConfig, source: str) -> None:
-    """Raises TokenizerError when a character of the training text has no piece in a char vocabulary
-    without byte fallback (it would encode as <unk>: lossy)."""
-    missing = [c for c in alphabet if tok.sp.piece_to_id(_SPACE if c == " " else c) == UNK_ID]
+def check_alphabet(tok: Tokenizer, alphabet: Alphabet, cfg: TokenizerConfig, source: str) -> None:
+    """Raises TokenizerError when a character of ``alphabet`` has no piece of its own in ``tok`` (see
+    needs_alphabet), naming the likeliest cause: the vocab_size ceiling, the line sample, or characters
+    sentencepiece gives no piece."""
+    missing = sorted(c for c in alphabet.chars
+                     if c == _SPACE or tok.sp.piece_to_id(_SPACE if c == " " else c) == UNK_ID)
     if not missing:
         return
-    if tok.vocab_size >= cfg.vocab_size:  # the ceiling cut the alphabet
-        why = f"tokenizer.vocab_size={cfg.vocab_size} leaves out"
-        fix = f"tokenizer.vocab_size >= {len(alphabet) + 4} (characters + <unk> <s> </s> <pad>)"
-    else:  # the lines sentencepiece sampled lack them
-        why = f"sentencepiece sampled too few lines (tokenizer.input_sentence_size={cfg.input_sentence_size}) and left out"
-        fix = "a larger tokenizer.input_sentence_size"
-    raise TokenizerError(
-        f"{why} {len(missing)} of the {len(alphabet)} characters of {source} (e.g. {sorted(missing)[0]!r}); "
-        f"without byte fallback they would become <unk>: set {fix}, or tokenizer.byte_fallback=true")
+    shown = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    what = f"{len(missing)} of the {len(alphabet.chars)} characters of {source} ({shown})"
+    if cfg.model_type == "char" and tok.vocab_size >= cfg.vocab_size:  # the ceiling cut the alphabet
+        # (bpe and unigram fill vocab_size always; sentencepiece refuses one too small for the characters)
+        needed = len(alphabet.chars | {"\n"}) + 4  # "\n" is always a piece; + <unk> <s> </s> <pad>
+        why, fix = (f"tokenizer.vocab_size={cfg.vocab_size} leaves out {what}",
+                    f"set tokenizer.vocab_size >= {needed} (characters + 4 specials)")
+    elif alphabet.lines > cfg.input_sentence_size:  # the lines sampled lack them
+        why, fix = (f"the {cfg.input_sentence_size:,} lines sampled of {alphabet.lines:,} leave out {what}",
+                    "set a larger tokenizer.input_sentence_size")
+    else:
+        dropped = " (a line holding U+2585 is dropped whole)" if "\u2585" in missing else ""
+        why, fix = f"sentencepiece gives no piece to {what}{dropped}", "remove them from the corpus"
+    raise TokenizerError(f"{why}; without byte fallback they would not decode back: {fix}, "
+                         "or set tokenizer.byte_fallback=true")
 
 
 if __name__ == "__main__":  # the command moved: say so instead of silently doing nothing

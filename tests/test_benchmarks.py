@@ -110,6 +110,20 @@ def test_recipe_compare_verdicts():
     assert (half["base_bpb"], half["ratio"], half["verdict"]) == (2.2, 1.0, "win")
 
 
+def test_recipe_baseline_gets_byte_fallback_only_for_characters_sentencepiece_cannot_hold(tmp_path):
+    """The baseline is a char vocabulary without byte fallback, which training refuses on a corpus with a
+    character sentencepiece gives no piece (a carriage return, U+2585, a literal U+2581); split_corpus
+    finds them, and only then does the baseline get byte fallback."""
+    src = tmp_path / "c.txt"
+    src.write_text("crlf\r\n" + "block \u2585 and \u2581\n" + "plain text, 梦\n" * 50)  # in the first 90%
+    split = bench_recipe.split_corpus(src, tmp_path / "split")
+    assert split["unpieced"] == ["\r", "\u2581", "\u2585"]
+    assert bench_recipe.baseline_overrides(split)[-1] == "tokenizer.byte_fallback=true"
+    src.write_text("plain text, 梦\n" * 50)
+    clean = bench_recipe.split_corpus(src, tmp_path / "clean")
+    assert clean["unpieced"] == [] and not any("byte_fallback" in o for o in bench_recipe.baseline_overrides(clean))
+
+
 def test_recipe_rejects_bad_input(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1") * 10)
     for args, names in [(["--corpus", str(tmp_path / "nosuch.txt"), "--budgets", "30"], "nosuch.txt"),

@@ -1,6 +1,7 @@
 """The tokenizer is lossless, counts bytes exactly, streams exactly what decode gives, and trains
 from files on its own (python -m minillm.train_tokenizer)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from conftest import ROOT, SHARED_DATA, make_corpus
 from minillm.config import TokenizerConfig
 from minillm.errors import ConfigError, TokenizerError
 from minillm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from minillm.data.tokenizer_sample import train_on_sample, training_sample
 from minillm.train_tokenizer import main
 
 HARD = ["红楼梦 第一回 甄士隐梦幻识通灵", "emoji 😀🎉👩‍👩‍👧", "combining e\u0301 a\u0308", "tabs\tand\t\ttabs",
@@ -100,17 +102,36 @@ def test_char_vocab_without_byte_fallback_takes_every_character_or_fails():
     assert train_tokenizer([text], TokenizerConfig(model_type="char", vocab_size=chars + 4,
                                                    byte_fallback=False)).vocab_size == chars + 4
     with pytest.raises(TokenizerError, match=rf"tokenizer.vocab_size={chars + 3} leaves out 1 of the {chars} "
-                                             rf"characters of c.txt .*tokenizer.vocab_size >= {chars + 4} "):
+                                             rf"characters of c.txt \(.*\).*set tokenizer.vocab_size >= {chars + 4} "):
         train_tokenizer([text], TokenizerConfig(model_type="char", vocab_size=chars + 3, byte_fallback=False),
                         source="c.txt")
-    # a character only in lines sentencepiece did not sample: the remedy is the sample, not the size
-    with pytest.raises(TokenizerError, match=r"sampled too few lines \(tokenizer.input_sentence_size=101\) and left "
-                                             r"out 1 of the 8 characters .*'Z'.*larger tokenizer.input_sentence_size"):
-        train_tokenizer(["abc de\n" * 3000 + "Z\n"],
-                        TokenizerConfig(model_type="char", vocab_size=65536, byte_fallback=False, input_sentence_size=101))
+    # "\n" is always a piece: a text without one needs its characters + "\n" + 4 specials
+    flat = "abcdefghij" * 20
+    with pytest.raises(TokenizerError, match=r"tokenizer.vocab_size=14 .* >= 15 "):
+        train_tokenizer([flat], TokenizerConfig(model_type="char", vocab_size=14, byte_fallback=False))
     # with byte fallback a smaller char vocabulary is lossless (rare characters become bytes)
     small = train_tokenizer([text], TokenizerConfig(model_type="char", vocab_size=261 + chars - 3))
     assert small.decode(small.encode(text)) == text
+
+
+def test_without_byte_fallback_every_character_of_the_whole_corpus_is_checked():
+    """The training sample (train_on_sample: seeded, what data preparation uses) may miss a rare line:
+    its characters are checked against the whole corpus. Characters sentencepiece gives no piece
+    (a NUL, a literal U+2581 that would come back as a space) are named, whatever the model type."""
+    corpus = "abc de\n" * 3000 + "Z\n"
+    cfg = TokenizerConfig(model_type="char", vocab_size=65536, byte_fallback=False, input_sentence_size=101)
+    assert "Z\n" not in training_sample([corpus], cfg)                   # the seeded sample misses it
+    with pytest.raises(TokenizerError, match=r"the 101 lines sampled of 3,001 leave out 1 of the 8 characters "
+                                             r"of corpus \('Z'\).*set a larger tokenizer.input_sentence_size"):
+        train_on_sample([corpus], cfg)
+    assert train_on_sample([corpus], TokenizerConfig(model_type="char", vocab_size=65536, byte_fallback=False)
+                           ).encode("Z") != [0]
+    for bad in ("\x00", "\u2581"):
+        for model_type, size in (("char", 65536), ("bpe", 300)):
+            with pytest.raises(TokenizerError, match=rf"sentencepiece gives no piece to 1 of .* \({re.escape(repr(bad))}\).*remove "
+                                                     r"them from the corpus, or set tokenizer.byte_fallback=true"):
+                train_on_sample([make_corpus(100) + f"a{bad}b\n"],
+                                TokenizerConfig(model_type=model_type, vocab_size=size, byte_fallback=False))
 
 
 def test_long_lines_and_sampling_keep_training_lossless():

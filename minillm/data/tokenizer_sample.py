@@ -21,7 +21,7 @@ import random
 from typing import Iterable, Iterator
 
 from minillm.config import TokenizerConfig
-from minillm.tokenizer import Tokenizer, train_tokenizer
+from minillm.tokenizer import Alphabet, Tokenizer, needs_alphabet, train_tokenizer
 
 SEED = 0x5EED
 
@@ -39,20 +39,30 @@ def _lines(texts: Iterable[str], max_len: int) -> Iterator[str]:
                     yield line[i:i + step]
 
 
-def training_sample(texts: Iterable[str], cfg: TokenizerConfig, seed: int = SEED) -> list[str]:
+def training_sample(texts: Iterable[str], cfg: TokenizerConfig, seed: int = SEED,
+                    alphabet: Alphabet | None = None) -> list[str]:
     """At most ``cfg.input_sentence_size`` lines drawn uniformly from all lines of ``texts``
-    (reservoir sampling, Algorithm R, with a fixed seed); all of them, in order, if there are fewer."""
+    (reservoir sampling, Algorithm R, with a fixed seed); all of them, in order, if there are fewer.
+    ``alphabet``: gets the characters and the line count of all of them, not only the sample's."""
     k, rng = cfg.input_sentence_size, random.Random(seed)
+    if alphabet is not None:
+        texts = (alphabet.note(t) for t in texts)
     sample: list[str] = []
+    i = -1
     for i, line in enumerate(_lines(texts, cfg.max_sentence_length)):
         if i < k:
             sample.append(line)
         elif (j := rng.randrange(i + 1)) < k:
             sample[j] = line
+    if alphabet is not None:
+        alphabet.lines = i + 1
     return sample
 
 
 def train_on_sample(texts: Iterable[str], cfg: TokenizerConfig, source: str = "corpus") -> Tokenizer:
     """Train the tokenizer on :func:`training_sample` of ``texts``: the same corpus and settings give
-    the same model in every run. Raises TokenizerError as minillm.tokenizer.train_tokenizer does."""
-    return train_tokenizer(training_sample(texts, cfg), cfg, source=source)
+    the same model in every run. Without byte fallback every character of the whole corpus, not only
+    of the sample, must get a piece (minillm.tokenizer.needs_alphabet). Raises TokenizerError as
+    minillm.tokenizer.train_tokenizer does."""
+    alphabet = Alphabet() if needs_alphabet(cfg) else None
+    return train_tokenizer(training_sample(texts, cfg, alphabet=alphabet), cfg, source=source, alphabet=alphabet)
