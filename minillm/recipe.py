@@ -9,8 +9,8 @@ config.json records it. Without a time budget every key resolves to its schema d
 (minillm/config.py): an unbudgeted run is exactly what it was before the recipe existed.
 
 With a budget B seconds:
-- the corpus is sampled (``corpus_stats``: up to 4 MB read from up to 8 of its files) for its share of
-  CJK characters and its alphabet;
+- the corpus is sampled (``corpus_stats``: up to 4 MB read from up to 8 of its files, or from the first
+  rows of a local Hugging Face dataset) for its share of CJK characters and its alphabet;
 - training compute C = B x TRAIN_SHARE x the device's sustained training rate (``device_rate``; FLOPs);
 - the model comes from the ladder of shapes ``LADDER``: the largest whose 6 N D training cost (Kaplan
   et al., 2020; N parameters, D tokens) with D = TOKENS_PER_PARAM x N fits in C, i.e. the size a
@@ -26,6 +26,7 @@ The measurements behind each constant: README "The budget recipe" and benchmarks
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import unicodedata
 from collections import Counter
@@ -33,6 +34,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from minillm.config import ModelConfig, OptimConfig, TokenizerConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 VOCAB = 1024             # BPE pieces for alphabetic text and code (measured: README "The budget recipe")
 CJK_VOCAB = 4000         # for text whose non-space characters are more than 30% CJK
@@ -130,14 +133,20 @@ def _stats_of(data_key: tuple) -> CorpusStats | None:
 
 
 def _hf_stats(data: Any) -> CorpusStats | None:
-    """CorpusStats of the training split of ``data.hf_dataset`` from its first SAMPLE_BYTES of text. Its
-    size: exact when the sample is the whole split, else rows x the sample's bytes per row (rows from a
-    saved dataset or the metadata), else a local folder's file bytes (compressed Parquet counts small,
-    so its epoch cap comes early), else unknown. None when it cannot be opened here (preparation says why)."""
+    """CorpusStats of the training split of a local ``data.hf_dataset`` (a saved dataset or a folder of
+    data files) from its first SAMPLE_BYTES of text. Its size: exact when the sample is the whole split,
+    else rows x the sample's bytes per row (rows from a saved dataset or the metadata), else the split's
+    file bytes (a folder's; compressed Parquet counts small, so its epoch cap comes early), else unknown.
+    A hub dataset is not read here: this runs while the config resolves, in every process of a run,
+    inside its time budget, and the answer must not change with the network (the tokenizer settings
+    key the prepared data); it gets the defaults. None also when the dataset cannot be opened
+    (preparation then says why, in one line)."""
     from minillm.data.hf_dataset import hf_splits
 
     try:
         split = hf_splits(data)[0]
+        if split.kind == "hub":
+            return None
         texts, got, rows = [], 0, 0
         for _, text in split.records(data.text_field, skip_bad=True):
             rows += 1
@@ -147,23 +156,19 @@ def _hf_stats(data: Any) -> CorpusStats | None:
             if got >= SAMPLE_BYTES:
                 break
         else:  # the whole split was read
-            return text_stats("".join(texts), got) if texts else None
+            return text_stats("".join(texts), got) if got else None
         total = split.rows()
-        if total is not None:
-            size = round(got / rows * total)
-        elif split.kind == "folder":
-            size = sum(p.stat().st_size for p in split.path.rglob("*") if p.is_file())
-        else:
-            size = None
-        return text_stats("".join(texts), size) if texts else None
-    except Exception:  # noqa: BLE001 - the dataset's own error comes, as one line, when the data is prepared
+        size = round(got / rows * total) if total is not None else split.file_bytes()
+        return text_stats("".join(texts), size)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; preparation reports it in one line
+        log.debug("the recipe could not read %s: %s", data.hf_dataset, e)
         return None
 
 
 def corpus_stats(data: Any) -> CorpusStats | None:
-    """CorpusStats of the corpus ``data`` (a DataConfig or its config node) names: files or a Hugging
-    Face dataset (its first SAMPLE_BYTES of text; a hub dataset over the network); None when it cannot
-    be read here (a missing file or dataset, reported later by preparation)."""
+    """CorpusStats of the corpus ``data`` (a DataConfig or its config node) names: files or a local
+    Hugging Face dataset (its first SAMPLE_BYTES of text); None when it is not read here (a hub dataset)
+    or cannot be (a missing file or dataset, reported later by preparation)."""
     keys = ("name", "path", "url", "sha256", "filename", "val_fraction", "val_path", "text_field", "hf_dataset",
             "hf_config", "hf_split", "hf_val_split")
     return _stats_of(tuple((k, getattr(data, k)) for k in keys))
@@ -288,7 +293,7 @@ def resolve(key: str, *, _root_: Any) -> Any:
 def describe(chosen: dict[str, Any], stats: CorpusStats | None, budget: float) -> str:
     """One log line: what the recipe chose and from what."""
     size = "size unknown" if stats is None or stats.bytes is None else f"{stats.bytes / 1e6:.2f} MB"
-    seen = ("corpus unknown until read" if stats is None else
+    seen = ("corpus not read: the defaults" if stats is None else
             f"corpus {size}, {stats.cjk_share:.0%} CJK, {stats.alphabet} distinct characters in "
             f"{stats.sample_chars:,} sampled")
     values = ", ".join(f"{k}={v}" for k, v in chosen.items())

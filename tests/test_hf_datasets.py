@@ -238,7 +238,32 @@ def test_the_budget_recipe_sizes_a_dataset_from_its_rows(tmp_path, monkeypatch):
     sampled = recipe.corpus_stats(data)
     assert sampled.sample_chars == 20 * 200 and sampled.bytes == stats.bytes  # equal-sized rows: exact
 
+    # a folder of jsonl files whose sample is part of the split and whose rows are unknown until read:
+    # the training split's own file bytes (not the other splits', not the README)
+    import json
+    folder = tmp_path / "folder"
+    (folder / "data").mkdir(parents=True)
+    for name, part in (("train", rows), ("validation", rows[:30]), ("test", rows[:30])):
+        (folder / "data" / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in part))
+    (folder / "README.md").write_text("x" * 100_000)
     recipe._stats_of.cache_clear()
-    assert recipe.corpus_stats(DataConfig(hf_dataset="someone/no-such-dataset")) is None  # offline hub
+    in_folder = recipe.corpus_stats(DataConfig(hf_dataset=str(folder), hf_val_split="validation"))
+    assert in_folder.sample_chars == 20 * 200 and in_folder.bytes == (folder / "data" / "train.jsonl").stat().st_size
+    assert recipe.vocab_for(in_folder) >= recipe.CJK_VOCAB
+
+    recipe._stats_of.cache_clear()
+    assert recipe.corpus_stats(DataConfig(hf_dataset="someone/no-such-dataset")) is None  # a hub dataset: not read
     assert recipe.corpus_stats(DataConfig(hf_dataset=str(tmp_path / "nope"))) is None
+    recipe._stats_of.cache_clear()
+
+
+def test_the_recipe_never_opens_a_hub_dataset(monkeypatch):
+    """A hub dataset is not read while the config resolves (every process, the network, inside the time
+    budget; the choice must not change with the network): the recipe's defaults, nothing opened."""
+    from minillm import recipe
+    from minillm.data import hf_dataset
+    opened = []
+    monkeypatch.setattr(hf_dataset.HFSplit, "open", lambda self: opened.append(self) or 1 / 0)
+    recipe._stats_of.cache_clear()
+    assert recipe.corpus_stats(DataConfig(hf_dataset="someone/some-dataset")) is None and opened == []
     recipe._stats_of.cache_clear()

@@ -142,6 +142,18 @@ class HFSplit:
             return None
 
 
+    def file_bytes(self) -> int | None:
+        """Bytes of the split's data files in a local folder, as ``datasets`` assigns files to splits
+        (compressed Parquet counts at its compressed size); None for other kinds or when it cannot say."""
+        if self.kind != "folder":
+            return None
+        try:
+            files = _datasets().load_dataset_builder(str(self.path), self.config).config.data_files
+            return sum(Path(f).stat().st_size for f in files[self.split or "train"])
+        except (DataError, KeyError, OSError, ValueError, TypeError, AttributeError):
+            return None
+
+
 def _stream_column(files: list[str], column: str) -> Iterator[Any]:
     """The values of ``column`` in Arrow IPC stream files (what save_to_disk writes), a record batch at a
     time, read with plain reads (bounded memory) rather than a memory map."""
