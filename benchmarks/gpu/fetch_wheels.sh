@@ -35,12 +35,15 @@ mkdir -p "$(dirname "$EXCLUDE")"
 grep -qxF '/.whl/' "$EXCLUDE" 2>/dev/null || echo '/.whl/' >> "$EXCLUDE"
 
 PURE=(hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
-      wandb==0.28.0 pydantic==2.11.7 annotated-types==0.7.0 typing-inspection==0.4.1
+      pydantic==2.11.7 annotated-types==0.7.0 typing-inspection==0.4.1
       gitpython==3.1.44 gitdb==4.0.12 smmap==5.0.2 sentry-sdk==2.32.0 platformdirs==4.3.8
       pytest-xdist==3.8.0 execnet==2.1.2)
-BINARY=(zstandard==0.23.0 pydantic-core==2.33.2)
+BINARY=(zstandard==0.23.0 pydantic-core==2.33.2 wandb==0.28.0)
 ALL=("${PURE[@]}" "${BINARY[@]}")
 
+# only this list: a wheel left from an earlier list (another version of a package) would make run.sh's
+# install fail (pip refuses two versions of one package)
+rm -f .whl/*.whl
 mkdir -p .whl
 # antlr4-python3-runtime 4.9.3 is published as an sdist only: build its (pure-Python) wheel here.
 "$PY" -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3

@@ -14,20 +14,30 @@
 # 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"). The GPU machine's numpy
 # (2.5) is no problem there: on a GPU the kernels are compiled, not interpreted; only its dry run
 # cannot run minillm's norm kernels.
-# Needs a Python 3.12 ($PYTHON312, pyenv's 3.12.x or python3.12) and the package index. Exit status: pytest's.
+# Needs a Python 3.12 ($PYTHON312, pyenv's 3.12.x or python3.12) and the package index. Exit status: the dry
+# run's when it fails, else pytest's.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 VENV="${TMPDIR:-/tmp}/minillm-gpu-twin"
-PY312=""
-for py in "${PYTHON312:-}" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.*/bin/python python3.12; do
-  [ -n "$py" ] && "$py" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { PY312="$py"; break; }
-done
-[ -n "$PY312" ] || { echo "twin.sh: no Python 3.12 found (set PYTHON312, or install python3.12 or pyenv's 3.12.x)" >&2; exit 2; }
+is312() { "$1" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; }
+if [ -n "${PYTHON312:-}" ]; then
+  is312 "$PYTHON312" || { echo "twin.sh: PYTHON312=$PYTHON312 is not a Python 3.12" >&2; exit 2; }
+  PY312="$PYTHON312"
+else
+  PY312=""
+  for py in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.*/bin/python python3.12; do
+    is312 "$py" && { PY312="$py"; break; }
+  done
+  [ -n "$PY312" ] || { echo "twin.sh: no Python 3.12 found (set PYTHON312, or install python3.12 or pyenv's 3.12.x)" >&2; exit 2; }
+fi
+if [ -x "$VENV/bin/python" ] && ! is312 "$VENV/bin/python"; then
+  echo "twin.sh: $VENV is not a Python 3.12 environment; remove it" >&2; exit 2
+fi
 [ -x "$VENV/bin/python" ] || "$PY312" -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" sentencepiece pyarrow tqdm matplotlib pyyaml \
   pytest filelock safetensors transformers protobuf hypothesis requests click
-ls .whl/*.whl >/dev/null 2>&1 || bash benchmarks/gpu/fetch_wheels.sh
+bash benchmarks/gpu/fetch_wheels.sh >/dev/null   # the current list, as a GPU session would carry it
 PYTHON="$VENV/bin/python" bash benchmarks/gpu/run.sh "${TMPDIR:-/tmp}/minillm-gpu-twin-out" --dry-run
 [ $# -gt 0 ] || set -- tests/test_kernels_attention.py tests/test_kernels_norm.py tests/test_ops.py \
   tests/test_attention_build.py tests/test_gpu_suite.py
