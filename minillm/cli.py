@@ -45,14 +45,15 @@ def register_schemas() -> None:
     cs.store(name="sample_schema", node=schema(SampleJobConfig))
 
 
-def corpus_name(name: str, path: str | None, hf_dataset: str | None = None) -> str:
-    """The default run name's corpus part, ``${minillm.corpus_name:${data.name},${data.path},${data.hf_dataset}}``
-    in configs/train.yaml: data.name, except for data=text, where it names what data.path points at (a
+def corpus_name(name: str, path: str | None, hf_dataset: str | None = None, filename: str | None = None) -> str:
+    """The default run name's corpus part, ``${minillm.corpus_name:${data.name},${data.path},${data.hf_dataset},
+    ${data.filename}}`` in configs/train.yaml: data.name, except where data.path points at another corpus
+    (data=text; or a named dataset given a path that is not its file), named by what it points at (a
     file's stem, a folder's name, a glob's last fixed folder), and for data=hf, where it is the dataset
     folder's name (a hub name's last part), so each corpus gets its own out_dir."""
     if name == "hf" and hf_dataset:
         return re.sub(r"[^\w.-]+", "_", Path(str(hf_dataset)).expanduser().name).strip("._") or name
-    if name != "text" or not path:
+    if not path or (filename and Path(str(path)).name == filename):  # the named dataset's own file
         return name
     p = Path(str(path)).expanduser()
     while p.name and any(c in p.name for c in "*?["):  # a glob: the folder before its first wildcard

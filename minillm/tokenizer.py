@@ -219,7 +219,8 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig, source: str) -> str:
     if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
         return (f"tokenizer.vocab_size={cfg.vocab_size} is smaller than the {m.group(2)} pieces {source} needs "
                 f"(its characters at tokenizer.character_coverage={cfg.character_coverage}, plus specials and byte "
-                "pieces); raise the vocab size or lower the coverage")
+                "pieces); raise the vocab size or lower the coverage (tokenizer=cjk sets both for Chinese, Japanese or "
+                "Korean text)")
     if "Corpus is empty" in msg or "No valid sentence" in msg.lower():
         return f"{source}: no text to train the tokenizer on; give a non-empty UTF-8 corpus"
     last = msg.strip().splitlines()[-1] if msg.strip() else "unknown error"

@@ -17,6 +17,9 @@ def default_out_dir(*overrides: str) -> str:
 @pytest.mark.parametrize("overrides, want", [
     ((), "out/shakespeare-tiny"),
     (("data.path=/x/tinyshakespeare.txt",), "out/shakespeare-tiny"),   # a named dataset keeps its name
+    (("data.path=/x/hongloumeng.txt",), "out/hongloumeng-tiny"),       # ... given another corpus, that one's
+    (("data.path=/x/tinyshakespeare.txt", "experiment=nanogpt_cpu"), "out/shakespeare-nanogpt_cpu"),
+    (("data=text", "data.path=/x/hongloumeng.txt", "experiment=nanogpt_cpu"), "out/hongloumeng-nanogpt_cpu"),
     (("data=text", "data.path=/data/hongloumeng.txt"), "out/hongloumeng-tiny"),
     (("data=text", "data.path=/data/books.v2.txt", "model=gpt2-small"), "out/books.v2-gpt2-small"),
     (("data=text", "data.path='/data/books/**/*.txt'"), "out/books-tiny"),
