@@ -42,12 +42,18 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
     batch; print them (streaming the first) as each batch ends and return prompt + continuation for
     every row. A row's text depends on its prompt and seed only, not on how rows are batched."""
     from minillm.generation import Engine, SamplingParams, sample_rows
+    from minillm.tokenizer import UNK_ID
 
     tok, block_size = loaded.tokenizer, loaded.model.cfg.block_size
     shown = ["" if p is None else p for p in prompts]
     for i, p in enumerate(shown):
-        if (n := len(tok.encode(p))) > block_size:
-            print(f"# prompt {i + 1} is {n} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
+        ids = tok.encode(p)
+        if len(ids) > block_size:
+            print(f"# prompt {i + 1} is {len(ids)} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
+        if UNK_ID in ids:  # a vocabulary without byte fallback (a char model) lacks some of its characters
+            missing = sorted({c for c in p if UNK_ID in tok.encode(c)})
+            print(f"# prompt {i + 1}: {len(missing)} character(s) not in the model's vocabulary "
+                  f"({', '.join(map(repr, missing[:5]))}) reach it as <unk>", file=sys.stderr)
     if cfg.stream:
         sys.stdout.write(header(cfg, len(prompts), 0) + shown[0])
         sys.stdout.flush()
@@ -141,7 +147,11 @@ def main(cfg: DictConfig) -> None:
     job = cli.to_dataclass(cfg, SampleJobConfig)
     cli.setup_logging()
     with cli.user_errors():
-        run(job)
+        try:
+            run(job)
+        except KeyboardInterrupt:  # Ctrl-C: what was generated is printed; no traceback
+            print("\n# stopped by SIGINT", file=sys.stderr, flush=True)
+            sys.exit(130)
 
 
 if __name__ == "__main__":

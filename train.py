@@ -33,6 +33,10 @@ def main(cfg: DictConfig) -> None:
     except TrainingInterrupted as e:  # SIGTERM -> 143, SIGINT -> 130, after the checkpoint
         print(f"{e}; continue with the same command (train.resume=auto)", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handler is set (data, tokenizer, model) or a second one
+        print("stopped by SIGINT: nothing after the last checkpoint was kept (preparation leaves no partial cache); "
+              "continue with the same command (train.resume=auto)", file=sys.stderr, flush=True)
+        sys.exit(130)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -316,7 +316,7 @@ class WandbConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: bool = True              # tqdm progress bar on the console
+    progress: bool = True              # tqdm progress bars (training, data) when stderr is a terminal
 
 
 _DEVICES = ("auto", "cpu", "cuda")

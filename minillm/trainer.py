@@ -360,7 +360,7 @@ class Trainer:
             return self._already_finished()
         self._start_run_files()
         bar = tqdm(total=self.max_steps if self.budget is None or self.budget.max_steps else None, initial=self.state.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.info.is_main and self.cfg.logger.progress))
+                   disable=None if self.info.is_main and self.cfg.logger.progress else True)  # None: tty only
         self._window = (time.time(), self.state.tokens_seen)  # throughput counts training time only
         try:
             with GracefulStop() as stop:

@@ -143,6 +143,18 @@ def test_long_prompt_is_cut_with_a_notice(run, capsys):
     assert "keeping the last 32 (block_size)" in capsys.readouterr().err
 
 
+def test_a_prompt_character_outside_a_vocabulary_without_byte_fallback_is_named(tmp_path, capsys):
+    """A char model without byte fallback (experiment=nanogpt_cpu) cannot encode every character: the
+    prompt still runs, and stderr names the characters that reach the model as <unk>."""
+    char = train_tokenizer([make_corpus(300)], TokenizerConfig(model_type="char", vocab_size=65536, byte_fallback=False))
+    run_dir = write_run(tmp_path / "char", char)
+    sample.run(job(run_dir, prompt="the king\u20ac and \U0001f600", max_new_tokens=2))
+    err = capsys.readouterr().err
+    assert "# prompt 1: 2 character(s) not in the model's vocabulary ('\u20ac', '\U0001f600') reach it as <unk>" in err
+    sample.run(job(run_dir, prompt="the king", max_new_tokens=2))
+    assert "<unk>" not in capsys.readouterr().err
+
+
 def test_bfloat16_samples(run):
     texts = sample.run(job(run, prompt="ROMEO:", dtype="bfloat16", temperature=0.0, max_new_tokens=20))
     assert texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:")

@@ -144,6 +144,23 @@ def test_signal_finishes_the_step_checkpoints_and_exits(sig, code, tmp_path, cor
     assert "checkpoint saved" in err
 
 
+def test_ctrl_c_before_the_loop_is_one_line_and_130(tmp_path, corpus_file, data_dir):
+    """SIGINT while the corpus is prepared (before the loop's own handler exists): no traceback, one line,
+    exit 130, no checkpoint. The interrupt is raised inside preparation, as a Ctrl-C there would."""
+    run = tmp_path / "run"
+    code = ("import runpy, sys; import minillm.data.prepare as p\n"
+            "def interrupted(*a, **k): raise KeyboardInterrupt\n"
+            "p.prepare = interrupted\n"
+            f"sys.argv = ['train.py'] + sys.argv[1:]; runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, f"data.path={corpus_file}", f"out_dir={run}", *TINY_ARGS],
+                       cwd=ROOT, env={**os.environ, "MINILLM_DATA_DIR": str(data_dir)}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT: nothing after the last checkpoint")
+    assert "Traceback" not in r.stderr
+    assert not (run / "ckpt").exists()
+
+
 def test_nan_is_skipped_and_never_reaches_the_weights(tmp_path, corpus_file, data_dir, monkeypatch):
     real_forward, calls = GPT.forward, {"n": 0}
 
