@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -48,9 +49,20 @@ def train_on_files(specs: Sequence[str], cfg: TokenizerConfig, val_spec: str | N
     return tok, make_report(tok, cfg.model_type, st["bytes"], st["text_tokens"], st["byte_tokens"])
 
 
+def cli_names(message: str) -> str:
+    """A message naming train.py's tokenizer keys (TokenizerConfig, minillm/tokenizer.py), in this
+    command's options: tokenizer.vocab_size=N -> --vocab-size N, and so on."""
+    message = message.replace("or set tokenizer.byte_fallback=true", "or drop --no-byte-fallback")
+    message = message.replace("(tokenizer=cjk sets both for Chinese, Japanese or Korean text)",
+                              "(for Chinese, Japanese or Korean text: --vocab-size 8000 --character-coverage 0.9995)")
+    flag = {"num_threads": "threads"}
+    return re.sub(r"tokenizer\.(\w+)(?:=(\S+?)(?=[:;,)\s]|$))?",
+                  lambda m: "--" + flag.get(m[1], m[1]).replace("_", "-") + (f" {m[2]}" if m[2] else ""), message)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m minillm.train_tokenizer",
+        prog="python -m minillm.train_tokenizer", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a lossless sentencepiece tokenizer on UTF-8 text and report how it does on held-out text.")
     p.add_argument("--input", action="append", required=True,
                    help="a file, a folder (all files under it) or a quoted glob; repeat for several")
@@ -64,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--character-coverage", type=float, default=d.character_coverage,
                    help="1.0 for small alphabets, ~0.9995 for CJK")
     p.add_argument("--no-split-digits", action="store_true")
+    p.add_argument("--no-byte-fallback", action="store_true",
+                   help="no <0xNN> byte pieces (lossless only if every character gets a piece: checked)")
     p.add_argument("--max-sentence-length", type=int, default=d.max_sentence_length)
     p.add_argument("--input-sentence-size", type=int, default=d.input_sentence_size,
                    help="lines sampled for training (bounds memory)")
@@ -80,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TokenizerConfig(model_type=args.model_type, vocab_size=args.vocab_size,
                               character_coverage=args.character_coverage, split_digits=not args.no_split_digits,
+                              byte_fallback=not args.no_byte_fallback,
                               max_sentence_length=args.max_sentence_length,
                               input_sentence_size=args.input_sentence_size, num_threads=args.threads)
         out = Path(args.out)
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         tok, report = train_on_files(args.input, cfg, val_spec=args.val_input, val_fraction=args.val_fraction,
                                      skip_invalid=args.skip_invalid, text_field=args.text_field)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_names(str(e))}", file=sys.stderr)
         return 2
     tok.save(out)
     rpath = out.with_suffix(".json")

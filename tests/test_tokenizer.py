@@ -161,6 +161,24 @@ def test_cli_trains_from_a_glob_and_reports(tmp_path, capsys):
     assert "bytes per token" in capsys.readouterr().out
 
 
+def test_cli_speaks_in_its_own_options(tmp_path, capsys):
+    """The command's errors name its options, not train.py's keys; --no-byte-fallback trains a char
+    vocabulary of exactly the corpus's characters + 4 specials."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_corpus(200))
+    out = tmp_path / "t.model"
+    assert main(["--input", str(corpus), "--model-type", "char", "--vocab-size", "200", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: --vocab-size 200: must be >= 262 ")
+    train_chars = len(set(corpus.read_text()[:int(0.9 * corpus.stat().st_size)]))
+    assert main(["--input", str(corpus), "--model-type", "char", "--vocab-size", "1000", "--no-byte-fallback",
+                 "--out", str(out)]) == 0
+    assert abs(Tokenizer.load(out).vocab_size - (train_chars + 4)) <= 1   # the 90% cut may take a character
+    assert main(["--input", str(corpus), "--model-type", "char", "--vocab-size", "20", "--no-byte-fallback",
+                 "--out", str(tmp_path / "u.model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --vocab-size 20 leaves out ") and "or drop --no-byte-fallback" in err
+
+
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minillm.train_tokenizer", "--input", str(tmp_path / "none/*.txt"),
                            "--out", str(tmp_path / "t.model")], cwd=ROOT, capture_output=True, text=True, timeout=60)
