@@ -248,6 +248,6 @@ def _build(out: Path, tok: Tokenizer, kind: str, splits: dict[str, list[Segment 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tokenized: %d train / %d val tokens\n  %s", meta["train_tokens"], meta["val_tokens"],
-             "\n  ".join(report.lines()))
+    log.info("tokenized: %d train / %d val tokens (an eos between documents)\n  %s", meta["train_tokens"],
+             meta["val_tokens"], "\n  ".join(report.lines()))
     return meta
