@@ -262,11 +262,10 @@ def unpieced(chars: set[str]) -> list[str]:
     needs_alphabet: some control characters, U+2585, a literal U+2581): a char vocabulary without byte
     fallback cannot hold them, so the baseline gets byte fallback on a corpus that has any."""
     from minillm.config import TokenizerConfig
-    from minillm.tokenizer import UNK_ID, train_tokenizer
-    space = "\u2581"
+    from minillm.tokenizer import train_tokenizer, unpieced as no_piece
     tok = train_tokenizer(["".join(c + "\n" for c in sorted(chars))],  # one per line: a U+2585 line drops alone
                           TokenizerConfig(model_type="char", vocab_size=1 << 20))
-    return sorted(c for c in chars if c == space or tok.sp.piece_to_id(space if c == " " else c) == UNK_ID)
+    return no_piece(tok, chars)
 
 
 def bpb_at(curve: list[dict], t: float) -> dict | None:

@@ -119,17 +119,25 @@ def _stats_of(data_key: tuple) -> CorpusStats | None:
                 with open_bytes(path) as f:
                     texts.append(f.read(per_file).decode("utf-8", "ignore"))
                 continue
-            got = 0
-            for _, text in iter_records(path, fmt, data.text_field, skip_bad=True):
-                if isinstance(text, str):
-                    texts.append(text)
-                    got += len(text.encode("utf-8"))
-                if got >= per_file:
-                    break
+            _take_text(iter_records(path, fmt, data.text_field, skip_bad=True), per_file, texts)
         except Exception:  # noqa: BLE001 - an unreadable file is the preparation's to report
             continue
     total = sum(p.stat().st_size for p in files)
     return text_stats("".join(texts), total) if texts else None
+
+
+def _take_text(records: Any, limit: int, texts: list[str]) -> tuple[int, int, bool]:
+    """Append the texts of ``records`` ((row, text or RecordError) pairs) to ``texts`` until ``limit``
+    bytes are taken: (bytes taken, rows read, whether the records ran out first)."""
+    got = rows = 0
+    for _, text in records:
+        rows += 1
+        if isinstance(text, str):
+            texts.append(text)
+            got += len(text.encode("utf-8"))
+        if got >= limit:
+            return got, rows, False
+    return got, rows, True
 
 
 def _hf_stats(data: Any) -> CorpusStats | None:
@@ -147,15 +155,9 @@ def _hf_stats(data: Any) -> CorpusStats | None:
         split = hf_splits(data)[0]
         if split.kind == "hub":
             return None
-        texts, got, rows = [], 0, 0
-        for _, text in split.records(data.text_field, skip_bad=True):
-            rows += 1
-            if isinstance(text, str):
-                texts.append(text)
-                got += len(text.encode("utf-8"))
-            if got >= SAMPLE_BYTES:
-                break
-        else:  # the whole split was read
+        texts: list[str] = []
+        got, rows, whole = _take_text(split.records(data.text_field, skip_bad=True), SAMPLE_BYTES, texts)
+        if whole:
             return text_stats("".join(texts), got) if got else None
         total = split.rows()
         size = round(got / rows * total) if total is not None else split.file_bytes()
@@ -227,7 +229,7 @@ def epoch_cap(stats: CorpusStats | None, data: Any, tokens_per_step: int) -> int
     its cap comes early."""
     if stats is None or stats.bytes is None:
         return None
-    held_out = data.val_path is not None or getattr(data, "hf_val_split", None) is not None
+    held_out = data.val_path is not None or data.hf_val_split is not None
     train_bytes = stats.bytes * (1.0 if held_out else 1.0 - data.val_fraction)
     per_token = BYTES_PER_TOKEN[1] if stats.cjk_share > 0.3 else BYTES_PER_TOKEN[0]
     return max(1, math.ceil(MAX_EPOCHS * train_bytes / per_token / tokens_per_step))

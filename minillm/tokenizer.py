@@ -230,14 +230,20 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig, source: str) -> str:
 @dataclass
 class Alphabet:
     """The characters of a training text and how many lines it has (_training_lines' count): what
-    :func:`check_alphabet` needs. ``note(text)`` adds a text's characters; ``lines`` is set by the
-    caller that streams the lines (minillm/data/tokenizer_sample.py, or train_tokenizer itself)."""
+    :func:`check_alphabet` needs. ``note(text)`` adds a text's characters; ``lines`` is set by whoever
+    streams the lines (minillm/data/tokenizer_sample.py, or train_tokenizer itself through ``counted``)."""
     chars: set = field(default_factory=set)
     lines: int = 0
 
     def note(self, text: str) -> str:
         self.chars.update(text)
         return text
+
+    def counted(self, lines: Iterable[str]) -> Iterator[str]:
+        """``lines`` unchanged, counted into ``lines``."""
+        for line in lines:
+            self.lines += 1
+            yield line
 
 
 def needs_alphabet(cfg: TokenizerConfig) -> bool:
@@ -260,13 +266,13 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
     """
     t0 = time.time()
     buf = io.BytesIO()
-    check = alphabet
-    if check is None and needs_alphabet(cfg):
-        check = Alphabet()
-        texts = (check.note(t) for t in texts)
+    own = alphabet is None and needs_alphabet(cfg)  # not given: gather it from what is streamed here
+    if own:
+        alphabet = Alphabet()
+        texts = map(alphabet.note, texts)
     lines = _training_lines(texts, cfg.max_sentence_length)
-    if check is not None and alphabet is None:
-        lines = _counted(lines, check)
+    if own:
+        lines = alphabet.counted(lines)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines,
@@ -293,23 +299,22 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, source: str = "c
         raise TokenizerError(_explain_training_error(str(e), cfg, source)) from e
     tok = Tokenizer(buf.getvalue())
     tok.train_seconds = time.time() - t0
-    if check is not None:
-        check_alphabet(tok, check, cfg, source)
+    if alphabet is not None:
+        check_alphabet(tok, alphabet, cfg, source)
     return tok
 
 
-def _counted(lines: Iterable[str], alphabet: Alphabet) -> Iterator[str]:
-    for line in lines:
-        alphabet.lines += 1
-        yield line
+def unpieced(tok: Tokenizer, chars: Iterable[str]) -> list[str]:
+    """The characters of ``chars`` without a piece of their own in ``tok``, sorted: those encoding as
+    <unk>, and a literal U+2581 (sentencepiece's space)."""
+    return sorted(c for c in chars if c == _SPACE or tok.sp.piece_to_id(_SPACE if c == " " else c) == UNK_ID)
 
 
 def check_alphabet(tok: Tokenizer, alphabet: Alphabet, cfg: TokenizerConfig, source: str) -> None:
     """Raises TokenizerError when a character of ``alphabet`` has no piece of its own in ``tok`` (see
     needs_alphabet), naming the likeliest cause: the vocab_size ceiling, the line sample, or characters
     sentencepiece gives no piece."""
-    missing = sorted(c for c in alphabet.chars
-                     if c == _SPACE or tok.sp.piece_to_id(_SPACE if c == " " else c) == UNK_ID)
+    missing = unpieced(tok, alphabet.chars)
     if not missing:
         return
     shown = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")

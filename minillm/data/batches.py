@@ -65,8 +65,8 @@ def eval_batch_count(n_tokens: int, batch_size: int, block_size: int, max_tokens
     """Batches every rank's ``eval_batches`` yields for a stream of ``n_tokens``: rank 0's windows (the
     most any rank has, windows being dealt round-robin) in batches of ``batch_size``."""
     n = n_tokens if max_tokens is None else min(n_tokens, max_tokens + 1)
-    windows = len(range(0, n - 1, block_size))
-    return -(-(-(-windows // world_size)) // batch_size)
+    rank0_windows = -(-len(range(0, n - 1, block_size)) // world_size)
+    return -(-rank0_windows // batch_size)
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_tokens: int | None = None,

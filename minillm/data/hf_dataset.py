@@ -141,7 +141,6 @@ class HFSplit:
         except (DataError, KeyError, TypeError, AttributeError):
             return None
 
-
     def file_bytes(self) -> int | None:
         """Bytes of the split's data files in a local folder, as ``datasets`` assigns files to splits
         (compressed Parquet counts at its compressed size); None for other kinds or when it cannot say."""
