@@ -5,9 +5,11 @@ is Hugging Face's kernel hub): pyproject.toml installs it as ``minillm.kernels``
 without an install binds it there in minillm/__init__.py. Import it as ``minillm.kernels``; inside the
 folder, modules import each other relatively (``from ._spec import ...``).
 
-Each module is a tutorial in one file: the Triton kernels, the autograd wrapper (registered as a
-torch custom op so torch.compile sees no graph break), a plain torch reference, and the reasoning.
-The model reaches these only through minillm/ops.py.
+Each kernel module is a tutorial in one file: the Triton kernels, the autograd wrapper (registered as
+a torch custom op so torch.compile sees no graph break), a plain torch reference, and the reasoning.
+Attention's tile lists and pruning rule (attention_tiles.py) and its build-tier variants
+(attention_build.py) sit beside it, one concept each. The model reaches these only through
+minillm/ops.py.
 """
 
 if __name__ == "kernels":

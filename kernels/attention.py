@@ -60,26 +60,14 @@ Head dims that are not a power of two (96) use a D block of 128 with the extra c
 load (zeros contribute nothing to Q K^T or to P V) and on store. Batch and head offsets are formed
 in int64 so B * H * T * D may exceed 2^31 elements.
 
-Tiling, pipelining and occupancy (the reasoning behind the autotune lists; speeds are unmeasured
-until run on an H100 / A100, the build tier only proves the configurations compile without spills
-and within shared memory; register counts below are from that tier, bf16, causal)
------------------------------------------------------------------------------
+Memory traffic and TMA
+----------------------
 * Memory traffic. Every tile row is loaded as 128-bit vectors and streamed K/V tiles go through the
   cp.async pipeline that Triton's software pipeliner builds from the plain ``for`` loop (num_stages
   buffers: tile j+1 (and j+2) is in flight while tile j is multiplied). That needs the compiler to
   know rows are 16-byte aligned: ``_tile_ptrs`` states it (``ALIGN``, host-checked in ``_align``)
   instead of relying on Triton's run-time argument specialisation, so the build tier compiles the
   same code the GPU runs (without the hint the PTX showed scalar ld.global.b16 and no cp.async).
-* Forward, sm_90: BLOCK_M = 128 with 8 warps, i.e. two warpgroups of 64 query rows each (wgmma's M
-  is 64 per warpgroup), BLOCK_N = 64, 2-3 K/V stages. d128: 187 registers, 129 KB shared memory
-  (Q 32 KB + 3 x (K + V) 32 KB), 1 CTA = 8 warps per SM; while one warpgroup does its softmax the
-  other's wgmma runs, which is where FA2-style kernels get their overlap without warp
-  specialisation. BLOCK_N = 128 (fewer, longer wgmmas, 2 stages) builds cleanly on sm_90 at every
-  head dim (build report, causal / non-causal: d64 193-198, d96 238-247, d128 229-253 registers, 0
-  spill, 161 KB shared at d >= 96) but spills on sm_80 for d >= 64, so it is in the sm_90 list only:
-  each architecture has its own list and the build report compiles each entry for the architectures
-  that list it (``KernelSpec.archs``). 4-warp 128-row tiles spill at d >= 96 (acc + S of a 128-row
-  tile over 128 threads) and are pruned by head dim.
 * Forward, sm_90, TMA (the default there for fp16/bf16 inputs that pass the 16-byte alignment check;
   ``MINILLM_ATTN_TMA=0`` turns it off): K and V arrive as host-built (B, H_kv, T, D) tensor
   descriptors whose block is one (batch, kv head)'s [BLOCK_N, BLOCK_D] tile (set per autotune
@@ -94,38 +82,10 @@ and within shared memory; register counts below are from that tier, bf16, causal
   SMEM_OVERHEAD). Whether it is faster is for the GPU tier, which times both.
   Q stays a pointer load (once per program). The backward kernels stay on pointers until the GPU
   tier says whether TMA pays in the forward (their streamed tiles are narrower: 16-32 query rows).
-* Forward, sm_80: mma.sync works on 16-row slices per warp, so 128 x 64 tiles with 8 warps (213
-  registers at d128) or 64 x 64 / 64 x 32 with 4 warps, 2-3 stages in 164 KB.
-* Backward dK/dV: the key tile is resident and is the M side of all three dots (K Q^T, P^T dO,
-  dS^T Q), so wgmma wants BLOCK_N >= 64 and, with 8 warps, >= 128 (a 64-row tile over two
-  warpgroups is replicated, not split). dK and dV stay in fp32 registers for the whole sweep
-  (2 x 128 x 128 fp32 = 128 registers/thread at 8 warps), which leaves only a narrow streamed query
-  tile: BLOCK_M = 16 at d >= 96 (245 registers), 32 at d64, 64 at d32. This kernel is the one most
-  likely to miss the 250 TFLOP/s backward goal; the fix would be the FA3 split (dK/dV in two
-  warpgroups with register reallocation), which Triton does not expose. Measured alternatives at d128
-  (build report, bf16, causal, sm_90): wider query tiles spill (M32 N128 w8: 32 B of stack at 2
-  stages, 120 B at 1; M64 N128 w8: 344 B; M64 N64 w4: 584 B), and 16 warps cap registers at 128 and
-  spill 304-544 B.
-* Backward dK/dV, split (``MINILLM_ATTN_DKDV=split``; the default stays ``fused`` until the GPU tier
-  measures it): the same kernel launched twice with a constexpr PART, once for dV alone and once for
-  dK alone, each recomputing S = K Q^T (5 dots of the fused kernel's 4, Q and dO streamed twice)
-  and each with one fp32 accumulator, so with wider query tiles. Build report, both Tritons, sm_90:
-  dV takes 32-row tiles at d >= 96 (227 registers; 64 rows build on 3.9 at 252 registers but spill
-  72-80 B on 3.6) and 64 at d64; dK takes 32 rows at d64 and 64 at d32, but at d >= 96 stays at 16
-  (32 rows: 234 registers on 3.9, a 32 B spill on 3.6). With the same tiles the split's dK and dV are
-  bitwise the fused kernel's (interpreter tier). Whether the wider tiles pay for 1.25x the FLOPs is
-  what the GPU suite's minillm-split column measures.
-* Backward dQ: the mirror image: 128 resident query rows, 8 warps, key tiles of 32 streamed
-  (175 registers at d128), 2-3 stages.
-* Preprocess (delta): memory-bound, 128 rows x D per program.
-* Pruning rule (``prune``): per configuration a measured maximum head dim (from the build tier), the
-  shared-memory estimate against the device's limit, tiles no longer than T rounded up to a power of
-  two, and on sm_90 only wgmma-capable shapes (M side >= 64, warps multiple of 4). Never empty.
-  The autotuner (key: ``t_bucket(T)``, T rounded up to a power of two, head dim, causal, alignment,
-  dtypes) then times what survives, once per bucket: the kernels still get the exact T.
-* Under the interpreter (tests) and when ``MINILLM_ATTN_FIXED=1``, one fixed small configuration
-  (32 x 16 tiles; 16 x 32 for dK/dV) is used so several full and partial tiles are exercised at
-  small T.
+
+Tiles (BLOCK_M x BLOCK_N, warps, pipeline stages per kernel and architecture), the pruning rule and
+the autotune key's sequence-length bucket live in attention_tiles.py with the reasoning behind them;
+the build tier's list of compiled variants in attention_build.py.
 
 Limits: T_q == T_k (decoding with a KV cache should use SDPA); head dim <= 128; offsets within one
 (batch, head) slice must fit int32 (checked); B * H beyond CUDA's grid-y limit is split on the host.
@@ -148,7 +108,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._spec import KernelSpec
+from .attention_tiles import CONFIGS, FIXED, KEY_TILE_KINDS, PART, SMEM_BYTES, block_d, prune, t_bucket
 
 try:  # Triton >= 3.4: host-built tensor descriptors, the kernels' door to TMA on sm_90+
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -531,137 +491,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 
 
 # --------------------------------------------------------------------------------------------------
-# Configurations: autotune lists per architecture, the pruning rule, the fixed test configuration
+# Dispatch: the TMA and dK/dV-split switches, the autotuned launch
 # --------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, max head dim). BLOCK_M is always the query tile, BLOCK_N
-# the key tile. "max head dim" is measured, not estimated: the largest head dim for which the build tier
-# (python -m minillm.kernels.build_report, run with Triton 3.9 and 3.6: benchmarks/measured/build_report/)
-# compiles this configuration with 0 spill bytes for the
-# architecture whose list holds it (build_specs gives each entry the archs that list it; an entry in both
-# lists must build on both, and has one maximum per list). Register use in Triton's output is
-# well above the naive count of accumulator tiles (e.g. dK/dV with a 64-row key tile and 4 warps spill
-# at d128 although 2 x 64 x 128 fp32 is "only" 128 registers/thread), so an estimate would lie.
-Cfg = tuple[int, int, int, int, int]
-CONFIGS: dict[str, dict[int, list[Cfg]]] = {
-    "fwd": {
-        # 8 warps = 2 warpgroups x 64 rows of wgmma; K/V double or triple buffered
-        90: [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128),
-             (128, 128, 8, 2, 128)],
-        # mma.sync: 16 query rows per warp, smaller key tiles to keep S + acc in registers
-        80: [(128, 64, 8, 2, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128),
-             (128, 32, 4, 3, 64), (128, 64, 4, 3, 32)],
-    },
-    "dkdv": {  # the key tile (BLOCK_N) is resident and is the M side of every dot
-        90: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 128, 8, 3, 64), (32, 64, 4, 3, 64),
-             (64, 128, 8, 2, 32)],
-        # (32, 64, 4, 3) stops at d32 on sm_80: at d64 it needs 255 registers and Triton 3.6 spills 32 B
-        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 32), (16, 64, 4, 3, 64),
-             (64, 64, 4, 2, 32)],
-    },
-    # The split (MINILLM_ATTN_DKDV=split): dV alone and dK alone, each recomputing P, with the wider
-    # query tiles the fused kernel cannot hold (its dK + dV accumulators take 128 registers at d128).
-    # Maxima spill-free with both Triton 3.6 and 3.9. dV: 32-row tiles at d >= 96 on sm_90 (64 rows
-    # spill 72-80 B on 3.6). dK at d >= 96 stays at 16 rows: 32 rows spill 32 B on 3.6 (234 registers,
-    # 0 spill, on 3.9), so on the GPU machine's Triton only the dV half is wider there.
-    "dv": {
-        90: [(32, 128, 8, 2, 128), (64, 128, 8, 2, 64), (64, 64, 4, 3, 32)],
-        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 32), (64, 64, 4, 2, 32)],
-    },
-    "dk": {
-        90: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (32, 64, 4, 3, 64), (64, 128, 8, 2, 32)],
-        80: [(16, 128, 8, 2, 128), (32, 128, 8, 2, 64), (16, 64, 4, 3, 64)],
-    },
-    "dq": {  # the query tile is resident, key tiles streamed
-        90: [(128, 32, 8, 2, 128), (128, 32, 8, 3, 128), (128, 64, 8, 2, 64), (64, 64, 4, 3, 128)],
-        80: [(128, 32, 8, 2, 128), (64, 32, 4, 3, 128), (128, 16, 8, 3, 128), (64, 64, 4, 2, 128)],
-    },
-    "pre": {90: [(128, 0, 4, 1, 128)], 80: [(128, 0, 4, 1, 128)]},
-}
-# One small configuration for the interpreter tier (and MINILLM_ATTN_FIXED=1): BLOCK_M != BLOCK_N on
-# purpose, so the tile-boundary arithmetic is exercised in its general form.
-FIXED: dict[str, Cfg] = {
-    "fwd": (32, 16, 4, 1, 128), "dkdv": (16, 32, 4, 1, 128), "dq": (32, 16, 4, 1, 128),
-    "pre": (32, 0, 4, 1, 128), "dv": (16, 32, 4, 1, 128), "dk": (16, 32, 4, 1, 128),
-}
-# The kernels whose resident tile is the key tile (BLOCK_N): the fused dK/dV kernel and its two halves,
-# one program of _attn_bwd_dkdv each, told apart by PART.
-KEY_TILE_KINDS = ("dkdv", "dv", "dk")
-PART = {"dkdv": 0, "dv": 1, "dk": 2}
-SMEM_BYTES = {80: 166912, 90: 232448}  # per-block opt-in maximum (A100: 163 KB, H100: 227 KB)
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def t_bucket(T: int) -> int:
-    """The autotuner's key for sequence length T: T rounded up to a power of two, at least 16.
-
-    The kernels receive the exact T (masks, loop bounds); only the choice of tiles is shared across a
-    bucket, so a run whose T varies (packed documents, evaluation at other lengths) tunes once per
-    power of two instead of once per T. The pruning rule depends on T only through this bucket (tiles
-    no longer than it), so one tuning entry serves every T of the bucket with the same candidates.
-    Within a bucket the tile counts per row differ by at most 2x; the best tile is expected to agree
-    (an assumption the GPU tier can measure, not a proof). Always a multiple of 16, so Triton's
-    integer specialisation of the T_BUCKET argument (divisible by 16, equal to 1) is the same for every
-    bucket and adds no compiled variants."""
-    return max(16, triton.next_power_of_2(T))
-
-
-# Shared memory Triton allocates beyond the tiles counted by _smem (the async pipeline's mbarriers,
-# reduction and layout-conversion scratch), measured by the build report for every listed bf16
-# configuration at d64 and d128: on sm_90 1.0-2.0 KB over the tile count (4 KB bounds it); on sm_80 the
-# tile count is itself 3-32 KB above the measurement (Q stays in registers there), so nothing is added.
-SMEM_OVERHEAD = {80: 0, 90: 4096}
-
-
-def _smem(kind: str, cfg: Cfg, head_dim: int, elem: int, arch: int = 90) -> int:
-    """Shared memory (bytes) of one configuration, an upper bound of what the build report measures:
-    resident tiles + streamed tiles x stages + Triton's own (SMEM_OVERHEAD[arch])."""
-    bm, bn, _, stages, _ = cfg
-    bd = _block_d(head_dim)
-    if kind == "fwd":    # Q resident, K and V streamed
-        tiles = bm * bd + stages * 2 * bn * bd
-    elif kind in KEY_TILE_KINDS:   # K, V resident, Q and dO streamed (dV alone: an upper bound)
-        tiles = 2 * bn * bd + stages * 2 * bm * bd
-    elif kind == "dq":     # Q, dO resident, K and V streamed
-        tiles = 2 * bm * bd + stages * 2 * bn * bd
-    else:
-        tiles = 2 * bm * bd
-    return elem * tiles + SMEM_OVERHEAD[arch]
-
-
-def prune(kind: str, arch: int, head_dim: int, elem: int, T: int | None = None,
-          configs: list[Cfg] | None = None, smem_limit: int | None = None) -> list[Cfg]:
-    """The pruning rule. Drop a configuration when
-      * head_dim exceeds its measured spill-free maximum (see CONFIGS),
-      * its estimated shared memory exceeds the SM's (``smem_limit``: the device's opt-in maximum at
-        run time, e.g. 99 KB on sm_86/sm_89, which use the sm_80 list; SMEM_BYTES[arch] otherwise),
-      * T is known and a tile is longer than ``t_bucket(T)`` (T rounded up to a power of two: a short
-        sequence would only compute padding; the next smaller tile does the same work with less waste),
-      * on sm_90 with fp16/bf16 it could not use wgmma (M side < 64 rows or warps not a multiple of 4).
-    Never returns an empty list (falls back to the configuration with the least shared memory)."""
-    configs = list(CONFIGS[kind][arch] if configs is None else configs)
-    keep = []
-    for cfg in configs:
-        bm, bn, warps, _, max_d = cfg
-        if head_dim > max_d or _smem(kind, cfg, head_dim, elem, arch) > (smem_limit or SMEM_BYTES[arch]):
-            continue
-        if T is not None and kind != "pre":
-            t_cap = t_bucket(T)
-            if bm > t_cap or bn > t_cap:
-                continue
-        if arch >= 90 and elem == 2 and kind != "pre":
-            m_side = bn if kind in KEY_TILE_KINDS else bm
-            if warps % 4 or m_side < 64:
-                continue
-        keep.append(cfg)
-    if keep:
-        return keep
-    fits = [c for c in configs if head_dim <= c[4]] or configs
-    return [min(fits, key=lambda c: _smem(kind, c, head_dim, elem, arch))]
-
-
 def _tma_wanted(q: torch.Tensor) -> bool:
     """Whether the forward loads K and V through TMA tensor descriptors (before the alignment check).
 
@@ -716,7 +547,8 @@ def _use_fixed() -> bool:
     return _interpreting() or os.environ.get("MINILLM_ATTN_FIXED") == "1" or not torch.cuda.is_available()
 
 
-_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess,
+# Each kind of launch and its kernel (dv and dk: the dK/dV kernel with PART = 1 or 2).
+KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess,
             "dv": _attn_bwd_dkdv, "dk": _attn_bwd_dkdv}
 _TUNED: dict[tuple[str, int, int], object] = {}
 
@@ -749,7 +581,7 @@ def _tuned(kind: str, arch: int, smem_limit: int):
                  + (["PART"] if kind in KEY_TILE_KINDS else [])
                  if kind != "pre" else ["T_BUCKET", "HEAD_DIM", "ALIGN"]),
             prune_configs_by={"early_config_prune": early_prune},
-        )(_KERNELS[kind])
+        )(KERNELS[kind])
     return _TUNED[key]
 
 
@@ -769,7 +601,7 @@ def _launch(kind: str, grid_rows: int, grid_cols: int, device: torch.device, *ar
         grid = (triton.cdiv(grid_rows, tile_rows), grid_cols)
         if kind == "fwd":
             _kv_block_hook({"K": args[1], "V": args[2], **meta, **tiles})
-        _KERNELS[kind][grid](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
+        KERNELS[kind][grid](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
         return
     arch, smem_limit = _device_arch(device)
 
@@ -818,12 +650,12 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     for s in _batch_chunks(B, H):  # slices are views: same strides, shifted base pointers
         qs, ks, vs, os_ = q[s], k[s], v[s], o[s]
         # TMA: descriptors of the K / V views; their block is set per configuration (_kv_block_hook)
-        k_arg, v_arg = ((_kv_descriptor(ks, 16, _block_d(D)), _kv_descriptor(vs, 16, _block_d(D)))
+        k_arg, v_arg = ((_kv_descriptor(ks, 16, block_d(D)), _kv_descriptor(vs, 16, block_d(D)))
                         if tma else (ks, vs))
         _launch("fwd", T, qs.shape[0] * H, q.device, qs, k_arg, v_arg, os_, lse[s],
                 *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(),
                 H, T, H // k.shape[1], softmax_scale * LOG2E, t_bucket(T),
-                HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32,
+                HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=causal, IEEE=q.dtype == torch.float32,
                 ALIGN=align, TMA=tma)
     return o, lse
 
@@ -839,7 +671,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     ieee = q.dtype == torch.float32
     align = _align(q, k, v, o, do, dq, dk, dv)
-    meta = dict(T_BUCKET=t_bucket(T), HEAD_DIM=D, BLOCK_D=_block_d(D), ALIGN=align)
+    meta = dict(T_BUCKET=t_bucket(T), HEAD_DIM=D, BLOCK_D=block_d(D), ALIGN=align)
     kv_kinds = ("dv", "dk") if _dkdv_split() else ("dkdv",)
     for s in _batch_chunks(B, H):
         qs, ks, vs, os_, dos, dqs, dks, dvs = (t[s] for t in (q, k, v, o, do, dq, dk, dv))
@@ -970,87 +802,3 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         s = s.masked_fill(above, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
-
-
-# --------------------------------------------------------------------------------------------------
-# Build tier: every configuration the autotuner can pick, for kernels/build_report.py
-# --------------------------------------------------------------------------------------------------
-HEAD_DIMS = (32, 64, 96, 128)
-_TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _signature(fn, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, object]]:
-    """Signature of one of our kernels as the JIT would specialise it for contiguous-last-dim inputs:
-    tensors of ``dtype`` (LSE / DELTA fp32), i32 sizes and strides, fp32 scales, unit head-dim strides
-    as constexpr 1 (Triton specialises integer arguments equal to 1 the same way at run time)."""
-    t = _TL_TYPES[dtype]
-    sig, const = {}, {}
-    for name in fn.arg_names:
-        if name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name.isupper() and not name.startswith(("HEAD_", "BLOCK_", "CAUSAL", "IEEE")) \
-                and name not in ("H", "T", "GROUP", "H_KV", "T_BUCKET"):
-            sig[name] = f"*{t}"
-        elif name.startswith("stride_") and name.endswith("d"):
-            sig[name], const[name] = "constexpr", 1
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, const
-
-
-def build_specs(head_dims=HEAD_DIMS, dtypes=(torch.bfloat16, torch.float16),
-                noncausal_dtypes=(torch.bfloat16,), archs=(80, 90)) -> list[KernelSpec]:
-    """One KernelSpec per (kernel, autotune configuration surviving the pruning rule, head dim, dtype,
-    causal flag): every compiled variant the autotuner can pick on sm_80 / sm_90.
-
-    Each spec names the architectures whose list keeps it (``KernelSpec.archs``), and the report
-    compiles it for those only: the lists are per architecture, so a tile that builds cleanly on sm_90
-    but spills on sm_80 is listed for sm_90 alone. Causal variants for every dtype; non-causal ones
-    (same tiles, same loop body, one mask fewer) for ``noncausal_dtypes`` only, which keeps the report's
-    compile count reasonable: fp16 and bf16 compile to the same register and shared-memory footprint.
-    """
-    specs = []
-    for kind, fn in _KERNELS.items():
-        for dtype in dtypes:
-            elem = torch.tensor([], dtype=dtype).element_size()
-            for d in head_dims:
-                listed: dict[tuple, list[int]] = {}  # configuration -> the archs that keep it
-                for arch in archs:
-                    for c in prune(kind, arch, d, elem):
-                        listed.setdefault(c[:4], []).append(arch)
-                flags = (True, False) if dtype in noncausal_dtypes else (True,)
-                for is_causal in flags if kind != "pre" else (None,):
-                    for cfg, cfg_archs in listed.items():
-                        specs.append(_spec(kind, fn, dtype, d, cfg, is_causal, tuple(cfg_archs)))
-                        if kind == "fwd" and 90 in cfg_archs and 90 in archs:
-                            # what sm_90 runs by default: K / V through TMA (_tma_wanted); the
-                            # pointer variant above is what MINILLM_ATTN_TMA=0 runs there
-                            specs.append(_spec(kind, fn, dtype, d, cfg, is_causal, (90,), tma=True))
-    return specs
-
-
-def _spec(kind: str, fn, dtype: torch.dtype, d: int, cfg: tuple, is_causal: bool | None,
-          archs: tuple[int, ...], tma: bool = False) -> KernelSpec:
-    """The KernelSpec of one configuration (BLOCK_M, BLOCK_N, warps, stages) of one kernel; ``tma``
-    (forward only): K and V as tensor descriptors, and the report requires TMA bulk copies in the PTX."""
-    bm, bn, warps, stages = cfg
-    sig, const = _signature(fn, dtype)
-    # ALIGN: the usual case (aligned allocations, strides multiple of 16 B)
-    const.update(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, ALIGN=16)
-    label = f"d{d} {_TL_TYPES[dtype]} M{bm}"
-    if kind != "pre":
-        const.update(BLOCK_N=bn, CAUSAL=is_causal, IEEE=False)
-        label += f" N{bn}" + (" causal" if is_causal else " full")
-    if kind == "fwd":
-        const["TMA"] = tma
-    if kind in KEY_TILE_KINDS:
-        const["PART"] = PART[kind]
-    label += f" w{warps} s{stages}" + (" tma" if tma else "")
-    for name in const:
-        sig[name] = "constexpr"
-    if tma:  # the descriptor type carries the block shape _kv_block_hook sets at run time
-        sig["K"] = sig["V"] = f"tensordesc<{_TL_TYPES[dtype]}[1, 1, {bn}, {_block_d(d)}]>"
-    return KernelSpec(name=f"attn_{kind}", fn=fn, signature=sig, constexprs=const, num_warps=warps,
-                      num_stages=stages, label=label, archs=archs, requires=("tma",) if tma else ())

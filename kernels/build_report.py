@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-KERNEL_MODULES = ["minillm.kernels.layernorm", "minillm.kernels.attention"]
+KERNEL_MODULES = ["minillm.kernels.layernorm", "minillm.kernels.attention_build"]
 
 # Per-SM hardware limits (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 # max_shared_per_cta is what one CTA may opt in to (the SM has 1 KiB more, reserved per CTA).
@@ -148,7 +148,7 @@ def check_row(row: dict, arch: int, requires: Sequence[str] = ()) -> str:
 
 
 def load_specs(modules: Sequence[str], only: str | None) -> list[tuple[str, Any]]:
-    """(module, spec) for every spec of every importable module, filtered by ``only``."""
+    """(kernel module, spec) for every spec of every importable module, filtered by ``only``."""
     out = []
     for mod_name in modules:
         try:
@@ -164,7 +164,9 @@ def load_specs(modules: Sequence[str], only: str | None) -> list[tuple[str, Any]
         for spec in mod.build_specs():
             text = f"{spec.name} {spec.label}"
             if only is None or only.lower() in text.lower():
-                out.append((mod_name.rsplit(".", 1)[-1], spec))
+                # the module that defines the kernel (attention_build lists attention's kernels)
+                where = getattr(spec.fn, "__module__", None) or mod_name
+                out.append((where.rsplit(".", 1)[-1], spec))
     return out
 
 

@@ -39,8 +39,8 @@ Configuration (one function, ``norm_config``, used by the wrapper and by ``build
 * A row of N <= 8192 (forward) / 4096 (backward) is held entirely in registers: BLOCK_N is the next
   power of two >= N and the tail is masked. One DRAM read per element, then reductions in registers.
 * Narrow rows: one program handles ROWS rows as a [ROWS, BLOCK_N] tile so each program moves >= 4096
-  (backward: 2048, as it holds more tiles live) elements (8 KiB of bf16 at N=768 instead of 1.5 KiB) - the launch and the reduction latency are
-  amortised over more bytes. This is what the per-row tutorial kernels lose at small N.
+  (backward: 2048, as it holds more tiles live) elements (8 KiB of bf16 at N=768 instead of 1.5 KiB):
+  the launch and the reduction latency are amortised over more bytes. This is what the per-row tutorial kernels lose at small N.
 * num_warps grows with the tile so each thread holds ~8-16 fp32 values (4 in a one-row backward
   tile: at 2048 columns and 8 warps, Triton 3.6 spills on sm_90): enough independent loads in
   flight, few enough registers to keep >= 2 CTAs (or one 16-warp CTA) resident per SM.

@@ -1,6 +1,6 @@
 """Build tier for kernels/attention.py: compile for sm_90 / sm_80 without a GPU (no spills, wgmma).
 
-The compiles run in a subprocess without TRITON_INTERPRET (pytest's conftest sets it, and an
+The variants are those kernels/attention_build.py lists. The compiles run in a subprocess without TRITON_INTERPRET (pytest's conftest sets it, and an
 interpreted @triton.jit function cannot be compiled). The default test builds a few representative
 configurations; the full sweep of build_specs() through ``python -m minillm.kernels.build_report`` is slow.
 """
@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-import minillm.kernels.attention as A
+import minillm.kernels.attention_build as A
+import minillm.kernels.attention_tiles as tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r"""
 import json, sys
 from minillm.kernels import build_report as br
-import minillm.kernels.attention as A
+import minillm.kernels.attention_build as A
 wanted = json.loads(sys.argv[1])
 specs = {f"{s.name} {s.label}": s for s in A.build_specs()}
 rows = []
@@ -72,7 +73,8 @@ def test_representative_configs_build_without_spills_and_fwd_uses_wgmma():
         spec = specs[key]
         c = spec.constexprs
         cfg = (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, 128)
-        assert row["shared"] <= A._smem(spec.name.removeprefix("attn_"), cfg, c["HEAD_DIM"], 2, arch), row
+        estimate = tiles.smem_estimate(spec.name.removeprefix("attn_"), cfg, c["HEAD_DIM"], 2, arch)
+        assert row["shared"] <= estimate, row
     fwd90 = rows[0]
     assert fwd90["wgmma"] == "yes", fwd90
     # the alignment hint works: K/V tiles stream through 16-byte cp.async, no scalar 2-byte loads

@@ -14,8 +14,8 @@ and dS before their dots and the fp32 LSE and delta (planting either in fp16 fai
 
 The interpreter is slow, so the default grid is chosen rather than crossed: every T at d=64, every
 head dim at two T, the GQA ratios at one size; the full cross product is ``-m slow``. Under the
-interpreter the kernels use the fixed 32x16 / 16x32 tiles (minillm.kernels.attention.FIXED), so T = 17, 127,
-130 hit partial tiles and T = 64, 256 hit exact multiples.
+interpreter the kernels use the fixed 32x16 / 16x32 tiles (minillm.kernels.attention_tiles.FIXED), so
+T = 17, 127, 130 hit partial tiles and T = 64, 256 hit exact multiples.
 
 GPU tier (bf16/fp16 against the same rule, autotuned configurations): on a CUDA machine run
 ``MINILLM_TEST_GPU=1 pytest -n 0 -m gpu tests/test_kernels_attention.py`` (-n 0: one process, so
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from minillm.kernels import attention as attn
+from minillm.kernels import attention_build
+from minillm.kernels import attention_tiles as tiles
 from minillm.kernels.attention import attention_ref, flash_attention
 
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-3, torch.float16: 2e-4}
@@ -231,11 +233,11 @@ def _built_configs() -> set[tuple]:
     """(kernel, arch, head dim, dtype, BLOCK_M, BLOCK_N, warps, stages) of every spec the build report
     compiles (build_specs(): what `python -m minillm.kernels.build_report` checks for spills)."""
     out = set()
-    for spec in attn.build_specs():
+    for spec in attention_build.build_specs():
         c = spec.constexprs
         kind = spec.name.removeprefix("attn_")
         # the dK/dV kernel's specs build the half they are named for (PART), not the fused kernel
-        assert c.get("PART") == attn.PART.get(kind), (spec.name, spec.label)
+        assert c.get("PART") == tiles.PART.get(kind), (spec.name, spec.label)
         for arch in spec.archs or (80, 90):
             out.add((spec.name.removeprefix("attn_"), arch, c["HEAD_DIM"], spec.label.split()[1],
                      c["BLOCK_M"], c.get("BLOCK_N", 0), spec.num_warps, spec.num_stages))
@@ -248,11 +250,12 @@ def test_every_configuration_the_autotuner_can_run_was_built_by_the_report():
     build report compiled for that architecture, head dim and dtype. The run-time pruning (T caps, the
     smaller limit, the never-empty fallback) must not reach a configuration no build checked for spills."""
     built = _built_configs()
-    limits = {80: (99 * 1024, attn.SMEM_BYTES[80]), 90: (attn.SMEM_BYTES[90],)}
-    for kind, arch, d, dtype, T in itertools.product(("fwd", "dkdv", "dq", "pre", "dv", "dk"), (80, 90), attn.HEAD_DIMS,
+    limits = {80: (99 * 1024, tiles.SMEM_BYTES[80]), 90: (tiles.SMEM_BYTES[90],)}
+    for kind, arch, d, dtype, T in itertools.product(("fwd", "dkdv", "dq", "pre", "dv", "dk"), (80, 90),
+                                                     attention_build.HEAD_DIMS,
                                                      ("bf16", "fp16"), (1, 17, 40, 100, 1000, 8192)):
         for smem in limits[arch]:
-            kept = attn.prune(kind, arch, d, 2, T, smem_limit=smem)
+            kept = tiles.prune(kind, arch, d, 2, T, smem_limit=smem)
             assert kept, (kind, arch, d, T, smem)
             for cfg in kept:
                 assert (kind, arch, d, dtype, *cfg[:4]) in built, (kind, arch, d, dtype, T, smem, cfg)
@@ -263,14 +266,14 @@ def test_short_sequences_and_small_devices_prune_what_cannot_pay():
     wgmma (its M side >= 64 rows: the query tile, or the key tile in dK/dV); a 99 KB device keeps only
     configurations within 99 KB. Stated from hardware facts, not from the code's own arithmetic: the
     forward's resident Q tile plus stages x (K + V) tiles, 2 bytes each."""
-    assert {c[:2] for c in attn.prune("fwd", 90, 64, 2, T=40)} == {(64, 64)}
-    assert all(c[1] >= 64 for c in attn.prune("dkdv", 90, 128, 2, T=4096))
-    assert all(c[0] >= 64 for c in attn.prune("dq", 90, 128, 2, T=4096))
-    for bm, bn, _, stages, _ in attn.prune("fwd", 80, 128, 2, T=4096, smem_limit=99 * 1024):
+    assert {c[:2] for c in tiles.prune("fwd", 90, 64, 2, T=40)} == {(64, 64)}
+    assert all(c[1] >= 64 for c in tiles.prune("dkdv", 90, 128, 2, T=4096))
+    assert all(c[0] >= 64 for c in tiles.prune("dq", 90, 128, 2, T=4096))
+    for bm, bn, _, stages, _ in tiles.prune("fwd", 80, 128, 2, T=4096, smem_limit=99 * 1024):
         assert 2 * (bm * 128 + stages * 2 * bn * 128) <= 99 * 1024
     big = (64, 64, 4, 3, 128)  # 2 * (64 * 128 + 3 * 2 * 64 * 128) B = 112 KB: an A100 has room, an sm_86 not
-    assert big in attn.prune("fwd", 80, 128, 2, T=4096)
-    assert big not in attn.prune("fwd", 80, 128, 2, T=4096, smem_limit=99 * 1024)
+    assert big in tiles.prune("fwd", 80, 128, 2, T=4096)
+    assert big not in tiles.prune("fwd", 80, 128, 2, T=4096, smem_limit=99 * 1024)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,18 +387,18 @@ def test_gpu_autotuner_prunes_with_the_real_argument_names(kind):
     """The CUDA path's triton.autotune wrapper, exercised without a GPU: its early-prune hook must
     find Q / O, HEAD_DIM and T among the launch arguments and keep only configurations that the
     pruning rule allows (a typo here would only show up on the first GPU run)."""
-    tuner = attn._tuned(kind, 90, attn.SMEM_BYTES[90])
-    names = attn._KERNELS[kind].arg_names
+    tuner = attn._tuned(kind, 90, tiles.SMEM_BYTES[90])
+    names = attn.KERNELS[kind].arg_names
     args = {n: 0 for n in names if n not in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL",
                                              "IEEE", "ALIGN")}
     tensor = torch.empty(0, dtype=torch.bfloat16)
     args.update({n: tensor for n in ("Q", "K", "V", "O", "DO") if n in args}, T=4097,
-                T_BUCKET=attn.t_bucket(4097))
+                T_BUCKET=tiles.t_bucket(4097))
     tuner.nargs = args
     kept = tuner.prune_configs({"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": True, "IEEE": False,
                                 "ALIGN": 16})
     got = {(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0), c.num_warps, c.num_stages) for c in kept}
-    assert got == {c[:4] for c in attn.prune(kind, 90, 128, 2, 8192)}
+    assert got == {c[:4] for c in tiles.prune(kind, 90, 128, 2, 8192)}
     assert got
 
 
@@ -406,7 +409,7 @@ def test_autotuner_tunes_once_per_power_of_two_bucket_of_T(monkeypatch, split):
     entry; T = 20 (bucket 32) gets an entry of its own. Each run uses the tuned tiles (not the fixed test
     tiles) and the exact T for its masks: outputs and gradients pass FlashAttention's rule."""
     monkeypatch.setattr(attn, "_use_fixed", lambda: False)
-    monkeypatch.setattr(attn, "_device_arch", lambda device: (80, attn.SMEM_BYTES[80]))
+    monkeypatch.setattr(attn, "_device_arch", lambda device: (80, tiles.SMEM_BYTES[80]))
     monkeypatch.setattr(attn, "_TUNED", {})
     kinds, benched = ("fwd", "dkdv", "dq"), collections.Counter()
     if split:  # the split's halves, with their own tuned tiles (wider query tiles than the fused kernel's)
@@ -417,22 +420,22 @@ def test_autotuner_tunes_once_per_power_of_two_bucket_of_T(monkeypatch, split):
             kernel_call()  # the candidate runs, as it would be timed
             benched[kind] += 1
             return [1.0] * len(quantiles)
-        attn._tuned(kind, 80, attn.SMEM_BYTES[80]).do_bench = bench
+        attn._tuned(kind, 80, tiles.SMEM_BYTES[80]).do_bench = bench
 
     def entries():
-        return [len(attn._TUNED[(k, 80, attn.SMEM_BYTES[80])].cache) for k in kinds]
+        return [len(attn._TUNED[(k, 80, tiles.SMEM_BYTES[80])].cache) for k in kinds]
 
     assert_flash_rule(*_inputs(1, 2, 1, 40, 32, seed=40), True, dtype=torch.float16)
     first = dict(benched)
     one, two = [1] * len(kinds), [2] * len(kinds)
-    choices = [k for k in kinds if len(attn.prune(k, 80, 32, 2, 40)) > 1]   # dk has one tile here
+    choices = [k for k in kinds if len(tiles.prune(k, 80, 32, 2, 40)) > 1]   # dk has one tile here
     assert len(choices) >= 3 and all(first.get(k, 0) >= 2 for k in choices), first  # a real choice
     assert entries() == one
     assert_flash_rule(*_inputs(1, 2, 1, 50, 32, seed=50), True, dtype=torch.float16)
     assert entries() == one and dict(benched) == first   # same bucket: reused, no re-tuning
     assert_flash_rule(*_inputs(1, 2, 1, 20, 32, seed=20), True, dtype=torch.float16)
     assert entries() == two
-    assert [attn.t_bucket(t) for t in (1, 16, 17, 40, 64, 65, 4096, 4097)] == [16, 16, 32, 64, 64, 128,
+    assert [tiles.t_bucket(t) for t in (1, 16, 17, 40, 64, 65, 4096, 4097)] == [16, 16, 32, 64, 64, 128,
                                                                             4096, 8192]
 
 
@@ -516,25 +519,25 @@ def test_sm90_autotuner_sets_each_configurations_descriptor_block(monkeypatch):
     (_kv_block_hook, a Config pre_hook). Candidates with 32-, 64- and 128-row key tiles all run and
     the chosen one gives the pointer path's output."""
     monkeypatch.setattr(attn, "_use_fixed", lambda: False)
-    monkeypatch.setattr(attn, "_device_arch", lambda device: (90, attn.SMEM_BYTES[90]))
+    monkeypatch.setattr(attn, "_device_arch", lambda device: (90, tiles.SMEM_BYTES[90]))
     monkeypatch.setattr(attn, "_TUNED", {})
-    tiles = []
+    blocks = []
 
     def bench(kernel_call, quantiles):
         kernel_call()
         return [1.0] * len(quantiles)
 
-    tuner = attn._tuned("fwd", 90, attn.SMEM_BYTES[90])
+    tuner = attn._tuned("fwd", 90, tiles.SMEM_BYTES[90])
     tuner.do_bench = bench
     for cfg in tuner.configs:  # record what the production hook did (it must be the one wired in)
         assert cfg.pre_hook is attn._kv_block_hook
-        cfg.pre_hook = lambda nargs, hook=cfg.pre_hook: hook(nargs) or (nargs["TMA"] and tiles.append(
+        cfg.pre_hook = lambda nargs, hook=cfg.pre_hook: hook(nargs) or (nargs["TMA"] and blocks.append(
             (nargs["BLOCK_N"], tuple(nargs["K"].block_shape), tuple(nargs["V"].block_shape))))
     q, k, v = _model_views(1, 2, 1, 100, 32, torch.float16, seed=7)
     monkeypatch.setenv("MINILLM_ATTN_TMA", "1")
     o_tma, _ = attn._fwd(q, k, v, True, 0.2)
-    assert {n for n, _, _ in tiles} == {32, 64, 128}
-    assert all(k == v == (1, 1, n, 32) for n, k, v in tiles), tiles
+    assert {n for n, _, _ in blocks} == {32, 64, 128}
+    assert all(k == v == (1, 1, n, 32) for n, k, v in blocks), blocks
     monkeypatch.setenv("MINILLM_ATTN_TMA", "0")
     o_ptr, _ = attn._fwd(q, k, v, True, 0.2)
     assert torch.equal(o_tma, o_ptr)
