@@ -34,8 +34,9 @@ def main(cfg: DictConfig) -> None:
         print(f"{e}; continue with the same command (train.resume=auto)", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before the loop's handler is set (data, tokenizer, model) or a second one
-        print("stopped by SIGINT: nothing after the last checkpoint was kept (preparation leaves no partial cache); "
-              "continue with the same command (train.resume=auto)", file=sys.stderr, flush=True)
+        print("stopped by SIGINT: the run continues from its last checkpoint, if it has one, and prepared data "
+              "stays cached (an unfinished preparation leaves no partial files); rerun the same command "
+              "(train.resume=auto)", file=sys.stderr, flush=True)
         sys.exit(130)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

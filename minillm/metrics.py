@@ -2,11 +2,26 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from minillm.atomic_files import describe_write_error, write_run_file
 from minillm.config import WandbConfig
 from minillm.errors import CheckpointError
+
+
+def strict_json(value, **kwargs) -> str:
+    """json.dumps with non-finite floats written as null: Python's default writes NaN / Infinity,
+    which is not JSON (RFC 8259, section 6) and which strict parsers (JSON.parse, jq) refuse."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -33,7 +48,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         kept = [] if resume_step is None else [r for r in read_records(self.path) if r["step"] <= resume_step]
-        write_run_file(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # atomic; one line on failure
+        write_run_file(self.path, "".join(strict_json(r) + "\n" for r in kept))  # atomic; one line on failure
         self._f = open(self.path, "a")
         self.wandb = None
         if wandb_cfg.mode != "disabled":
@@ -46,7 +61,7 @@ class MetricsLogger:
         """Append one record (CheckpointError, one line, when the disk is full or read-only: a torn last
         line is skipped by read_records, and the relaunch continues from the last checkpoint)."""
         try:
-            self._f.write(json.dumps(record) + "\n")
+            self._f.write(strict_json(record) + "\n")
             self._f.flush()
         except OSError as e:
             raise CheckpointError(describe_write_error(self.path, e) + ", then relaunch the same command: it "

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from minillm.atomic_files import write_run_file  # atomic; a full disk or read-only folder is one line
-from minillm.metrics import read_records
+from minillm.metrics import read_records, strict_json
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -65,7 +65,7 @@ def plot_run(run_dir: str | Path) -> Path | None:
 def write_report(run_dir: str | Path, summary: dict) -> None:
     """summary.json (atomically) and curves.png."""
     run_dir = Path(run_dir)
-    write_run_file(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_run_file(run_dir / "summary.json", strict_json(summary, indent=2))
     plot_run(run_dir)
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = run / "summary.json"
     if saved.is_file():
         summary = {**summary, **json.loads(saved.read_text())}
-    print(json.dumps(summary, indent=2))
+    print(strict_json(summary, indent=2))
     print(f"wrote {plot_run(run)}", file=sys.stderr)
     return 0
 

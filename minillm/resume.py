@@ -78,8 +78,9 @@ def _choose_checkpoint(cfg: TrainJobConfig, run_dir: Path, full_model: bool) -> 
                 log.warning("warning: %s; continuing from train.resume=%s instead", e, cfg.train.resume)
             continue
         if cfg.train.resume not in ("auto", "never") and i == 0 and len(candidates) > 1:
-            log.warning("warning: %s holds a newer checkpoint (%s) than train.resume=%s; continuing from it",
-                        run_dir, path.name, cfg.train.resume)
+            log.warning("warning: %s holds a newer checkpoint (%s) than train.resume=%s; continuing from it "
+                        "(a relaunched run goes on; to continue from train.resume's step instead, give a new "
+                        "out_dir)", run_dir, path.name, cfg.train.resume)
         elif i > 0 and cfg.train.resume == "auto":
             log.warning("warning: resuming from %s, the newest complete checkpoint", path)
         return state, path
@@ -128,12 +129,14 @@ def describe_changes(changes: dict[str, tuple]) -> str:
 
 
 def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
-    """Refuse a checkpoint whose model differs from the configured one, naming the field (RunError)."""
+    """Refuse a checkpoint whose model differs from the configured one, naming every differing field
+    with its old and new value (RunError)."""
     defaults = asdict(ModelConfig())  # a key added after the checkpoint was written has its default there
-    for key, value in asdict(current).items():
-        if key not in ("name", "dropout") and saved.get(key, defaults.get(key)) != value:  # dropout may change
-            raise RunError(f"{where}: checkpoint has model.{key}={saved.get(key)!r} but the config says "
-                           f"{value!r}; use the same model settings or a new out_dir")
+    diffs = {f"model.{key}": (saved.get(key, defaults.get(key)), value) for key, value in asdict(current).items()
+             if key not in ("name", "dropout") and saved.get(key, defaults.get(key)) != value}  # dropout may change
+    if diffs:
+        raise RunError(f"{where}: the checkpoint's model differs from the config: {describe_changes(diffs)}; "
+                       "use the checkpoint's model settings to continue it, or a new out_dir")
 
 
 def suggest_out_dir(out_dir: str | Path) -> str:
@@ -149,16 +152,12 @@ def suggest_out_dir(out_dir: str | Path) -> str:
 
 def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_proto: bytes, data_id: dict,
                     info: dist.DistInfo, fsdp: bool) -> dict[str, tuple]:
-    """Refuse (RunError) a checkpoint of another model, tokenizer or sharding, or (unless
+    """Refuse (RunError) a checkpoint of another tokenizer, model or sharding, or (unless
     train.allow_changes) other training settings or data; warn on a new world size. Returns the
-    changes allowed, {key: (old, new)}."""
-    check_compatible(state["config"]["model"], cfg.model, where)
+    changes allowed, {key: (old, new)}. The tokenizer comes first: a new one changes model.vocab_size."""
     if bytes(state["tokenizer"].numpy().tobytes()) != tokenizer_proto:
-        raise RunError(f"{where}: was trained with a different tokenizer than the settings give now "
-                       f"({_tokenizer_cause(state['config'], cfg)}); continue it with its own tokenizer, "
-                       f"tokenizer.path={Path(cfg.out_dir) / 'tokenizer.model'} (then a changed corpus can be "
-                       f"allowed with train.allow_changes=true), or start a new run with "
-                       f"out_dir={suggest_out_dir(cfg.out_dir)}")
+        raise RunError(_other_tokenizer(where, state["config"], cfg))
+    check_compatible(state["config"]["model"], cfg.model, where)
     changes = check_settings(state, where, cfg, data_id, info.world_size)
     if state.get("world_size", 1) != info.world_size:
         log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
@@ -170,13 +169,42 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
     return changes
 
 
+def check_tokenizer_settings(state: dict, where: Path, cfg: TrainJobConfig) -> None:
+    """Before any data is prepared: refuse (RunError) a resume whose tokenizer would differ for a reason
+    the config already shows: another tokenizer.path file, or changed tokenizer.* settings (which train
+    another tokenizer). Saves a tokenizer training and an encoding of the corpus that would only end in
+    check_resumable's refusal. An edited corpus is caught there, after preparation."""
+    saved = bytes(state["tokenizer"].numpy().tobytes())
+    if cfg.tokenizer.path:
+        path = Path(cfg.tokenizer.path)
+        if path.is_file() and path.read_bytes() != saved:
+            raise RunError(_other_tokenizer(where, state["config"], cfg))
+    elif _tokenizer_keys_changed(state["config"], cfg, prefixes=("tokenizer.",)):
+        raise RunError(_other_tokenizer(where, state["config"], cfg))
+
+
+def _other_tokenizer(where: Path, saved: dict, cfg: TrainJobConfig) -> str:
+    return (f"{where}: was trained with a different tokenizer than the settings give now "
+            f"({_tokenizer_cause(saved, cfg)}); continue it with its own tokenizer, "
+            f"tokenizer.path={Path(cfg.out_dir) / 'tokenizer.model'} (then a changed corpus can be "
+            f"allowed with train.allow_changes=true), or start a new run with "
+            f"out_dir={suggest_out_dir(cfg.out_dir)}")
+
+
+def _tokenizer_keys_changed(saved: dict, cfg: TrainJobConfig,
+                            prefixes: tuple[str, ...] = ("data.", "tokenizer.")) -> dict[str, tuple]:
+    """{key: (old, new)} for the data / tokenizer settings that differ from the checkpoint's (those that
+    only set how many threads or workers do the work excepted)."""
+    old, new = flatten(saved), flatten(plain(cfg))
+    return {k: (old[k], v) for k, v in new.items() if k.startswith(prefixes) and k in old and old[k] != v
+            and k not in ("data.num_workers", "tokenizer.num_threads")}
+
+
 def _tokenizer_cause(saved: dict, cfg: TrainJobConfig) -> str:
     """Why the tokenizer differs: the data.* / tokenizer.* keys that changed, else an edited corpus (the
     tokenizer is trained on the training split, so any edit there retrains it)."""
-    old, new = flatten(saved), flatten(plain(cfg))
-    keys = [k for k, v in new.items() if k.startswith(("data.", "tokenizer.")) and k in old and old[k] != v
-            and k not in ("data.num_workers", "tokenizer.num_threads")]
-    return describe_changes({k: (old[k], new[k]) for k in keys}) if keys else "the corpus was edited?"
+    keys = _tokenizer_keys_changed(saved, cfg)
+    return describe_changes(keys) if keys else "the corpus was edited?"
 
 
 def check_settings(state: dict, where: Path, cfg: TrainJobConfig, data_id: dict, world: int) -> dict[str, tuple]:
@@ -201,6 +229,18 @@ def check_settings(state: dict, where: Path, cfg: TrainJobConfig, data_id: dict,
 
 def _describe_data(data_id: dict) -> str:
     return ", ".join(f"{split} {d['count']} tokens crc {d['crc']:08x}" for split, d in sorted(data_id.items()))
+
+
+def check_not_past(step: int, max_steps: int, where: Path, cfg: TrainJobConfig) -> None:
+    """Refuse (RunError) a run whose checkpoint is already past the steps now configured (train.max_steps
+    lowered with train.allow_changes, or a smaller time budget): a run cannot be shortened, and calling
+    it finished would report a final evaluation that never ran."""
+    if step > max_steps:
+        key, fix = (("train.time_budget_s", "raise train.time_budget_s") if cfg.train.time_budget_s else
+                    ("train.max_steps", f"set train.max_steps >= {step}"))
+        raise RunError(f"{where}: the run is at step {step}, past the {max_steps} steps {key} now gives; a "
+                       f"run cannot be shortened: {fix} to continue it, or train a new run with "
+                       f"out_dir={suggest_out_dir(cfg.out_dir)}")
 
 
 def check_same_optimizer(state: dict, where: Path, cfg: TrainJobConfig) -> None:

@@ -217,10 +217,11 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig, source: str) -> str:
         return (f"tokenizer.vocab_size={cfg.vocab_size} is more than {source} supports "
                 f"(at most {m.group(2)} for {cfg.model_type}); lower tokenizer.vocab_size")
     if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
+        # the tokenizer=cjk hint only where the coverage still is the default's 1 (tokenizer=cjk lowers it)
+        cjk = " (tokenizer=cjk sets both for Chinese, Japanese or Korean text)" if cfg.character_coverage == 1.0 else ""
         return (f"tokenizer.vocab_size={cfg.vocab_size} is smaller than the {m.group(2)} pieces {source} needs "
                 f"(its characters at tokenizer.character_coverage={cfg.character_coverage}, plus specials and byte "
-                "pieces); raise the vocab size or lower the coverage (tokenizer=cjk sets both for Chinese, Japanese or "
-                "Korean text)")
+                f"pieces); raise the vocab size or lower the coverage{cjk}")
     if "Corpus is empty" in msg or "No valid sentence" in msg.lower():
         return f"{source}: no text to train the tokenizer on; give a non-empty UTF-8 corpus"
     last = msg.strip().splitlines()[-1] if msg.strip() else "unknown error"

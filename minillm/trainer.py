@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -56,7 +57,8 @@ from minillm.model import GPT
 from minillm.optimizer import build_optimizer, decay_start, lr_at
 from minillm.report import plot_run, summarize, write_report
 from minillm.init_from import check_coverage, init_weights, load_source
-from minillm.resume import check_resumable, check_same_optimizer, load_resume_state
+from minillm.resume import (check_not_past, check_resumable, check_same_optimizer, check_tokenizer_settings,
+                            load_resume_state)
 from minillm.rng import RngStreams, seed_everything
 from minillm.run_lock import hold_run_folder
 from minillm.signals import GracefulStop, TrainingInterrupted
@@ -137,6 +139,10 @@ def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | N
     if len(data.val) < 2:
         raise RunError(f"the validation split has {len(data.val)} tokens; it needs at least 2 "
                        "(a larger corpus or data.val_fraction)")
+    if len(data.val) <= cfg.model.block_size and info.is_main:
+        log.warning("warning: the validation split holds %d tokens, not one full window of model.block_size=%d "
+                    "+ 1: its loss and bpb rest on too few tokens to compare runs; raise data.val_fraction or "
+                    "give data.val_path", len(data.val), cfg.model.block_size)
     return data
 
 
@@ -184,12 +190,15 @@ class Trainer:
         # shape becomes the run's, so the global batch is set after it (block_size).
         source = load_source(cfg)
         set_global_batch(cfg, info)
+        self.fsdp = info.enabled and self.tc.parallel == "fsdp"
+        # the checkpoint first: a tokenizer the config already shows to differ is refused before preparation
+        state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
+        if state is not None and source is None:
+            check_tokenizer_settings(state, self.resumed_from, cfg)
         self.data = load_data(cfg, info, source["tokenizer"] if source is not None else None)
         if source is not None and info.is_main:
             check_coverage(source, self.data.train)
         self._set_vocab_size()
-        self.fsdp = info.enabled and self.tc.parallel == "fsdp"
-        state, self.resumed_from = load_resume_state(cfg, self.run_dir, info, full_model=not self.fsdp)
         if state is not None:
             check_resumable(state, self.resumed_from, cfg, self.data.tokenizer.proto, self.data.id, info, self.fsdp)
             if source is not None:
@@ -201,6 +210,8 @@ class Trainer:
         if self.budget is not None and state is not None and "budget" in state:
             self.budget.load_state_dict(state["budget"])
         self.max_steps = self.budget.current() if self.budget is not None else self.tc.max_steps
+        if state is not None:
+            check_not_past(state["train_state"]["step"], self.max_steps, self.resumed_from, cfg)
         self.finished = state is not None and state["train_state"]["step"] >= self.max_steps
         if self.finished:  # nothing to train: fit() reports it; no component is built
             self.state.load_state_dict(state["train_state"])
@@ -421,7 +432,7 @@ class Trainer:
             if self.info.is_main:
                 bar.write(f"step {step}: train loss {r.loss:.4f}, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
         if self.metrics is not None and record is not None:
-            self.metrics.log({k: v for k, v in record.items() if v == v})  # drop NaN fields
+            self.metrics.log(finite_fields(record))
         return record
 
     def _record(self, r: StepResult, tokens_per_sec: float) -> dict:
@@ -510,12 +521,18 @@ class Trainer:
         write_report(self.run_dir, summary)
         wandb_run = self.metrics.wandb if self.metrics is not None else None
         if wandb_run is not None:
-            wandb_run.summary.update({k: v for k, v in summary.items() if v == v})
+            wandb_run.summary.update(finite_fields(summary))
             if self.cfg.logger.wandb.log_checkpoint:
                 self.metrics.log_checkpoint_artifact()
         log.info("done: step %d, val loss %.4f, val bpb %.4f, %.1fs; run folder %s", summary["step"],
                  summary["final_val_loss"], summary["final_val_bpb"], summary["wall_s"], self.run_dir)
 
+
+
+def finite_fields(record: dict) -> dict:
+    """The record without its NaN / infinite numbers (an unevaluated validation loss, a skipped step's
+    loss): metrics.jsonl and wandb get numbers or nothing."""
+    return {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def keep_config_history(run_dir: Path, config: str, step: int) -> None:

@@ -83,6 +83,10 @@ def test_vocab_larger_than_corpus_supports_is_a_clear_error():
     with pytest.raises(TokenizerError, match=r"tokenizer.vocab_size=300 is smaller than the \d+ pieces corpus needs"
                                              r".*\(tokenizer=cjk sets both for Chinese, Japanese or Korean text\)$"):
         train_tokenizer(["".join(chr(0x4E00 + i) for i in range(400))], TokenizerConfig(vocab_size=300))
+    # already CJK settings (coverage below 1): the advice does not repeat tokenizer=cjk
+    with pytest.raises(TokenizerError, match=r"lower the coverage$"):
+        train_tokenizer(["".join(chr(0x4E00 + i) for i in range(400))],
+                        TokenizerConfig(vocab_size=300, character_coverage=0.9995))
 
 
 def test_vocab_too_small_for_byte_fallback_is_a_config_error():

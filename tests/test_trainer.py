@@ -73,8 +73,9 @@ def test_resume_refuses_other_shapes_and_formats(tmp_path, corpus_file, data_dir
     run = tmp_path / "run"
     train(tiny_cfg(run, corpus_file, max_steps=2))
     cfg = tiny_cfg(run, corpus_file, max_steps=4)
-    cfg.model.n_layer = 3
-    with pytest.raises(RunError, match=r"checkpoint has model.n_layer=2 but the config says 3"):
+    cfg.model.n_layer, cfg.model.norm = 3, "layernorm"
+    with pytest.raises(RunError, match=r"model differs from the config: model.n_layer 2 -> 3, "
+                                       r"model.norm 'rmsnorm' -> 'layernorm'; use the checkpoint's model settings"):
         train(cfg)
     path = ckpt.latest_checkpoint(run)
     state = torch.load(path, weights_only=True)
@@ -83,6 +84,74 @@ def test_resume_refuses_other_shapes_and_formats(tmp_path, corpus_file, data_dir
     cfg = tiny_cfg(run, corpus_file, max_steps=4, resume=str(path))
     with pytest.raises(ckpt.CheckpointError, match="checkpoint format 99"):
         train(cfg)
+
+
+def test_resume_with_other_tokenizer_settings_is_refused_before_any_preparation(tmp_path, corpus_file, data_dir,
+                                                                                 monkeypatch):
+    """A changed tokenizer.* setting trains another tokenizer: refused naming that key (not the model.vocab_size
+    it implies), before the tokenizer training and corpus encoding that could only end in the refusal."""
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=2))
+    import minillm.trainer as trainer_mod
+
+    def no_preparation(*a, **k):
+        raise AssertionError("the corpus was prepared before the refusal")
+    cfg = tiny_cfg(run, corpus_file, max_steps=2)
+    cfg.tokenizer.vocab_size = 500
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "load_data", no_preparation)
+        with pytest.raises(RunError, match=r"different tokenizer .*\(tokenizer.vocab_size 400 -> 500\)"):
+            train(cfg)
+    # its own tokenizer file passes the early check; another file does not
+    own = tiny_cfg(run, corpus_file, max_steps=2)
+    own.tokenizer.path = str(run / "tokenizer.model")
+    assert train(own)["step"] == 2
+    other = tmp_path / "other.model"
+    other.write_bytes((run / "tokenizer.model").read_bytes() + b"x")
+    cfg = tiny_cfg(run, corpus_file, max_steps=2)
+    cfg.tokenizer.path = str(other)
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "load_data", no_preparation)
+        with pytest.raises(RunError, match=r"different tokenizer"):
+            train(cfg)
+
+
+def test_a_run_cannot_be_shortened_below_its_step(tmp_path, corpus_file, data_dir):
+    """max_steps lowered below the checkpoint's step (allowed as a change) is refused: the run cannot
+    end there, and calling it finished would report an evaluation that never ran."""
+    run = tmp_path / "run"
+    train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))
+    (run / "summary.json").unlink()
+    with pytest.raises(RunError, match=r"at step 4, past the 3 steps train.max_steps now gives; .*"
+                                       r"set train.max_steps >= 4"):
+        train(tiny_cfg(run, corpus_file, max_steps=3, ckpt_interval=2, allow_changes=True))
+    assert not (run / "summary.json").exists()
+    assert train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))["step"] == 4  # the same steps: finished
+
+
+def test_a_validation_split_shorter_than_a_window_is_warned_about(tmp_path, corpus_file, data_dir, caplog):
+    caplog.set_level("INFO", logger="minillm")
+    cfg = tiny_cfg(tmp_path / "run", corpus_file, max_steps=1)
+    cfg.data.val_fraction = 0.0005
+    train(cfg)
+    assert "not one full window of model.block_size=32 + 1" in caplog.text
+    caplog.clear()
+    train(tiny_cfg(tmp_path / "run2", corpus_file, max_steps=1))
+    assert "not one full window" not in caplog.text
+
+
+def test_reports_are_strict_json(tmp_path):
+    """summary.json and metrics.jsonl never hold NaN / Infinity (not JSON; JSON.parse and jq refuse them)."""
+    from minillm.metrics import strict_json
+    from minillm.report import write_report
+    from minillm.trainer import finite_fields
+    def refuse(name):
+        raise ValueError(name)
+    assert json.loads(strict_json({"a": float("inf"), "b": [1.0, float("nan")], "c": {"d": -float("inf")}}),
+                      parse_constant=refuse) == {"a": None, "b": [1.0, None], "c": {"d": None}}
+    write_report(tmp_path, {"step": 3, "best_val_loss": float("inf")})
+    assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)["best_val_loss"] is None
+    assert finite_fields({"step": 1, "loss": float("inf"), "val": float("nan"), "lr": 0.1}) == {"step": 1, "lr": 0.1}
 
 
 def test_corrupt_latest_falls_back_to_previous(tmp_path, corpus_file, data_dir, caplog):
@@ -156,7 +225,7 @@ def test_ctrl_c_before_the_loop_is_one_line_and_130(tmp_path, corpus_file, data_
                        cwd=ROOT, env={**os.environ, "MINILLM_DATA_DIR": str(data_dir)}, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 130, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT: nothing after the last checkpoint")
+    assert r.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT: the run continues from its last checkpoint")
     assert "Traceback" not in r.stderr
     assert not (run / "ckpt").exists()
 
