@@ -481,7 +481,7 @@ class Trainer:
             ckpt.set_aside_newer(self.run_dir, self.state.step, self.tc.keep_last)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data.tokenizer.save(self.run_dir / "tokenizer.model")
-        keep_config_history(self.run_dir, json.dumps(asdict(self.cfg), indent=2), self.state.step)
+        keep_config_history(self.run_dir, asdict(self.cfg), self.state.step)
         self.metrics = MetricsLogger(self.run_dir, self.cfg.logger.wandb, asdict(self.cfg),
                                      self.state.step if self.resumed_from is not None else None)
 
@@ -535,14 +535,33 @@ def finite_fields(record: dict) -> dict:
     return {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
-def keep_config_history(run_dir: Path, config: str, step: int) -> None:
-    """Write config.json; a different config.json already there (an earlier part of the run, or a run
-    continued with train.allow_changes) is kept as config.<k>.json, k = 1, 2, ... in order."""
-    path = run_dir / "config.json"
-    if path.exists() and path.read_text() != config:
+# How a launch found and treated its checkpoint, not what the run is: a change in these alone keeps no
+# config.<k>.json (every relaunch with another train.resume path would otherwise add one).
+LAUNCH_KEYS = (("train", "resume"), ("train", "allow_changes"))
+
+
+def keep_config_history(run_dir: Path, config: dict, step: int) -> None:
+    """Write config.json; a config.json already there that differs in more than LAUNCH_KEYS (an earlier
+    part of the run, continued with train.allow_changes) is kept as config.<k>.json, k = 1, 2, ... in order."""
+    path, text = run_dir / "config.json", json.dumps(config, indent=2)
+    if path.exists() and path.read_text() != text and _run_settings(path.read_text()) != _run_settings(text):
         k = 1
         while (run_dir / f"config.{k}.json").exists():
             k += 1
         write_run_file(run_dir / f"config.{k}.json", path.read_bytes())  # a copy first: never lost
         log.info("config.json changed at step %d; the previous one is kept as config.%d.json", step, k)
-    write_run_file(path, config)  # atomic; a full disk or read-only folder is one line
+    write_run_file(path, text)  # atomic; a full disk or read-only folder is one line
+
+
+def _run_settings(text: str) -> dict | None:
+    """A config.json without its LAUNCH_KEYS (None if it is not a JSON object: then it is kept)."""
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    for group, key in LAUNCH_KEYS:
+        if isinstance(config.get(group), dict):
+            config[group] = {k: v for k, v in config[group].items() if k != key}
+    return config

@@ -77,6 +77,23 @@ def test_allow_changes_continues_logs_and_keeps_every_config(own_run3, corpus_fi
     assert json.loads((run3 / "config.1.json").read_text()) == first
 
 
+def test_a_relaunch_that_changes_only_launch_options_keeps_no_config_copy(tmp_path):
+    """train.resume / train.allow_changes say how a launch found its checkpoint, not what the run is: a
+    relaunch changing only them rewrites config.json and adds no config.<k>.json; a real change still does."""
+    from minillm.trainer import keep_config_history
+    config = {"train": {"resume": "auto", "allow_changes": False, "max_steps": 3}, "seed": 1}
+    keep_config_history(tmp_path, config, 0)
+    relaunch = {"train": {"resume": "out/x/ckpt/step_000002.pt", "allow_changes": True, "max_steps": 3}, "seed": 1}
+    keep_config_history(tmp_path, relaunch, 2)
+    assert not list(tmp_path.glob("config.*.json"))
+    assert json.loads((tmp_path / "config.json").read_text()) == relaunch
+    longer = {"train": {**relaunch["train"], "max_steps": 4}, "seed": 1}
+    keep_config_history(tmp_path, longer, 3)
+    assert [p.name for p in tmp_path.glob("config.*.json")] == ["config.1.json"]
+    assert json.loads((tmp_path / "config.1.json").read_text()) == relaunch
+    assert json.loads((tmp_path / "config.json").read_text()) == longer
+
+
 def test_settings_that_do_not_shape_training_may_change(run3, corpus_file):
     cfg = tiny_cfg(run3, corpus_file, max_steps=3, eval_interval=1, log_interval=2, keep_last=3)
     cfg.optim.fused = True
