@@ -54,9 +54,6 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
             missing = sorted({c for c in p if UNK_ID in tok.encode(c)})
             print(f"# prompt {i + 1}: {len(missing)} character(s) not in the model's vocabulary "
                   f"({', '.join(map(repr, missing[:5]))}) reach it as <unk>", file=sys.stderr)
-    if cfg.stream:
-        sys.stdout.write(header(cfg, len(prompts), 0) + shown[0])
-        sys.stdout.flush()
     engine = Engine(loaded.model, tok)
     params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop]
@@ -65,7 +62,10 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
     for k, start in enumerate(range(0, len(rows), cfg.batch_size)):
         batch = rows[start:start + cfg.batch_size]
         if n_batches > 1:
-            print(f"# batch {k + 1}/{n_batches}: rows {start + 1}-{start + len(batch)} of {len(rows)}", file=sys.stderr)
+            notice(f"# batch {k + 1}/{n_batches}: rows {start + 1}-{start + len(batch)} of {len(rows)}")
+        if cfg.stream and start == 0:  # row 0 streams: its header and prompt now, after its batch's notice
+            sys.stdout.write(header(cfg, len(prompts), 0) + shown[0])
+            sys.stdout.flush()
         outs = [""] * len(batch)
         for event in engine.generate(batch, cfg.max_new_tokens, params, stop, cfg.kv_cache):
             outs[event.row] += event.text
@@ -74,9 +74,16 @@ def complete(loaded, cfg: SampleJobConfig, prompts: list) -> list[str]:
                 sys.stdout.flush()
         for r, out in enumerate(outs, start):
             texts.append(shown[r // cfg.num_samples] + out)
-            print_sample(cfg, len(prompts), r, texts[-1])
+            print_sample(cfg, len(prompts), r, texts[-1], last=r == len(rows) - 1)
         sys.stdout.flush()
     return texts
+
+
+def notice(line: str) -> None:
+    """A line on stderr, after flushing stdout: on a terminal showing both, it lands between the lines
+    printed before and after it rather than inside one."""
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
 
 
 def header(cfg: SampleJobConfig, n_prompts: int, r: int) -> str:
@@ -88,12 +95,11 @@ def header(cfg: SampleJobConfig, n_prompts: int, r: int) -> str:
     return "--- " + (f"sample {j + 1}" if n_prompts == 1 else f"prompt {i + 1}, sample {j + 1}") + "\n"
 
 
-def print_sample(cfg: SampleJobConfig, n_prompts: int, r: int, text: str) -> None:
-    """Write row r's text under its header (row 0, when streamed, is on stdout already: end its line)."""
-    if r == 0 and cfg.stream:
-        sys.stdout.write("\n")
-        return
-    sys.stdout.write(("\n" if r else "") + header(cfg, n_prompts, r) + text + "\n")
+def print_sample(cfg: SampleJobConfig, n_prompts: int, r: int, text: str, last: bool) -> None:
+    """Write row r's text under its header, then a blank line unless it is the last row (so that a batch
+    notice on stderr lands just above the next header). Row 0, when streamed, is on stdout already."""
+    end = "\n" if last else "\n\n"
+    sys.stdout.write(end if r == 0 and cfg.stream else header(cfg, n_prompts, r) + text + end)
 
 
 def run(cfg: SampleJobConfig) -> list[str]:

@@ -218,8 +218,10 @@ def test_without_the_hf_extra_the_command_says_what_to_install(tok, tmp_path, ca
     assert err.count("\n") == 1 and 'pip install -e ".[hf]"' in err and not (tmp_path / "hf").exists()
 
 
-def test_the_export_check_refuses_a_folder_whose_logits_differ(tok, tmp_path, monkeypatch):
-    """A mapping bug (planted: one norm scale lost) is caught before OUT_DIR appears."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_export_check_refuses_a_folder_whose_logits_differ(dtype, tok, tmp_path, monkeypatch):
+    """A mapping bug (planted: one norm scale lost) is caught before OUT_DIR appears, whatever the dtype;
+    the folders made above OUT_DIR are removed again."""
     import minillm.export as ex
     real = ex.to_hf_state
 
@@ -229,5 +231,70 @@ def test_the_export_check_refuses_a_folder_whose_logits_differ(tok, tmp_path, mo
         return out
     monkeypatch.setattr(ex, "to_hf_state", broken)
     with pytest.raises(ExportError, match="logits differ from minillm's"):
-        export(fake_run(tmp_path / "run", small_model(tok), tok), tmp_path / "hf")
+        export(fake_run(tmp_path / "run", small_model(tok), tok), tmp_path / "new" / "hf" / "x", dtype=dtype)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_export_is_checked_and_says_so(dtype, tok, tmp_path, capsys):
+    """The file holds the weights rounded to dtype; transformers, loading it in float32, computes what
+    minillm computes with those rounded weights (to the float32 tolerance), and the command says so."""
+    from safetensors import safe_open
+    model = small_model(tok, n_kv_head=2)
+    out = tmp_path / "hf"
+    assert main([str(fake_run(tmp_path / "run", model, tok)), str(out), "--dtype", dtype]) == 0
+    printed = capsys.readouterr().out
+    assert "transformers' logits match minillm's (max diff " in printed
+    assert f"both with the weights rounded to {dtype}, which moves minillm's own logits by up to " in printed
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    rounded = GPT(model.cfg).eval()
+    rounded.load_state_dict({k: v.to(getattr(torch, dtype)).float() for k, v in model.state_dict().items()})
+    ids = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (rounded(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_a_weight_past_float16s_range_is_refused(tok, tmp_path, capsys):
+    model = small_model(tok)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = 1e5  # float16's largest finite value is 65504
+    run = fake_run(tmp_path / "run", model, tok)
+    assert main([str(run), str(tmp_path / "hf"), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --dtype float16: weight ") and "--dtype bfloat16" in err
+    assert not (tmp_path / "hf").exists()
+    assert main([str(run), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+
+
+def test_missing_folders_above_out_dir_are_created(tok, tmp_path, capsys):
+    """As `python -m minillm.export out/run hf/run` on a fresh clone (no hf/ yet); a file on the way is
+    refused in one line."""
+    run = fake_run(tmp_path / "run", small_model(tok), tok)
+    assert main([str(run), str(tmp_path / "hf" / "a" / "b")]) == 0
+    assert "logits match" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "a" / "b" / "config.json").is_file()
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main([str(run), str(tmp_path / "notes.txt" / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: OUT_DIR {tmp_path / 'notes.txt' / 'hf'}: {tmp_path / 'notes.txt'} is a file")
+    assert err.count("\n") == 1 and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", ["llama-mha-tied", "gpt2-tanh-bias"])
+def test_greedy_tokens_match_while_the_context_fits_in_block_size(name, tok, tmp_path):
+    """Up to the token predicted from a full block_size context, transformers' generate gives sample.py's
+    tokens (cache or not). Past it they differ by design: minillm slides its window (generation.py),
+    transformers keeps every token (Llama: positions past max_position_embeddings; GPT-2: an error)."""
+    model = small_model(tok, **ARCHS[name])
+    export(fake_run(tmp_path / "run", model, tok), tmp_path / "hf", check=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf.generation_config = transformers.GenerationConfig(do_sample=False, pad_token_id=0)
+    prompt = tok.encode("ROMEO: the king")
+    n = model.cfg.block_size - len(prompt) + 1  # the last one is predicted from block_size tokens
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n)[0, len(prompt):].tolist()
+    for kv_cache in (True, False):
+        ours = Engine(model).generate_ids([Row(prompt)], n, SamplingParams(temperature=0), kv_cache=kv_cache)[0]
+        assert ours == theirs, kv_cache
+    assert len(theirs) == n and len(set(theirs)) > 3

@@ -108,6 +108,33 @@ def test_batch_size_splits_rows_without_changing_any_text(run, tmp_path, capsys)
         assert f"# batch {batches}/{batches}: rows {6 - (6 - 1) % size}-6 of 6" in err
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_batch_notice_comes_before_its_first_header(run, monkeypatch, stream):
+    """stdout and stderr on one terminal (here one buffer): each "# batch" line stands on its own line,
+    just above the header of its batch's first row, never inside a sample."""
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    t = sample.run(job(run, prompt="ROMEO:", num_samples=3, batch_size=2, temperature=1.0, stream=stream))
+    shown = screen.getvalue()
+    assert shown[shown.index("# batch 1/2"):] == (
+        f"# batch 1/2: rows 1-2 of 3\n--- sample 1\n{t[0]}\n\n--- sample 2\n{t[1]}\n\n"
+        f"# batch 2/2: rows 3-3 of 3\n--- sample 3\n{t[2]}\n")
+
+
+def test_batch_notices_and_samples_reach_a_shared_pipe_in_order(run):
+    """As the terminal of the test above, through a real process: stdout is flushed before each notice."""
+    import subprocess
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={run}", "prompt=ROMEO:", "max_new_tokens=6",
+                        "num_samples=3", "batch_size=2", "device=cpu"],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0, r.stdout
+    assert [i for i, l in enumerate(lines) if "# batch" in l and not l.startswith("# batch")] == []
+    first, second = lines.index("# batch 1/2: rows 1-2 of 3"), lines.index("# batch 2/2: rows 3-3 of 3")
+    assert lines[first + 1] == "--- sample 1" and lines[second + 1] == "--- sample 3"
+
+
 def test_interactive_reads_stdin_until_eof(run, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("the king\n\nROMEO:\n"))
     texts = sample.run(job(run, interactive=True, temperature=0.0))
