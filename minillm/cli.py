@@ -49,7 +49,7 @@ def corpus_name(name: str, path: str | None, hf_dataset: str | None = None, file
     """The default run name's corpus part, ``${minillm.corpus_name:${data.name},${data.path},${data.hf_dataset},
     ${data.filename}}`` in configs/train.yaml: data.name, except where data.path points at another corpus
     (data=text; or a named dataset given a path that is not its file), named by what it points at (a
-    file's stem, a folder's name, a glob's last fixed folder), and for data=hf, where it is the dataset
+    file's stem, less a compression's suffix too: docs.jsonl.gz is docs; a folder's name, a glob's last fixed folder), and for data=hf, where it is the dataset
     folder's name (a hub name's last part), so each corpus gets its own out_dir."""
     if name == "hf" and hf_dataset:
         return re.sub(r"[^\w.-]+", "_", Path(str(hf_dataset)).expanduser().name).strip("._") or name
@@ -59,6 +59,10 @@ def corpus_name(name: str, path: str | None, hf_dataset: str | None = None, file
     while p.name and any(c in p.name for c in "*?["):  # a glob: the folder before its first wildcard
         p = p.parent
     stem = p.name if p.is_dir() else p.stem
+    inner = Path(stem).suffix.lower()  # docs.jsonl.gz: docs (the compression's suffix, then the format's)
+    if not p.is_dir() and p.suffix.lower() in (".gz", ".bz2", ".xz", ".zst") and inner in (
+            ".txt", ".text", ".md", ".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv"):
+        stem = Path(stem).stem
     return re.sub(r"[^\w.-]+", "_", stem).strip("._") or name
 
 

@@ -141,6 +141,12 @@ def _truncated(compress, n_cut):
 BAD = {  # file name, how to make it, the error
     "not json": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"text": "a"']),
                  r"bad.jsonl: line 6: not JSON \(.*\); each line must be one JSON object"),
+    "cut string": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"text": "broken']),  # ends in \n
+                   r"bad.jsonl: line 6: not JSON \(Unterminated string starting at column 10\); each line must be "
+                   r"one JSON object"),
+    "not an object": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['["a", "b"]']),
+                      r"bad.jsonl: line 6: not a JSON object \(it is a list\); each line must be one JSON object "
+                      r"with the text in field 'text'"),
     "missing field": ("bad.jsonl", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"body": "x"}']),
                       r"bad.jsonl: line 6: no field 'text'; set data.text_field"),
     "number": ("bad.ndjson", lambda p: write_jsonl(p, TEXTS, extra_lines=['{"text": 3}']),
@@ -193,6 +199,40 @@ def test_bad_records_are_one_line_and_leave_no_cache(tmp_path, data_dir, case):
     assert p.meta["skipped"] == ([] if record_level else [str(path)])
     assert p.meta["skipped_records"] == ({str(path): 1} if record_level else {})
     assert documents(p) + documents(p, "val") == TEXTS * (2 if record_level else 1)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_a_cut_line_mid_file_names_its_true_cause(tmp_path, ending):
+    """A line cut inside a string, with lines after it: json's cause, not the line terminator's."""
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(1500)]
+    path = tmp_path / "c.jsonl"
+    path.write_text(ending.join([*lines, '{"text": "broken', *lines[:3]]) + ending, newline="")
+    with pytest.raises(DataError) as e:
+        check_files([path], False)
+    assert str(e.value) == (f"{path}: line 1501: not JSON (Unterminated string starting at column 10); each line "
+                            "must be one JSON object (or set data.skip_invalid=true to skip bad records and unreadable "
+                            "files)")
+
+
+@pytest.mark.parametrize("line, kind", [('["a", "b"]', "a list"), ("3", "a number"), ("2.5", "a number"),
+                                        ('"x"', "a string"), ("true", "a boolean"), ("null", "null")])
+def test_a_line_that_is_not_an_object_says_what_it_is(tmp_path, line, kind):
+    path = write_jsonl(tmp_path / "c.jsonl", TEXTS[:2], field="body", extra_lines=[line])
+    with pytest.raises(DataError, match=rf"c.jsonl: line 3: not a JSON object \(it is {kind}\); each line must be "
+                                        r"one JSON object with the text in field 'body' \(or set data.skip_invalid"):
+        check_files([path], False, text_field="body")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"text": "a" "b"}', "Expecting ',' delimiter at column 14"),
+    ('{"text": "a\x01"}', "Invalid control character at column 12"),
+    ('{"text": "a"} x', "Extra data at column 15"),
+])
+def test_json_errors_read_as_what_and_where(tmp_path, text, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text(text + "\n")
+    with pytest.raises(DataError, match=rf"line 1: not JSON \({message}\);"):
+        check_files([path], False)
 
 
 def test_cache_key_covers_the_text_field_only_for_record_files(tmp_path, data_dir):

@@ -78,10 +78,31 @@ def test_explicit_path_errors(tmp_path, data_dir):
     bad.write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(invalid byte 0xe9 at offset 3\).*data.skip_invalid=true"):
         prepare(DataConfig(path=str(bad)), TokenizerConfig(vocab_size=400))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n")
+    with pytest.raises(DataError, match=r"blank.txt: holds only whitespace, so the corpus is empty \(no text\)"):
+        prepare(DataConfig(path=str(blank)), TokenizerConfig(vocab_size=400))
     empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    with pytest.raises(DataError, match="empty"):
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.txt: the corpus is empty \(no text\); give UTF-8 text"):
         prepare(DataConfig(path=str(empty)), TokenizerConfig(vocab_size=400))
+
+
+def test_every_file_skipped_says_so(tmp_path, data_dir):
+    """data.skip_invalid=true and no file usable: the error counts the skipped files, not an 'empty corpus'."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "c" / "b.txt").write_bytes(b"x\0y")
+    tok = TokenizerConfig(vocab_size=400)
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(path=str(tmp_path / "c"), skip_invalid=True), tok, progress=False)
+    assert str(e.value) == ("data.path: all 2 files were skipped as unusable (data.skip_invalid=true; the warnings "
+                            "above say why), so there is no text; fix or replace them")
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(path=str(tmp_path / "c" / "b.txt"), skip_invalid=True), tok, progress=False)
+    assert str(e.value) == (f"{tmp_path / 'c' / 'b.txt'}: the only file was skipped as unusable (data.skip_invalid="
+                            "true; the warnings above say why), so there is no text; fix or replace it")
+    assert not (data_dir / "prepared").exists() or not any((data_dir / "prepared").iterdir())
 
 
 def test_split_is_last_fraction_of_bytes_on_a_character_boundary():

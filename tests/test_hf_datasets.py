@@ -2,6 +2,7 @@
 save_to_disk, and a local folder of parquet / jsonl files in the hub's layout. Each prepared split decodes
 to exactly its rows' texts (Chinese, emoji, empty rows skipped), separated by eos; validation is a split
 or the last fraction of the rows; the cache key follows the data; bad input is one line."""
+import logging
 import math
 import os
 import sys
@@ -159,9 +160,61 @@ def test_missing_paths_and_an_offline_hub_are_one_line(tmp_path):
     with pytest.raises(DataError, match=r"is a file, not a dataset folder; .* use data.path for files"):
         prep(hf_dataset=str(tmp_path / "f.txt"))
     with pytest.raises(DataError, match=r"data.hf_dataset=someone/no-such-dataset \(split train\): cannot be "
-                                        r"opened .*HF_HUB_OFFLINE") as e:
+                                        r"opened \(.*\) \(HF_HUB_OFFLINE is set and no copy is cached: unset it to "
+                                        r"download the dataset, or give a local folder\); check data.hf_dataset") as e:
         prep(hf_dataset="someone/no-such-dataset")
     assert "\n" not in str(e.value)
+
+
+def test_an_unreachable_hub_says_what_to_do_without_a_network(monkeypatch, caplog):
+    """HF_HUB_OFFLINE unset and no network: the hint names both ways to work offline, and huggingface_hub's
+    retry warnings are held back (the error says it all)."""
+    def unreachable(name, *a, **k):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    level = logging.getLogger("huggingface_hub").level
+    with pytest.raises(DataError) as e:
+        HFSplit("someone/data", "hub", None, None).open()
+    assert str(e.value) == ("data.hf_dataset=someone/data (split train): cannot be opened (ConnectionError: Couldn't "
+                            "reach 'someone/data' on the Hub (LocalEntryNotFoundError)) (a hub dataset is downloaded: "
+                            "with no network, use a cached copy with HF_HUB_OFFLINE=1, or a local folder); check "
+                            "data.hf_dataset, data.hf_config and data.hf_split")
+    assert "Retrying" not in caplog.text
+    assert logging.getLogger("huggingface_hub").level == level   # put back as it was
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_missing_validation_split_names_its_key_and_the_splits(tmp_path, data_dir, saved):
+    if saved:
+        ds = saved_dict(tmp_path / "ds")
+    else:
+        (ds := tmp_path / "jl").mkdir()
+        datasets.Dataset.from_dict({"text": TRAIN}).to_json(str(ds / "train.jsonl"))
+    has = "train, validation" if saved else "train"
+    with pytest.raises(DataError) as e:
+        prep(hf_dataset=str(ds), hf_val_split="valid")
+    assert str(e.value) == (f"data.hf_dataset={ds} (split valid): no such split (it has {has}); set data.hf_val_split "
+                            "to one of them or leave it unset (data.val_fraction holds out rows)")
+    with pytest.raises(DataError, match=rf"\(split tr\): no such split \(it has {has}\); set data.hf_split to one "
+                                        r"of them$"):
+        prep(hf_dataset=str(ds), hf_split="tr")
+    assert no_entry(data_dir)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_saved_dataset_given_as_files_says_to_read_it_as_one(tmp_path, data_dir, whole):
+    """data.path at a save_to_disk folder (or one of its .arrow files): the fix is data=hf, in one line."""
+    ds = saved_dict(tmp_path / "ds")
+    datasets.Dataset.from_dict({"text": TRAIN}).save_to_disk(str(tmp_path / "one"))
+    for folder, arrow in ((ds, next((ds / "train").glob("*.arrow"))),                    # a DatasetDict
+                          (tmp_path / "one", next((tmp_path / "one").glob("*.arrow")))):  # a Dataset
+        with pytest.raises(DataError) as e:
+            prep(path=str(folder if whole else arrow))
+        assert str(e.value).startswith(f"{arrow}: looks like part of a dataset saved with Hugging Face datasets "
+                                       f"(save_to_disk), not text; read it with data=hf data.hf_dataset={folder} ")
+        assert "\n" not in str(e.value) and no_entry(data_dir)
 
 
 def test_config_keys_are_checked():

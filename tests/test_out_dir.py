@@ -25,6 +25,10 @@ def default_out_dir(*overrides: str) -> str:
     (("data=text", "data.path='/data/books/**/*.txt'"), "out/books-tiny"),
     (("data=text", "data.path='/data/my corpus (v1).txt'"), "out/my_corpus_v1-tiny"),
     (("data=text", "data.path=a.txt", "out_dir=runs/mine"), "runs/mine"),
+    (("data=text", "data.path=/data/docs.jsonl.gz"), "out/docs-tiny"),       # compressed: both suffixes go
+    (("data=text", "data.path=/data/docs.txt.ZST"), "out/docs-tiny"),
+    (("data=text", "data.path=/data/web.parquet"), "out/web-tiny"),
+    (("data=text", "data.path=/data/books.v2.gz"), "out/books.v2-tiny"),     # ... a suffix of no format stays
     (("data=hf", "data.hf_dataset=/data/datasets/wiki_zh"), "out/wiki_zh-tiny"),       # a saved dataset
     (("data=hf", "data.hf_dataset=user/fine-web.edu"), "out/fine-web.edu-tiny"),       # a hub name
 ])

@@ -15,6 +15,7 @@ is two); a record file is many (formats.Records).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20   # unit of work read at once (and sent to an encoding process)
 _SCAN_BLOCK = 1 << 20
+_SAVED_HF_FILES = ("state.json", "dataset_info.json")   # beside the .arrow files of a save_to_disk folder
 
 
 def cache_dir() -> Path:
@@ -233,6 +235,10 @@ def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False,
             info = scan_file(path, progress)
         except _Damaged as e:
             return FileInfo(path, 0, "", False, str(e))
+        if (info.problem or "").startswith("looks like a binary") and (saved := saved_hf_dataset(path)):
+            info = dataclasses.replace(info, problem=(
+                f"looks like part of a dataset saved with Hugging Face datasets (save_to_disk), not text; read it "
+                f"with data=hf data.hf_dataset={saved}"))
         if progress is not None and info.has_text:
             progress.document(info.size)
         return info
@@ -241,6 +247,15 @@ def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False,
         log.warning("%s: skipped %d bad records (the first: %s)", path, r.bad, r.first_bad)
     return FileInfo(path, r.text_bytes, sha256_file(path), r.has_text, r.problem, fmt, text_field, r.documents,
                     r.empty, r.bad)
+
+
+def saved_hf_dataset(path: Path) -> Path | None:
+    """The folder of a dataset saved with ``datasets``' save_to_disk that the file ``path`` is part of (an
+    .arrow file, or one beside state.json or dataset_info.json), or None."""
+    folder = path.parent
+    if path.suffix.lower() != ".arrow" and not any((folder / n).is_file() for n in _SAVED_HF_FILES):
+        return None
+    return folder.parent if (folder.parent / "dataset_dict.json").is_file() else folder  # a DatasetDict's split
 
 
 def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path",
@@ -260,7 +275,7 @@ def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path
                 raise problem_error(p, info.problem, flag)
     finally:
         bar.close()
-    return usable(good, paths, key)
+    return usable(good, paths, key, flag)
 
 
 def problem_error(where: object, problem: str, flag: str) -> DataError:
@@ -270,13 +285,20 @@ def problem_error(where: object, problem: str, flag: str) -> DataError:
     return DataError(f"{where}: {problem}; convert it to UTF-8 text, remove it, or set {flag} to skip such files")
 
 
-def usable(good: list[FileInfo], paths: Sequence[object], key: str) -> list[FileInfo]:
+def usable(good: list[FileInfo], paths: Sequence[object], key: str,
+           flag: str = "data.skip_invalid=true") -> list[FileInfo]:
     """``good``, once the empty documents are reported; an error if there is no text at all."""
     if empty := sum(f.empty for f in good):
         log.warning("%s: skipped %d empty documents", key, empty)
+    if not good:
+        one = len(paths) == 1
+        where = f"{paths[0]}: the only file was" if one else f"{key}: all {len(paths)} files were"
+        raise DataError(f"{where} skipped as unusable ({flag}; the warnings above say why), so there is no "
+                        f"text; fix or replace {'it' if one else 'them'}")
     if not any(f.has_text for f in good):
         where = paths[0] if len(paths) == 1 else f"{key} ({len(paths)} files, {len(good)} usable)"
-        raise DataError(f"{where}: the corpus is empty (no text); give UTF-8 text with something in it")
+        why = "holds only whitespace, so " if any(f.size for f in good) else ""
+        raise DataError(f"{where}: {why}the corpus is empty (no text); give UTF-8 text with something in it")
     return good
 
 

@@ -209,15 +209,29 @@ def _jsonl_text(raw: bytes, where: str, field: str) -> str | None:
     if not line.strip():
         return None
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip("\r\n"))  # the terminator inside a cut string is not its cause
     except json.JSONDecodeError as e:
-        raise RecordError(f"{where}: not JSON ({e.msg}, column {e.colno}); each line must be one "
-                          "JSON object") from e
+        raise RecordError(f"{where}: not JSON ({_json_cause(e)}); each line must be one JSON object") from e
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: not a JSON object (it is {_json_kind(obj)}); each line must be one JSON "
+                          f"object with the text in field '{field}'")
     text = _field(obj, field, where)
     if b"\\u" in raw and not _encodable(text):
         raise RecordError(f"{where}: the text holds a lone surrogate (an escape such as \\ud800 that is "
                           "not half of a pair), which is not UTF-8 text; fix the record")
     return text
+
+
+def _json_cause(e: json.JSONDecodeError) -> str:
+    """What json found wrong, and where: "Unterminated string starting at column 10"."""
+    msg = e.msg if e.msg.endswith(" at") else f"{e.msg} at"   # some of json's messages end in "at"
+    return f"{msg} column {e.colno}"
+
+
+def _json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in words ("a list", "a number", ...)."""
+    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "a list"))
+    return "null" if value is None else next(name for t, name in kinds if isinstance(value, t))
 
 
 def _jsonl_records(path: Path, field: str, skip_bad: bool,

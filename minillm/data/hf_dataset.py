@@ -20,6 +20,7 @@ needs it. The cache key of a disk or folder dataset covers the sha256 of every f
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class HFSplit:
     kind: str            # "disk", "folder" or "hub"
     config: str | None
     split: str | None
+    key: str = "data.hf_split"   # the setting that names this split (data.hf_val_split: the validation one)
 
     def __str__(self) -> str:  # how messages name it
         split = self.split or ("train" if self.kind != "disk" else None)
@@ -79,25 +81,49 @@ class HFSplit:
         the library is missing or the dataset, configuration or split cannot be opened."""
         ds = _datasets()
         try:
-            if self.kind == "disk":
-                return self._pick(ds.load_from_disk(str(self.path)), ds)
-            return ds.load_dataset(str(self.path) if self.kind == "folder" else self.spec, self.config,
-                                   split=self.split or "train", streaming=True)
+            with _quiet_hub():
+                if self.kind == "disk":
+                    return self._pick(ds.load_from_disk(str(self.path)), ds)
+                return ds.load_dataset(self._source, self.config, split=self.split or "train", streaming=True)
         except DataError:
             raise
         except Exception as e:  # datasets raises many kinds (ValueError, FileNotFoundError, hub errors)
-            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            where = "" if self.kind != "hub" else " (a hub dataset needs the network: is HF_HUB_OFFLINE set?)"
-            fix = ("save the dataset again (save_to_disk), or check data.hf_dataset and data.hf_split" if self.kind == "disk"
-                   else "check data.hf_dataset, data.hf_config and data.hf_split")
-            raise DataError(f"{self}: cannot be opened ({type(e).__name__}: {what}){where}; {fix}") from e
+            raise self._open_error(e, ds) from e
+
+    @property
+    def _source(self) -> str:
+        return str(self.path) if self.kind == "folder" else self.spec
+
+    def _open_error(self, e: Exception, ds: Any) -> DataError:
+        """The one-line error for a split that ``datasets`` could not open."""
+        if isinstance(e, ValueError) and str(e).startswith("Bad split") and (names := self._split_names(ds)):
+            return self._no_split(names)
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if self.kind != "hub" else (
+            " (HF_HUB_OFFLINE is set and no copy is cached: unset it to download the dataset, or give a local folder)"
+            if ds.config.HF_HUB_OFFLINE else " (a hub dataset is downloaded: with no network, use a cached copy "
+            "with HF_HUB_OFFLINE=1, or a local folder)")
+        fix = (f"save the dataset again (save_to_disk), or check data.hf_dataset and {self.key}" if self.kind == "disk"
+               else f"check data.hf_dataset, data.hf_config and {self.key}")
+        return DataError(f"{self}: cannot be opened ({type(e).__name__}: {what}){where}; {fix}")
+
+    def _split_names(self, ds: Any) -> list[str]:
+        """The dataset's split names, or [] when they cannot be had."""
+        try:
+            with _quiet_hub():
+                return list(ds.get_dataset_split_names(self._source, self.config))
+        except Exception:  # noqa: BLE001 - the caller falls back to datasets' own message
+            return []
+
+    def _no_split(self, names: Any) -> DataError:
+        unset = " or leave it unset (data.val_fraction holds out rows)" if self.key == "data.hf_val_split" else ""
+        return DataError(f"{self}: no such split (it has {', '.join(names)}); set {self.key} to one of them{unset}")
 
     def _pick(self, saved: Any, ds: Any) -> Any:
         """The split of a saved DatasetDict, or a saved Dataset itself."""
         if isinstance(saved, ds.DatasetDict):
             if (self.split or "train") not in saved:
-                raise DataError(f"{self}: no such split (it has {', '.join(saved)}); set data.hf_split "
-                                "(and data.hf_val_split)")
+                raise self._no_split(saved)
             return saved[self.split or "train"]
         if self.split is not None and self.split != saved.split:
             raise DataError(f"{self}: the folder holds one saved Dataset (split {saved.split}), not a DatasetDict; "
@@ -153,6 +179,19 @@ class HFSplit:
             return None
 
 
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's warnings (each retry of an unreachable hub, twice: its own handler and the root
+    logger's) held back while a dataset is opened; the error raised says what went wrong."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
 def _stream_column(files: list[str], column: str) -> Iterator[Any]:
     """The values of ``column`` in Arrow IPC stream files (what save_to_disk writes), a record batch at a
     time, read with plain reads (bounded memory) rather than a memory map."""
@@ -186,7 +225,7 @@ def hf_splits(cfg: DataConfig) -> tuple[HFSplit, HFSplit | None]:
                         "or a hub name (user/dataset)")
     else:
         kind = "hub"
-    val = HFSplit(spec, kind, cfg.hf_config, cfg.hf_val_split) if cfg.hf_val_split else None
+    val = HFSplit(spec, kind, cfg.hf_config, cfg.hf_val_split, "data.hf_val_split") if cfg.hf_val_split else None
     return HFSplit(spec, kind, cfg.hf_config, cfg.hf_split), val
 
 
