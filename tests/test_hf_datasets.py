@@ -210,11 +210,17 @@ def test_a_saved_dataset_given_as_files_says_to_read_it_as_one(tmp_path, data_di
     datasets.Dataset.from_dict({"text": TRAIN}).save_to_disk(str(tmp_path / "one"))
     for folder, arrow in ((ds, next((ds / "train").glob("*.arrow"))),                    # a DatasetDict
                           (tmp_path / "one", next((tmp_path / "one").glob("*.arrow")))):  # a Dataset
-        with pytest.raises(DataError) as e:
-            prep(path=str(folder if whole else arrow))
-        assert str(e.value).startswith(f"{arrow}: looks like part of a dataset saved with Hugging Face datasets "
-                                       f"(save_to_disk), not text; read it with data=hf data.hf_dataset={folder} ")
-        assert "\n" not in str(e.value) and no_entry(data_dir)
+        for skip_invalid in (False, True) if whole else (False,):  # a folder: refused even when skipping
+            with pytest.raises(DataError) as e:
+                prep(path=str(folder if whole else arrow), skip_invalid=skip_invalid)
+            if whole:
+                assert str(e.value) == (f"data.path={folder}: a dataset saved with Hugging Face datasets "
+                                        f"(save_to_disk), not text files; read it with data=hf data.hf_dataset={folder}")
+            else:
+                assert str(e.value).startswith(
+                    f"{arrow}: looks like part of a dataset saved with Hugging Face datasets (save_to_disk), not "
+                    f"text; read it with data=hf data.hf_dataset={folder} ")
+            assert "\n" not in str(e.value) and no_entry(data_dir)
 
 
 def test_config_keys_are_checked():

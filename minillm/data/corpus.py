@@ -88,6 +88,11 @@ def expand_paths(spec: str, key: str) -> list[Path]:
             raise DataError(f"{key}={spec}: the pattern matches no files; check the path and quoting")
         return files
     path = Path(spec)
+    if path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
+        # refused whole, even with data.skip_invalid: skipping its .arrow files would leave its JSON metadata
+        # to be trained on as the corpus
+        raise DataError(f"{key}={spec}: a dataset saved with Hugging Face datasets (save_to_disk), not text "
+                        f"files; read it with data=hf data.hf_dataset={spec}")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
