@@ -185,6 +185,22 @@ def test_an_unreachable_hub_says_what_to_do_without_a_network(monkeypatch, caplo
     assert logging.getLogger("huggingface_hub").level == level   # put back as it was
 
 
+def test_an_unreachable_hub_is_tried_once_by_the_checking_pass(monkeypatch):
+    """The checking pass with its progress bar asks for the row count first: an unreachable hub must fail
+    there, not be waited on a second time (huggingface_hub retries each open with backoff)."""
+    from minillm.data.hf_dataset import check_split
+    calls = []
+
+    def unreachable(name, *a, **k):
+        calls.append(name)
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataError, match="cannot be opened"):
+        check_split(HFSplit("someone/data", "hub", None, None), "text", False, progress=True, fingerprint="x")
+    assert calls == ["someone/data"]
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_a_missing_validation_split_names_its_key_and_the_splits(tmp_path, data_dir, saved):
     if saved:

@@ -158,13 +158,15 @@ class HFSplit:
         return [c["filename"] for c in d.cache_files] or None
 
     def rows(self) -> int | None:
-        """The number of rows if known without reading them (a saved Dataset; else the metadata)."""
+        """The number of rows if known without reading them (a saved Dataset; else the metadata). A split
+        that cannot be opened is its DataError here already: reading it would fail the same way, after a
+        second wait on an unreachable hub (huggingface_hub retries with backoff, about half a minute)."""
+        d = self.open()
         try:
-            d = self.open()
             if hasattr(d, "num_rows") and d.num_rows is not None:
                 return int(d.num_rows)
             return int(d.info.splits[self.split or "train"].num_examples)
-        except (DataError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             return None
 
     def file_bytes(self) -> int | None:
