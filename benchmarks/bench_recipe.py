@@ -139,7 +139,7 @@ def one_run(overrides: list[str], run_dir: Path, env: dict, target: float) -> di
     evals = [r for r in records if "val_bpb" in r]
     first_train = records[0]["time"] - records[0]["elapsed_s"]  # when train() started, Unix time
     crossing = next((r for r in evals if r["val_bpb"] <= target), None)
-    curve = [{"t": r["time"] - t0, "step": r["step"], "train_loss": r["train_loss"], "val_bpb": r.get("val_bpb")}
+    curve = [{"t": r["time"] - t0, "step": r["step"], "train_loss": r.get("train_loss"), "val_bpb": r.get("val_bpb")}
              for r in records]
     tps = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
     return {"time_to_target_s": (crossing["time"] - t0) if crossing else float("nan"),
@@ -163,7 +163,7 @@ def plot_target(rows: list[dict], target: float, path: Path, reference: dict | N
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(rows):
         bpt = r.get("bytes_per_token") or 1.0
-        pts = [(c["t"], c["train_loss"] / math.log(2) / bpt) for c in r["curve"]]
+        pts = [(c["t"], c["train_loss"] / math.log(2) / bpt) for c in r["curve"] if c["train_loss"] is not None]
         ax.plot(*zip(*pts), "-", alpha=0.6, label=f"run {i}: train loss (bits/byte, approx.)")
         ev = [(c["t"], c["val_bpb"]) for c in r["curve"] if c["val_bpb"] is not None]
         if ev:

@@ -164,9 +164,9 @@ def load_specs(modules: Sequence[str], only: str | None) -> list[tuple[str, Any]
         for spec in mod.build_specs():
             text = f"{spec.name} {spec.label}"
             if only is None or only.lower() in text.lower():
-                # the module that defines the kernel (attention_build lists attention's kernels)
-                where = getattr(spec.fn, "__module__", None) or mod_name
-                out.append((where.rsplit(".", 1)[-1], spec))
+                # the module that defines the kernel (attention_build lists attention's kernels); Triton's
+                # JITFunction carries its function's __module__
+                out.append((spec.fn.__module__.rsplit(".", 1)[-1], spec))
     return out
 
 

@@ -29,6 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from minillm import recipe
 from minillm.config import SampleJobConfig, TrainJobConfig
+from minillm.data.formats import COMPRESSIONS, RECORD_FORMATS
 from minillm.errors import ConfigError, UserError
 
 T = TypeVar("T")
@@ -45,11 +46,17 @@ def register_schemas() -> None:
     cs.store(name="sample_schema", node=schema(SampleJobConfig))
 
 
+# Suffixes a compressed corpus file's name may carry under its compression's (docs.txt.gz), besides the
+# record formats': dropped from the run's default name with it.
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".json", ".csv", ".tsv")
+
+
 def corpus_name(name: str, path: str | None, hf_dataset: str | None = None, filename: str | None = None) -> str:
     """The default run name's corpus part, ``${minillm.corpus_name:${data.name},${data.path},${data.hf_dataset},
     ${data.filename}}`` in configs/train.yaml: data.name, except where data.path points at another corpus
     (data=text; or a named dataset given a path that is not its file), named by what it points at (a
-    file's stem, less a compression's suffix too: docs.jsonl.gz is docs; a folder's name, a glob's last fixed folder), and for data=hf, where it is the dataset
+    file's stem, less a compression's suffix too: docs.jsonl.gz is docs; a folder's name, a glob's last
+    fixed folder), and for data=hf, where it is the dataset
     folder's name (a hub name's last part), so each corpus gets its own out_dir."""
     if name == "hf" and hf_dataset:
         return re.sub(r"[^\w.-]+", "_", Path(str(hf_dataset)).expanduser().name).strip("._") or name
@@ -60,8 +67,7 @@ def corpus_name(name: str, path: str | None, hf_dataset: str | None = None, file
         p = p.parent
     stem = p.name if p.is_dir() else p.stem
     inner = Path(stem).suffix.lower()  # docs.jsonl.gz: docs (the compression's suffix, then the format's)
-    if not p.is_dir() and p.suffix.lower() in (".gz", ".bz2", ".xz", ".zst") and inner in (
-            ".txt", ".text", ".md", ".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv"):
+    if not p.is_dir() and p.suffix.lower() in COMPRESSIONS and inner in (*RECORD_FORMATS, *TEXT_SUFFIXES):
         stem = Path(stem).stem
     return re.sub(r"[^\w.-]+", "_", stem).strip("._") or name
 

@@ -24,6 +24,12 @@ def strict_json(value, **kwargs) -> str:
     return json.dumps(clean(value), allow_nan=False, **kwargs)
 
 
+def finite_fields(record: dict) -> dict:
+    """The record without its NaN / infinite numbers (an unevaluated validation loss, a skipped step's
+    loss): metrics.jsonl and wandb get numbers or nothing, so readers never meet null."""
+    return {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
 def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; a line torn by a crash mid-write is skipped."""
     out = []
@@ -48,7 +54,8 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         kept = [] if resume_step is None else [r for r in read_records(self.path) if r["step"] <= resume_step]
-        write_run_file(self.path, "".join(strict_json(r) + "\n" for r in kept))  # atomic; one line on failure
+        # atomic; one line on failure. finite_fields: a file an older minillm wrote may hold NaN / Infinity
+        write_run_file(self.path, "".join(strict_json(finite_fields(r)) + "\n" for r in kept))
         self._f = open(self.path, "a")
         self.wandb = None
         if wandb_cfg.mode != "disabled":
@@ -60,6 +67,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         """Append one record (CheckpointError, one line, when the disk is full or read-only: a torn last
         line is skipped by read_records, and the relaunch continues from the last checkpoint)."""
+        record = finite_fields(record)
         try:
             self._f.write(strict_json(record) + "\n")
             self._f.flush()

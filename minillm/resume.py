@@ -176,9 +176,12 @@ def check_tokenizer_settings(state: dict, where: Path, cfg: TrainJobConfig) -> N
     check_resumable's refusal. An edited corpus is caught there, after preparation."""
     saved = bytes(state["tokenizer"].numpy().tobytes())
     if cfg.tokenizer.path:
-        path = Path(cfg.tokenizer.path)
+        path = Path(cfg.tokenizer.path).expanduser()  # as preparation reads it
         if path.is_file() and path.read_bytes() != saved:
-            raise RunError(_other_tokenizer(where, state["config"], cfg))
+            raise RunError(f"{where}: tokenizer.path={cfg.tokenizer.path} holds another sentencepiece model than the "
+                           f"one this run was trained with; continue it with its own, tokenizer.path="
+                           f"{Path(cfg.out_dir) / 'tokenizer.model'}, or start a new run with "
+                           f"out_dir={suggest_out_dir(cfg.out_dir)}")
     elif _tokenizer_keys_changed(state["config"], cfg, prefixes=("tokenizer.",)):
         raise RunError(_other_tokenizer(where, state["config"], cfg))
 
@@ -232,14 +235,12 @@ def _describe_data(data_id: dict) -> str:
 
 
 def check_not_past(step: int, max_steps: int, where: Path, cfg: TrainJobConfig) -> None:
-    """Refuse (RunError) a run whose checkpoint is already past the steps now configured (train.max_steps
-    lowered with train.allow_changes, or a smaller time budget): a run cannot be shortened, and calling
-    it finished would report a final evaluation that never ran."""
+    """Refuse (RunError) a run whose checkpoint is already past train.max_steps as now configured (lowered
+    with train.allow_changes): a run cannot be shortened, and calling it finished would report a final
+    evaluation that never ran. (A time budget's saved plan is kept at a resume, so it never lands here.)"""
     if step > max_steps:
-        key, fix = (("train.time_budget_s", "raise train.time_budget_s") if cfg.train.time_budget_s else
-                    ("train.max_steps", f"set train.max_steps >= {step}"))
-        raise RunError(f"{where}: the run is at step {step}, past the {max_steps} steps {key} now gives; a "
-                       f"run cannot be shortened: {fix} to continue it, or train a new run with "
+        raise RunError(f"{where}: the run is at step {step}, past train.max_steps={max_steps}; a run cannot be "
+                       f"shortened: set train.max_steps >= {step} to continue it, or train a new run with "
                        f"out_dir={suggest_out_dir(cfg.out_dir)}")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -52,7 +51,7 @@ from minillm.distributed.wrapping import full_value, grad_sync, local, shard_fsd
 from minillm.errors import RunError, UserError
 from minillm.flops import mfu, peak_flops
 from minillm.guards import NonFiniteError, StepGuard
-from minillm.metrics import MetricsLogger
+from minillm.metrics import MetricsLogger, finite_fields
 from minillm.model import GPT
 from minillm.optimizer import build_optimizer, decay_start, lr_at
 from minillm.report import plot_run, summarize, write_report
@@ -122,6 +121,11 @@ class RunData:
     id: dict  # what identifies the prepared data in a checkpoint: each split's token count and checksum
 
 
+def val_too_short(val_tokens: int, block_size: int) -> bool:
+    """Whether a validation split holds less than one full window (block_size inputs + 1 target)."""
+    return val_tokens < block_size + 1
+
+
 def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | None = None) -> RunData:
     """Prepare (or reuse) the corpus. Local rank 0 of each node prepares first, so a node-local cache
     works on every node; concurrent preparers on a shared cache are safe (the first rename wins)."""
@@ -139,7 +143,7 @@ def load_data(cfg: TrainJobConfig, info: dist.DistInfo, tokenizer: Tokenizer | N
     if len(data.val) < 2:
         raise RunError(f"the validation split has {len(data.val)} tokens; it needs at least 2 "
                        "(a larger corpus or data.val_fraction)")
-    if len(data.val) <= cfg.model.block_size and info.is_main:
+    if val_too_short(len(data.val), cfg.model.block_size) and info.is_main:
         log.warning("warning: the validation split holds %d tokens, not one full window of model.block_size=%d "
                     "+ 1: its loss and bpb rest on too few tokens to compare runs; raise data.val_fraction or "
                     "give data.val_path", len(data.val), cfg.model.block_size)
@@ -432,7 +436,7 @@ class Trainer:
             if self.info.is_main:
                 bar.write(f"step {step}: train loss {r.loss:.4f}, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
         if self.metrics is not None and record is not None:
-            self.metrics.log(finite_fields(record))
+            self.metrics.log(record)
         return record
 
     def _record(self, r: StepResult, tokens_per_sec: float) -> dict:
@@ -527,12 +531,6 @@ class Trainer:
         log.info("done: step %d, val loss %.4f, val bpb %.4f, %.1fs; run folder %s", summary["step"],
                  summary["final_val_loss"], summary["final_val_bpb"], summary["wall_s"], self.run_dir)
 
-
-
-def finite_fields(record: dict) -> dict:
-    """The record without its NaN / infinite numbers (an unevaluated validation loss, a skipped step's
-    loss): metrics.jsonl and wandb get numbers or nothing."""
-    return {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
 # How a launch found and treated its checkpoint, not what the run is: a change in these alone keeps no

@@ -239,6 +239,28 @@ def test_a_saved_dataset_given_as_files_says_to_read_it_as_one(tmp_path, data_di
             assert "\n" not in str(e.value) and no_entry(data_dir)
 
 
+def test_a_text_folder_with_a_state_json_is_not_taken_for_a_saved_dataset(tmp_path, data_dir):
+    """Only save_to_disk's whole layout (state.json and dataset_info.json beside .arrow files) is refused."""
+    from minillm.data.corpus import expand_paths, is_saved_dataset
+    (folder := tmp_path / "texts").mkdir()
+    (folder / "a.txt").write_text("a text corpus\n" * 50)
+    (folder / "state.json").write_text('{"page": 3}')
+    assert not is_saved_dataset(folder)
+    assert expand_paths(str(folder), "data.path") == [folder / "a.txt", folder / "state.json"]
+
+
+def test_a_saved_dataset_elsewhere_than_data_path_gets_advice_for_that_key(tmp_path):
+    """data.val_path and train_tokenizer's --input cannot take data=hf: the advice fits the key."""
+    from minillm.data.corpus import expand_paths
+    datasets.Dataset.from_dict({"text": TRAIN}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match=r"^data.val_path=.*: a dataset saved with Hugging Face datasets \(save_to_disk\), "
+                                        r"not text files; with data=hf its training split can be read from it too"):
+        expand_paths(str(tmp_path / "one"), "data.val_path")
+    with pytest.raises(DataError, match=r"^--input=.*not text files; write it out as JSONL \(datasets' "
+                                        r"Dataset.to_json\) and give that file$"):
+        expand_paths(str(tmp_path / "one"), "--input")
+
+
 def test_config_keys_are_checked():
     with pytest.raises(ConfigError, match="data.hf_split='train': applies only with data.hf_dataset"):
         DataConfig(hf_split="train")

@@ -97,6 +97,7 @@ def test_a_relaunch_that_changes_only_launch_options_keeps_no_config_copy(tmp_pa
 def test_settings_that_do_not_shape_training_may_change(run3, corpus_file):
     cfg = tiny_cfg(run3, corpus_file, max_steps=3, eval_interval=1, log_interval=2, keep_last=3)
     cfg.optim.fused = True
+    cfg.tokenizer.num_threads = 1                                    # how fast, not which tokenizer
     assert train(cfg)["step"] == 3                                   # finished: nothing to do, no refusal
 
 

@@ -112,7 +112,8 @@ def test_resume_with_other_tokenizer_settings_is_refused_before_any_preparation(
     cfg.tokenizer.path = str(other)
     with monkeypatch.context() as m:
         m.setattr(trainer_mod, "load_data", no_preparation)
-        with pytest.raises(RunError, match=r"different tokenizer"):
+        with pytest.raises(RunError, match=rf"tokenizer.path={other} holds another sentencepiece model than the one "
+                                           r"this run was trained with; continue it with its own, tokenizer.path="):
             train(cfg)
 
 
@@ -122,14 +123,16 @@ def test_a_run_cannot_be_shortened_below_its_step(tmp_path, corpus_file, data_di
     run = tmp_path / "run"
     train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))
     (run / "summary.json").unlink()
-    with pytest.raises(RunError, match=r"at step 4, past the 3 steps train.max_steps now gives; .*"
-                                       r"set train.max_steps >= 4"):
+    with pytest.raises(RunError, match=r"the run is at step 4, past train.max_steps=3; a run cannot be shortened: "
+                                       r"set train.max_steps >= 4 to continue it"):
         train(tiny_cfg(run, corpus_file, max_steps=3, ckpt_interval=2, allow_changes=True))
     assert not (run / "summary.json").exists()
     assert train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))["step"] == 4  # the same steps: finished
 
 
 def test_a_validation_split_shorter_than_a_window_is_warned_about(tmp_path, corpus_file, data_dir, caplog):
+    from minillm.trainer import val_too_short
+    assert val_too_short(32, 32) and not val_too_short(33, 32)   # one window: block_size inputs + 1 target
     caplog.set_level("INFO", logger="minillm")
     cfg = tiny_cfg(tmp_path / "run", corpus_file, max_steps=1)
     cfg.data.val_fraction = 0.0005
@@ -144,7 +147,7 @@ def test_reports_are_strict_json(tmp_path):
     """summary.json and metrics.jsonl never hold NaN / Infinity (not JSON; JSON.parse and jq refuse them)."""
     from minillm.metrics import strict_json
     from minillm.report import write_report
-    from minillm.trainer import finite_fields
+    from minillm.metrics import MetricsLogger, finite_fields
     def refuse(name):
         raise ValueError(name)
     assert json.loads(strict_json({"a": float("inf"), "b": [1.0, float("nan")], "c": {"d": -float("inf")}}),
@@ -152,6 +155,14 @@ def test_reports_are_strict_json(tmp_path):
     write_report(tmp_path, {"step": 3, "best_val_loss": float("inf")})
     assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)["best_val_loss"] is None
     assert finite_fields({"step": 1, "loss": float("inf"), "val": float("nan"), "lr": 0.1}) == {"step": 1, "lr": 0.1}
+    # the logger itself drops them, from new records and from an older file's kept ones
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": Infinity}\n{"step": 2, "train_loss": 1.5}\n')
+    logger = MetricsLogger(tmp_path, WandbConfig(), {}, resume_step=2)
+    logger.log({"step": 3, "train_loss": float("inf"), "val_loss": float("nan"), "lr": 0.1})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l, parse_constant=refuse) for l in lines] == [{"step": 1}, {"step": 2, "train_loss": 1.5},
+                                                                     {"step": 3, "lr": 0.1}]
 
 
 def test_corrupt_latest_falls_back_to_previous(tmp_path, corpus_file, data_dir, caplog):

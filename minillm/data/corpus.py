@@ -88,11 +88,11 @@ def expand_paths(spec: str, key: str) -> list[Path]:
             raise DataError(f"{key}={spec}: the pattern matches no files; check the path and quoting")
         return files
     path = Path(spec)
-    if path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
+    if path.is_dir() and is_saved_dataset(path):
         # refused whole, even with data.skip_invalid: skipping its .arrow files would leave its JSON metadata
         # to be trained on as the corpus
         raise DataError(f"{key}={spec}: a dataset saved with Hugging Face datasets (save_to_disk), not text "
-                        f"files; read it with data=hf data.hf_dataset={spec}")
+                        f"files; {saved_dataset_advice(key, spec)}")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -229,7 +229,7 @@ class _Damaged(Exception):
 
 
 def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False,
-             progress: CheckBar | None = None) -> FileInfo:
+             progress: CheckBar | None = None, key: str = "data.path") -> FileInfo:
     """:func:`scan_file` for a text file; for a record file, sha256 and every record checked (with
     ``skip_bad``, bad records are counted and skipped, with a warning)."""
     fmt = file_format(path)
@@ -242,8 +242,8 @@ def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False,
             return FileInfo(path, 0, "", False, str(e))
         if (info.problem or "").startswith("looks like a binary") and (saved := saved_hf_dataset(path)):
             info = dataclasses.replace(info, problem=(
-                f"looks like part of a dataset saved with Hugging Face datasets (save_to_disk), not text; read it "
-                f"with data=hf data.hf_dataset={saved}"))
+                f"looks like part of a dataset saved with Hugging Face datasets (save_to_disk), not text; "
+                f"{saved_dataset_advice(key, saved)}"))
         if progress is not None and info.has_text:
             progress.document(info.size)
         return info
@@ -256,11 +256,30 @@ def scan_any(path: Path, text_field: str = "text", skip_bad: bool = False,
 
 def saved_hf_dataset(path: Path) -> Path | None:
     """The folder of a dataset saved with ``datasets``' save_to_disk that the file ``path`` is part of (an
-    .arrow file, or one beside state.json or dataset_info.json), or None."""
+    .arrow file, or any file of a saved folder), or None."""
     folder = path.parent
-    if path.suffix.lower() != ".arrow" and not any((folder / n).is_file() for n in _SAVED_HF_FILES):
+    if path.suffix.lower() != ".arrow" and not is_saved_dataset(folder):
         return None
-    return folder.parent if (folder.parent / "dataset_dict.json").is_file() else folder  # a DatasetDict's split
+    return folder.parent if is_saved_dataset(folder.parent) else folder  # a DatasetDict's split
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """Whether ``folder`` was written by save_to_disk: a Dataset (state.json and dataset_info.json beside
+    its .arrow files) or a DatasetDict (dataset_dict.json beside a split folder that is a saved Dataset)."""
+    if all((folder / n).is_file() for n in _SAVED_HF_FILES) and any(folder.glob("*.arrow")):
+        return True
+    return (folder / "dataset_dict.json").is_file() and any(
+        sub.is_dir() and is_saved_dataset(sub) for sub in folder.iterdir())
+
+
+def saved_dataset_advice(key: str, folder: object) -> str:
+    """What to do with a saved dataset given as files under ``key`` (data.path, data.val_path, --input)."""
+    if key == "data.path":
+        return f"read it with data=hf data.hf_dataset={folder}"
+    if key == "data.val_path":
+        return ("with data=hf its training split can be read from it too (data.hf_dataset, data.hf_val_split); "
+                "else write it out as JSONL (Dataset.to_json) and give that file")
+    return "write it out as JSONL (datasets' Dataset.to_json) and give that file"
 
 
 def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path",
@@ -271,7 +290,7 @@ def check_files(paths: Sequence[Path], skip_invalid: bool, key: str = "data.path
     bar = CheckBar(sum(p.stat().st_size for p in paths), progress)
     try:
         for p in paths:
-            info = scan_any(p, text_field, skip_invalid, bar)
+            info = scan_any(p, text_field, skip_invalid, bar, key)
             if info.problem is None:
                 good.append(info)
             elif skip_invalid:
