@@ -155,6 +155,10 @@ def test_out_dir_naming_a_file_is_one_line_and_the_file_is_kept(tmp_path, sub):
 
 @pytest.mark.parametrize("args, expected", [
     (("--cfg", "job", "model=nope"), "error: model=nope: no such option (available: gpt2-small, llama-small, tiny)"),
+    # the experiment group has no default: a misspelled one must fail, not be dropped (the default run trained)
+    (("experiment=shakespeare_cpuu",), "error: experiment=shakespeare_cpuu: no such option (available: "
+                                       "nanogpt_cpu, shakespeare_cpu)"),
+    (("--cfg", "job", "experiment=nope"), "error: experiment=nope: no such option"),
     (("--cfg", "job", "--resolve", "model.n_layr=3"), "error: model.n_layr: unknown key (Key 'n_layr' not in "
                                                       "'ModelConfig'); check the spelling"),
     (("out_dir=null",), "error: out_dir=null: this key needs a value"),
