@@ -31,16 +31,22 @@ def main(cfg: DictConfig) -> None:
         with cli.user_errors(made_by_hydra=job.out_dir if cli.in_sweep() else None):
             train(job)
     except TrainingInterrupted as e:  # SIGTERM -> 143, SIGINT -> 130, after the checkpoint
-        print(f"{e}; continue with the same command (train.resume=auto)", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        stopped(f"{e}; continue with the same command (train.resume=auto)", e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before the loop's handler is set (data, tokenizer, model) or a second one
-        print("stopped by SIGINT: the run continues from its last checkpoint, if it has one, and prepared data "
-              "stays cached (an unfinished preparation leaves no partial files); rerun the same command "
-              "(train.resume=auto)", file=sys.stderr, flush=True)
-        sys.exit(130)
+        stopped("stopped by SIGINT: the run continues from its last checkpoint, if it has one, and prepared data "
+                "stays cached (an unfinished preparation leaves no partial files); rerun the same command "
+                "(train.resume=auto)", 130)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def stopped(message: str, code: int) -> None:
+    """Exit with ``code`` after a signal; the message once, from rank 0 (torchrun signals every rank)."""
+    import os
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -160,13 +160,22 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
     check_compatible(state["config"]["model"], cfg.model, where)
     changes = check_settings(state, where, cfg, data_id, info.world_size)
     if state.get("world_size", 1) != info.world_size:
-        log.warning("warning: %s was written by %d processes, now %d; the batch order changes from here",
-                    where, state.get("world_size", 1), info.world_size)
+        # the global batch is the same (check_settings): each step reads the same windows, split another way
+        log.warning("warning: %s was written by %d processes, now %d; each step reads the same batches as it "
+                    "would have, shared out anew, and dropout's random streams restart from rank 0's", where,
+                    state.get("world_size", 1), info.world_size)
     if bool(state.get("sharded")) != fsdp:
-        kind, needs = ("sharded", "fsdp") if state.get("sharded") else ("full", "ddp")
-        raise RunError(f"{where}: a {kind} checkpoint resumes only with train.parallel={needs} "
-                       "(any checkpoint loads in sample.py)")
+        raise RunError(_sharding_mismatch(where, bool(state.get("sharded")), cfg, info))
     return changes
+
+
+def _sharding_mismatch(where: Path, sharded: bool, cfg: TrainJobConfig, info: dist.DistInfo) -> str:
+    """Why a checkpoint's sharding does not fit the run: FSDP runs on 2 or more processes only."""
+    if sharded and cfg.train.parallel == "fsdp" and not info.enabled:
+        return (f"{where}: a sharded checkpoint resumes under train.parallel=fsdp on 2 or more processes "
+                "(torchrun --nproc_per_node=N); one process runs without FSDP (any checkpoint loads in sample.py)")
+    kind, needs = ("sharded", "fsdp") if sharded else ("full", "ddp")
+    return f"{where}: a {kind} checkpoint resumes only with train.parallel={needs} (any checkpoint loads in sample.py)"
 
 
 def check_tokenizer_settings(state: dict, where: Path, cfg: TrainJobConfig) -> None:

@@ -41,7 +41,7 @@ class RngStreams:
 
     ``state_dict()`` is a collective (every rank calls it): it gathers one entry per rank, so a resume
     at the same world size restores each rank its own streams; at another world size each rank takes
-    rank 0's (the batch order changes then anyway, and the trainer warns).
+    rank 0's (the trainer warns; the batches stay the same when the global batch does).
     """
 
     def __init__(self, info: DistInfo):

@@ -97,8 +97,9 @@ def set_global_batch(cfg: TrainJobConfig, info: dist.DistInfo) -> None:
         cfg.train.grad_accum_steps = derive_grad_accum(cfg.train.global_batch_tokens, cfg.train.batch_size,
                                                        cfg.model.block_size, info.world_size)
     if info.enabled:
-        log.info("distributed: %d processes (%s), global batch %d sequences", info.world_size,
-                 dist.backend_name(), cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
+        log.info("distributed: %d processes (%s, %s), global batch %d sequences", info.world_size,
+                 dist.backend_name(), cfg.train.parallel.upper(),
+                 cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size)
 
 
 def derive_grad_accum(global_batch_tokens: int, batch_size: int, block_size: int, world_size: int) -> int:

@@ -28,6 +28,20 @@ def test_every_window_once_per_epoch_and_ranks_disjoint():
     assert ranks[0].epoch == 1
 
 
+def test_the_same_global_batch_reads_the_same_windows_at_any_world_size():
+    """What the resume warning promises: with the same global batch, each step (micro-steps of every rank
+    together) reads the same windows whether 1 process takes 8 per step, 2 take 4 each, or 1 takes 4 twice."""
+    tokens = np.arange(3000, dtype=np.uint16)
+    T = 10
+
+    def step_windows(B, world, accum, steps=12):
+        ranks = [BatchSource(tokens, B, T, seed=3, rank=r, world_size=world) for r in range(world)]
+        return [sorted(w for _ in range(accum) for s in ranks for w in s.next_batch()[0][:, 0].tolist())
+                for _ in range(steps)]
+    assert step_windows(8, 1, 1) == step_windows(4, 2, 1) == step_windows(4, 1, 2) == step_windows(2, 2, 2)
+    assert step_windows(8, 1, 1) != step_windows(4, 1, 1)          # a smaller global batch reads others
+
+
 def test_sampler_state_resumes_the_same_stream():
     tokens = np.arange(5000, dtype=np.uint16)
     a = BatchSource(tokens, 4, 16, seed=1)
@@ -128,6 +142,10 @@ def test_check_resumable_refuses_a_sharded_checkpoint_without_fsdp_and_the_rever
         check_resumable(base | {"sharded": True}, tmp_path, cfg, proto, data_id, DistInfo(), fsdp=False)
     with pytest.raises(RunError, match="a full checkpoint resumes only with train.parallel=ddp"):
         check_resumable(base, tmp_path, cfg, proto, data_id, DistInfo(), fsdp=True)
+    cfg.train.parallel = "fsdp"   # asked for, but one process runs without FSDP: say so, not "use fsdp"
+    with pytest.raises(RunError, match=r"a sharded checkpoint resumes under train.parallel=fsdp on 2 or more "
+                                       r"processes \(torchrun --nproc_per_node=N\); one process runs without FSDP"):
+        check_resumable(base | {"sharded": True}, tmp_path, cfg, proto, data_id, DistInfo(), fsdp=False)
     with pytest.raises(RunError, match="different tokenizer"):
         check_resumable(base, tmp_path, cfg, b"another", data_id, DistInfo(), fsdp=False)
 

@@ -78,7 +78,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, corpus_fil
     single([f"data.path={corpus_file}", f"out_dir={one}", *COMMON, "train.max_steps=6", "train.batch_size=8"], env)
     err = launch([f"data.path={corpus_file}", f"out_dir={two}", *COMMON, "train.max_steps=6",
                   "train.batch_size=4"], env)
-    assert "distributed: 2 processes (gloo), global batch 8 sequences" in err
+    assert "distributed: 2 processes (gloo, DDP), global batch 8 sequences" in err
     assert_same_training(one, two)
     # A 2-process checkpoint continues in 1 process (with a warning) and finishes.
     err = single([f"data.path={corpus_file}", f"out_dir={two}", *COMMON, "train.max_steps=9",
@@ -331,7 +331,7 @@ def test_a_rank_failing_on_bad_input_stops_its_peer_in_one_line(tmp_path, env):
     assert errors == [f"error: data.path={missing}: no such file or folder; give a UTF-8 text file, a folder or a glob",
                       f"error: rank 1 stopped: rank 0 failed: data.path={missing}: no such file or folder; give "
                       "a UTF-8 text file, a folder or a glob"], err[-3000:]
-    assert "Connection reset" not in err and "gloo" not in err.replace("(gloo)", "")
+    assert "Connection reset" not in err and "gloo" not in err.replace("(gloo, DDP)", "")
 
 
 @pytest.mark.slow  # ~30 s: a time-budgeted run under torchrun
