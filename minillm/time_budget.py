@@ -11,8 +11,10 @@ Planning, after every INTERVAL steps:
 - seconds per step = the mean over the last WINDOW steps, not counting the first ``SKIP`` of this
   launch (their one-time costs, allocation and lazy initialisation, are not steps' cost); periodic
   evaluations and checkpoints in between are included, so their cost is spread over the steps;
-- the final evaluation costs ``eval_s`` (measured by the trainer: one evaluation batch's forward
-  times the number of batches);
+- the final evaluation costs ``eval_s``: the least of MEASURES measurements by the trainer (one
+  evaluation batch's forward times the number of batches) at this launch's first plans, so that one
+  stall of a loaded machine during a measurement (measured: 56 s estimated for a 1 s evaluation) can
+  neither refuse the run nor shorten its plan for good; before refusing, it is measured once more;
 - max_steps = step + floor((budget - elapsed - eval_s - reserve) / seconds per step), reserve = one
   step + RESERVE of the budget for jitter; at most the cap (train.max_steps when set).
 The plan may move either way while no learning rate taken so far depended on it: until the schedule's
@@ -37,6 +39,7 @@ FIRST_PLAN = 6    # steps of each launch before its first plan
 INTERVAL = 10     # steps between re-plans
 WINDOW = 50       # the seconds per step are measured over (at most) the last WINDOW steps
 RESERVE = 0.02    # of the budget, kept for jitter
+MEASURES = 3      # the final evaluation's cost is measured at this many of each launch's first plans
 
 
 def process_start_time() -> float:
@@ -67,7 +70,8 @@ class TimeBudget:
         self.locked = False
         self._launch_step = 0                      # the step this launch started at
         self._t0: tuple[int, float] | None = None  # (step, elapsed) where this launch's measurement starts
-        self._eval_s: float | None = None
+        self._eval_s: float | None = None          # the least measured cost of the final evaluation
+        self._measured = 0                         # measurements of it this launch
         self._samples: list[tuple[int, float]] = []  # (step, elapsed) at each plan of this launch
 
     def state_dict(self) -> dict:
@@ -88,9 +92,9 @@ class TimeBudget:
 
     def after_step(self, step: int, elapsed_s: float, eval_seconds, decay_from, agree=lambda n: n) -> bool:
         """Re-plan if due after 1-based ``step`` at ``elapsed_s`` seconds of run time; returns whether
-        max_steps changed. ``eval_seconds()`` measures the final evaluation's cost (called once);
-        ``decay_from(max_steps)`` is the first 0-based step whose lr depends on max_steps.
-        Raises RunError when the budget leaves no room for another step."""
+        max_steps changed. ``eval_seconds()`` measures the final evaluation's cost (at the first MEASURES
+        plans; every rank calls it equally often); ``decay_from(max_steps)`` is the first 0-based step
+        whose lr depends on max_steps. Raises RunError when the budget leaves no room for another step."""
         n = step - self._launch_step
         if n < SKIP or (self._t0 is not None and (n < FIRST_PLAN or (n - FIRST_PLAN) % INTERVAL)):
             return False
@@ -98,18 +102,21 @@ class TimeBudget:
             self._t0 = (step, elapsed_s)
             self._samples = [self._t0]
             return False
-        if self._eval_s is None:
-            self._eval_s = eval_seconds()
+        if self._measured < MEASURES:
+            self._measure(eval_seconds)
         self._samples = [p for p in self._samples if p[0] >= step - WINDOW] or self._samples[-1:]
         first = self._samples[0]
         self._samples.append((step, elapsed_s))
         per_step = (elapsed_s - first[1]) / (step - first[0])
-        left = self.budget_s - elapsed_s - self._eval_s - per_step - RESERVE * self.budget_s
-        planned = agree(step + math.floor(left / per_step))
-        if planned <= step and self.max_steps is None:
-            raise RunError(f"train.time_budget_s={self.budget_s:g}: {elapsed_s:.1f} s have passed at step {step} "
-                           f"({per_step:.2f} s per step) and the final evaluation needs ~{self._eval_s:.1f} s; "
-                           "raise the budget, or make the run cheaper (a smaller model or batch)")
+        planned = self._plan(step, elapsed_s, per_step, agree)
+        if planned <= step and self.max_steps is None:  # the same on every rank (agreed): so is this branch
+            self._measure(eval_seconds)  # a stall while measuring must not refuse the run
+            planned = self._plan(step, elapsed_s, per_step, agree)
+            if planned <= step:
+                raise RunError(f"train.time_budget_s={self.budget_s:g}: {elapsed_s:.1f} s have passed at step "
+                               f"{step} ({per_step:.2f} s per step) and the final evaluation needs "
+                               f"~{self._eval_s:.1f} s; raise the budget, or make the run cheaper (a smaller "
+                               "model or batch)")
         planned = max(planned, step)  # out of time: stop here
         if self.cap is not None:
             planned = min(planned, self.cap)
@@ -119,3 +126,13 @@ class TimeBudget:
         if step + INTERVAL > decay_from(planned) or planned <= step:  # the next plan would come too late
             self.locked = True
         return changed
+
+    def _measure(self, eval_seconds) -> None:
+        cost = eval_seconds()
+        self._eval_s = cost if self._eval_s is None else min(self._eval_s, cost)
+        self._measured += 1
+
+    def _plan(self, step: int, elapsed_s: float, per_step: float, agree) -> int:
+        """The last step that leaves one step, the final evaluation and the reserve inside the budget."""
+        left = self.budget_s - elapsed_s - self._eval_s - per_step - RESERVE * self.budget_s
+        return agree(step + math.floor(left / per_step))
