@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -517,7 +518,7 @@ class Trainer:
                 "skipped_spikes": self.guard.skipped_spikes, "peak_memory_mb": peak_memory_mb(self.info.device),
                 "device": str(self.info.device), "world_size": self.info.world_size,
                 "vocab_size": self.data.tokenizer.vocab_size, "backend": ops.backend(),
-                "val_bytes_per_token": meta.get("val_bytes", 0) / max(1, meta.get("val_tokens", 1))}
+                "val_bytes_per_token": bytes_per_token(*self.last_val, meta)}
 
     def _finish(self, summary: dict) -> None:
         """Write summary.json and curves.png, upload the checkpoint to wandb if asked."""
@@ -532,6 +533,15 @@ class Trainer:
         log.info("done: step %d, val loss %.4f, val bpb %.4f, %.1fs; run folder %s", summary["step"],
                  summary["final_val_loss"], summary["final_val_bpb"], summary["wall_s"], self.run_dir)
 
+
+
+def bytes_per_token(val_loss: float, val_bpb: float, meta: dict) -> float:
+    """Text bytes per token of what the final evaluation scored: loss / ln 2 / bpb (loss is nats per token,
+    bpb bits per byte, of the same targets), so with train.eval_tokens it is the scored part's, matching
+    final_val_bpb. The whole split's (prepared data's meta.json) when there is no such number."""
+    if math.isfinite(val_loss) and math.isfinite(val_bpb) and val_bpb > 0:
+        return val_loss / math.log(2) / val_bpb
+    return meta.get("val_bytes", 0) / max(1, meta.get("val_tokens", 1))
 
 
 # How a launch found and treated its checkpoint, not what the run is: a change in these alone keeps no

@@ -143,6 +143,16 @@ def test_a_validation_split_shorter_than_a_window_is_warned_about(tmp_path, corp
     assert "not one full window" not in caplog.text
 
 
+def test_summary_bytes_per_token_is_that_of_the_scored_validation_tokens(tmp_path, corpus_file, data_dir):
+    """With train.eval_tokens, bpb covers only the scored tokens: the summary's bytes per token must be
+    theirs, so that final_val_loss / ln 2 / val_bytes_per_token == final_val_bpb."""
+    import math
+    s = train(tiny_cfg(tmp_path / "run", corpus_file, max_steps=2, eval_tokens=64))
+    assert s["final_val_loss"] / math.log(2) / s["val_bytes_per_token"] == pytest.approx(s["final_val_bpb"])
+    from minillm.trainer import bytes_per_token
+    assert bytes_per_token(float("nan"), float("nan"), {"val_bytes": 30, "val_tokens": 10}) == 3.0
+
+
 def test_reports_are_strict_json(tmp_path):
     """summary.json and metrics.jsonl never hold NaN / Infinity (not JSON; JSON.parse and jq refuse them)."""
     from minillm.metrics import strict_json
