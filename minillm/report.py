@@ -10,6 +10,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from minillm.atomic_files import write_run_file  # atomic; a full disk or read-only folder is one line
@@ -27,7 +28,9 @@ def _series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]
 
 
 def plot_run(run_dir: str | Path) -> Path | None:
-    """Draw ``<run>/curves.png`` from metrics.jsonl; None if there is nothing to draw."""
+    """Draw ``<run>/curves.png`` from metrics.jsonl; None if there is nothing to draw. The title (the run
+    folder's name) is drawn with an installed CJK font where one is needed; without one its characters
+    are boxes, without matplotlib's warning for each of them (the picture is in that folder anyway)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -35,6 +38,13 @@ def plot_run(run_dir: str | Path) -> Path | None:
     records = read_metrics(run_dir)
     if not records:
         return None
+    with warnings.catch_warnings(), plt.rc_context({"font.family": font_families()}):
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        return _draw(plt, records, Path(run_dir))
+
+
+def _draw(plt, records: list[dict], run_dir: Path) -> Path:
+    from matplotlib.ticker import EngFormatter
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     panels = [
         (axes[0, 0], [("train_loss", "-"), ("val_loss", "o-")], "step", "loss (nats/token) vs steps"),
@@ -50,16 +60,32 @@ def plot_run(run_dir: str | Path) -> Path | None:
             if xs:
                 ax.plot(xs, ys, style, label=key, markersize=3)
         ax.set(title=title, xlabel=x)
+        if x == "tokens":  # millions of tokens: 1.5M, not overlapping 1500000-wide labels
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend()
-    fig.suptitle(Path(run_dir).name)
+    fig.suptitle(run_dir.name)
     fig.tight_layout()
-    out, png = Path(run_dir) / "curves.png", io.BytesIO()
+    out, png = run_dir / "curves.png", io.BytesIO()
     fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
     write_run_file(out, png.getvalue())
     return out
+
+
+# Fonts with CJK glyphs, tried in order after DejaVu Sans (matplotlib falls back per glyph, >= 3.6).
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN",
+             "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC",
+             "Hiragino Sans GB", "Heiti SC", "Droid Sans Fallback", "Arial Unicode MS")
+
+
+def font_families() -> list[str]:
+    """DejaVu Sans (matplotlib's own), then the CJK fonts of CJK_FONTS that are installed (only those:
+    a missing family would be a warning of its own)."""
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans"] + [name for name in CJK_FONTS if name in installed]
 
 
 def write_report(run_dir: str | Path, summary: dict) -> None:

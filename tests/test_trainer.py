@@ -153,6 +153,25 @@ def test_summary_bytes_per_token_is_that_of_the_scored_validation_tokens(tmp_pat
     assert bytes_per_token(float("nan"), float("nan"), {"val_bytes": 30, "val_tokens": 10}) == 3.0
 
 
+def test_curves_of_a_run_with_a_chinese_name_draw_without_glyph_warnings(tmp_path, monkeypatch):
+    """No matplotlib warning per missing glyph for a CJK run folder name; an installed CJK font is used."""
+    import warnings
+    from matplotlib import font_manager
+    from minillm import report
+    run = tmp_path / "红楼梦-小"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "tokens": i * 100_000, "train_loss": 5.0 / i})
+                                               + "\n" for i in range(1, 20)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert report.plot_run(run) == run / "curves.png"
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fake = type("Font", (), {"name": "WenQuanYi Zen Hei"})()
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", font_manager.fontManager.ttflist + [fake])
+    assert report.font_families() == ["DejaVu Sans", "WenQuanYi Zen Hei"]
+
+
 def test_reports_are_strict_json(tmp_path):
     """summary.json and metrics.jsonl never hold NaN / Infinity (not JSON; JSON.parse and jq refuse them)."""
     from minillm.metrics import strict_json
