@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     run = Path(args.run_dir)
     if not (run / "metrics.jsonl").is_file():
-        print(f"error: {run}: no metrics.jsonl; is this a run folder?", file=sys.stderr)
+        why = "no metrics.jsonl; is this a run folder?" if run.is_dir() else "no such folder; give a run folder"
+        print(f"error: {run}: {why}", file=sys.stderr)
         return 2
     summary = summarize(run)
     saved = run / "summary.json"

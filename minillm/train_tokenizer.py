@@ -68,20 +68,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="a file, a folder (all files under it) or a quoted glob; repeat for several")
     p.add_argument("--val-input", default=None, help="held-out text (file, folder or glob); default: the last "
                    "--val-fraction of the input")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the held-out share of the input's text bytes when --val-input is not given")
     p.add_argument("--out", required=True, help="where to write the .model file (a .json report goes beside it)")
     d = TokenizerConfig()
-    p.add_argument("--model-type", default=d.model_type, choices=("bpe", "unigram", "char"))
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--model-type", default=d.model_type, choices=("bpe", "unigram", "char"),
+                   help="sentencepiece's algorithm")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="pieces in all, the 4 specials, newline and 256 byte pieces included")
     p.add_argument("--character-coverage", type=float, default=d.character_coverage,
                    help="1.0 for small alphabets, ~0.9995 for CJK")
     p.add_argument("--no-split-digits", action="store_true")
     p.add_argument("--no-byte-fallback", action="store_true",
                    help="no <0xNN> byte pieces (lossless only if every character gets a piece: checked)")
-    p.add_argument("--max-sentence-length", type=int, default=d.max_sentence_length)
+    p.add_argument("--max-sentence-length", type=int, default=d.max_sentence_length,
+                   help="bytes; longer lines are cut into pieces for training")
     p.add_argument("--input-sentence-size", type=int, default=d.input_sentence_size,
                    help="lines sampled for training (bounds memory)")
-    p.add_argument("--threads", type=int, default=d.num_threads)
+    p.add_argument("--threads", type=int, default=d.num_threads, help="sentencepiece trainer threads")
     p.add_argument("--skip-invalid", action="store_true", help="skip files that are not UTF-8 text instead of failing")
     p.add_argument("--text-field", default="text", help="the field (JSONL) or column (Parquet) holding the text; "
                    "a dotted path reaches a nested field")
@@ -97,13 +101,20 @@ def main(argv: list[str] | None = None) -> int:
                               byte_fallback=not args.no_byte_fallback,
                               max_sentence_length=args.max_sentence_length,
                               input_sentence_size=args.input_sentence_size, num_threads=args.threads)
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise TokenizerError(f"--out {out}: folder {out.parent} does not exist; create it first")
+        out = Path(args.out).expanduser()
+        above = next(p for p in out.parents if p.exists())  # checked now, made after training (nothing left on failure)
+        if not above.is_dir():
+            raise TokenizerError(f"--out {out}: {above} is a file, so no folder can be made under it; give another path")
         tok, report = train_on_files(args.input, cfg, val_spec=args.val_input, val_fraction=args.val_fraction,
                                      skip_invalid=args.skip_invalid, text_field=args.text_field)
     except UserError as e:
         print(f"error: {cli_names(str(e))}", file=sys.stderr)
+        return 2
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out {out}: cannot create the folder {out.parent} ({e.strerror}); give another path",
+              file=sys.stderr)
         return 2
     tok.save(out)
     rpath = out.with_suffix(".json")

@@ -183,6 +183,26 @@ def test_cli_speaks_in_its_own_options(tmp_path, capsys):
     assert err.startswith("error: --vocab-size 20 leaves out ") and "or drop --no-byte-fallback" in err
 
 
+def test_cli_out_makes_missing_folders_only_after_training(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_corpus(200))
+    out = tmp_path / "new" / "deeper" / "t.model"
+    assert main(["--input", str(corpus), "--vocab-size", "400", "--out", str(out)]) == 0
+    assert Tokenizer.load(out).vocab_size == 400 and out.with_suffix(".json").is_file()
+    failing = tmp_path / "other" / "t.model"      # training fails: no folder is left behind
+    assert main(["--input", str(corpus), "--vocab-size", "200", "--out", str(failing)]) == 2
+    assert not (tmp_path / "other").exists()
+    (tmp_path / "afile").write_text("x")
+    assert main(["--input", str(corpus), "--out", str(tmp_path / "afile" / "t.model")]) == 2
+    assert "afile is a file, so no folder can be made under it" in capsys.readouterr().err
+    assert "(default: 0.1)" in " ".join(_help().split()) and "(default: 1024)" in " ".join(_help().split())
+
+
+def _help() -> str:
+    from minillm.train_tokenizer import _parser
+    return _parser().format_help()
+
+
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minillm.train_tokenizer", "--input", str(tmp_path / "none/*.txt"),
                            "--out", str(tmp_path / "t.model")], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -370,7 +370,7 @@ def test_mfu_uses_the_device_peak(monkeypatch):
         assert counter.get_total_flops() == model.flops_per_token() * 3 * 16
 
 
-def test_wandb_offline_and_report_command(tmp_path, corpus_file, data_dir):
+def test_wandb_offline_and_report_command(tmp_path, corpus_file, data_dir, capsys):
     run = tmp_path / "run"
     cfg = tiny_cfg(run, corpus_file, max_steps=3, eval_interval=3, profile_interval=2)
     cfg.logger.wandb = WandbConfig(mode="offline", project="minillm-test", tags=["test"])
@@ -386,6 +386,11 @@ def test_wandb_offline_and_report_command(tmp_path, corpus_file, data_dir):
     r = subprocess.run([sys.executable, "-m", "minillm.report", str(run)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and json.loads(r.stdout)["best_val_loss"] == saved["best_val_loss"]
     assert (run / "curves.png").stat().st_size > 10_000
+    from minillm.report import main as report_main
+    assert report_main([str(tmp_path / "nowhere")]) == 2 and report_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"error: {tmp_path / 'nowhere'}: no such folder; give a run folder",
+                        f"error: {tmp_path}: no metrics.jsonl; is this a run folder?"]
 
 
 def test_init_from_fine_tunes_with_the_source_weights_and_tokenizer(tmp_path, corpus_file, data_dir, caplog):
