@@ -219,6 +219,10 @@ class Trainer:
         if state is not None:
             check_not_past(state["train_state"]["step"], self.max_steps, self.resumed_from, cfg)
         self.finished = state is not None and state["train_state"]["step"] >= self.max_steps
+        if self.budget is None and cfg.optim.warmup_steps > self.max_steps and info.is_main:
+            log.warning("warning: optim.warmup_steps=%d > train.max_steps=%d: the learning rate never reaches "
+                        "optim.lr (it is still warming up at the last step); lower optim.warmup_steps",
+                        cfg.optim.warmup_steps, self.max_steps)
         if self.finished:  # nothing to train: fit() reports it; no component is built
             self.state.load_state_dict(state["train_state"])
             return

@@ -131,6 +131,7 @@ def test_a_run_cannot_be_shortened_below_its_step(tmp_path, corpus_file, data_di
 
 
 def test_a_validation_split_shorter_than_a_window_is_warned_about(tmp_path, corpus_file, data_dir, caplog):
+    """Also a warmup longer than the run (the lr never reaches its peak)."""
     from minillm.trainer import val_too_short
     assert val_too_short(32, 32) and not val_too_short(33, 32)   # one window: block_size inputs + 1 target
     caplog.set_level("INFO", logger="minillm")
@@ -138,9 +139,10 @@ def test_a_validation_split_shorter_than_a_window_is_warned_about(tmp_path, corp
     cfg.data.val_fraction = 0.0005
     train(cfg)
     assert "not one full window of model.block_size=32 + 1" in caplog.text
+    assert "optim.warmup_steps=2 > train.max_steps=1: the learning rate never reaches optim.lr" in caplog.text
     caplog.clear()
-    train(tiny_cfg(tmp_path / "run2", corpus_file, max_steps=1))
-    assert "not one full window" not in caplog.text
+    train(tiny_cfg(tmp_path / "run2", corpus_file, max_steps=2))
+    assert "not one full window" not in caplog.text and "warmup_steps" not in caplog.text
 
 
 def test_summary_bytes_per_token_is_that_of_the_scored_validation_tokens(tmp_path, corpus_file, data_dir):
