@@ -94,6 +94,44 @@ def test_a_relaunch_that_changes_only_launch_options_keeps_no_config_copy(tmp_pa
     assert json.loads((tmp_path / "config.json").read_text()) == longer
 
 
+def test_resume_with_other_tokenizer_settings_is_refused_before_any_preparation(run3, corpus_file, tmp_path,
+                                                                                 monkeypatch):
+    """A changed tokenizer.* setting trains another tokenizer: refused naming that key (not the model.vocab_size
+    it implies), before the tokenizer training and corpus encoding that could only end in the refusal."""
+    import minillm.trainer as trainer_mod
+
+    def no_preparation(*a, **k):
+        raise AssertionError("the corpus was prepared before the refusal")
+    monkeypatch.setattr(trainer_mod, "load_data", no_preparation)
+    cfg = tiny_cfg(run3, corpus_file, max_steps=3)
+    cfg.tokenizer.vocab_size = 500
+    with pytest.raises(RunError, match=r"different tokenizer .*\(tokenizer.vocab_size 400 -> 500\)"):
+        train(cfg)
+    other = tmp_path / "other.model"                 # another file at tokenizer.path: named as the cause
+    other.write_bytes((run3 / "tokenizer.model").read_bytes() + b"x")
+    cfg = tiny_cfg(run3, corpus_file, max_steps=3)
+    cfg.tokenizer.path = str(other)
+    with pytest.raises(RunError, match=rf"tokenizer.path={other} holds another sentencepiece model than the one "
+                                       r"this run was trained with; continue it with its own, tokenizer.path="):
+        train(cfg)
+    monkeypatch.undo()
+    monkeypatch.setenv("MINILLM_DATA_DIR", str(run3.parent / "data_cache"))
+    own = tiny_cfg(run3, corpus_file, max_steps=3)   # its own tokenizer file passes
+    own.tokenizer.path = str(run3 / "tokenizer.model")
+    assert train(own)["step"] == 3
+
+
+def test_a_run_cannot_be_shortened_below_its_step(own_run3, corpus_file):
+    """max_steps lowered below the checkpoint's step (allowed as a change) is refused: the run cannot
+    end there, and calling it finished would report an evaluation that never ran."""
+    (own_run3 / "summary.json").unlink()
+    with pytest.raises(RunError, match=r"the run is at step 3, past train.max_steps=2; a run cannot be shortened: "
+                                       r"set train.max_steps >= 3 to continue it"):
+        train(tiny_cfg(own_run3, corpus_file, max_steps=2, allow_changes=True))
+    assert not (own_run3 / "summary.json").exists()
+    assert train(tiny_cfg(own_run3, corpus_file, max_steps=3))["step"] == 3  # its own steps: finished
+
+
 def test_settings_that_do_not_shape_training_may_change(run3, corpus_file):
     cfg = tiny_cfg(run3, corpus_file, max_steps=3, eval_interval=1, log_interval=2, keep_last=3)
     cfg.optim.fused = True

@@ -86,50 +86,6 @@ def test_resume_refuses_other_shapes_and_formats(tmp_path, corpus_file, data_dir
         train(cfg)
 
 
-def test_resume_with_other_tokenizer_settings_is_refused_before_any_preparation(tmp_path, corpus_file, data_dir,
-                                                                                 monkeypatch):
-    """A changed tokenizer.* setting trains another tokenizer: refused naming that key (not the model.vocab_size
-    it implies), before the tokenizer training and corpus encoding that could only end in the refusal."""
-    run = tmp_path / "run"
-    train(tiny_cfg(run, corpus_file, max_steps=2))
-    import minillm.trainer as trainer_mod
-
-    def no_preparation(*a, **k):
-        raise AssertionError("the corpus was prepared before the refusal")
-    cfg = tiny_cfg(run, corpus_file, max_steps=2)
-    cfg.tokenizer.vocab_size = 500
-    with monkeypatch.context() as m:
-        m.setattr(trainer_mod, "load_data", no_preparation)
-        with pytest.raises(RunError, match=r"different tokenizer .*\(tokenizer.vocab_size 400 -> 500\)"):
-            train(cfg)
-    # its own tokenizer file passes the early check; another file does not
-    own = tiny_cfg(run, corpus_file, max_steps=2)
-    own.tokenizer.path = str(run / "tokenizer.model")
-    assert train(own)["step"] == 2
-    other = tmp_path / "other.model"
-    other.write_bytes((run / "tokenizer.model").read_bytes() + b"x")
-    cfg = tiny_cfg(run, corpus_file, max_steps=2)
-    cfg.tokenizer.path = str(other)
-    with monkeypatch.context() as m:
-        m.setattr(trainer_mod, "load_data", no_preparation)
-        with pytest.raises(RunError, match=rf"tokenizer.path={other} holds another sentencepiece model than the one "
-                                           r"this run was trained with; continue it with its own, tokenizer.path="):
-            train(cfg)
-
-
-def test_a_run_cannot_be_shortened_below_its_step(tmp_path, corpus_file, data_dir):
-    """max_steps lowered below the checkpoint's step (allowed as a change) is refused: the run cannot
-    end there, and calling it finished would report an evaluation that never ran."""
-    run = tmp_path / "run"
-    train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))
-    (run / "summary.json").unlink()
-    with pytest.raises(RunError, match=r"the run is at step 4, past train.max_steps=3; a run cannot be shortened: "
-                                       r"set train.max_steps >= 4 to continue it"):
-        train(tiny_cfg(run, corpus_file, max_steps=3, ckpt_interval=2, allow_changes=True))
-    assert not (run / "summary.json").exists()
-    assert train(tiny_cfg(run, corpus_file, max_steps=4, ckpt_interval=2))["step"] == 4  # the same steps: finished
-
-
 def test_a_validation_split_shorter_than_a_window_is_warned_about(tmp_path, corpus_file, data_dir, caplog):
     """Also a warmup longer than the run (the lr never reaches its peak)."""
     from minillm.trainer import val_too_short
