@@ -6,6 +6,7 @@
                                      curves.png); CheckpointError, one line, when it cannot be written
     describe_write_error(path, e)    the line for an OSError: the folder, what is wrong (for a full disk
                                      the bytes needed and free), what to do
+    blocking_file(path)              the file (if any) that stops ``path`` being made as a folder
 
 No torch here: the checkpoint writer (minillm/checkpoint.py), the metrics log and the report share it.
 """
@@ -93,6 +94,15 @@ def describe_write_error(path: Path, e: OSError, needed: int | None = None) -> s
     if e.errno in (errno.EACCES, errno.EPERM):
         return f"{folder}: permission denied writing {name}; make the folder writable or choose another out_dir"
     return f"{folder}: cannot write {name} ({e.strerror or e}); check that folder's disk"
+
+
+def blocking_file(path: Path) -> Path | None:
+    """The nearest of ``path`` and the folders above it that exists (a dangling link counts), when it is
+    not a folder: what stops ``path`` from being made as a folder. None when nothing does."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
 
 
 def write_run_file(path: str | Path, data: bytes | str) -> None:

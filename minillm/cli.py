@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from minillm import recipe
+from minillm.atomic_files import blocking_file
 from minillm.config import SampleJobConfig, TrainJobConfig
 from minillm.data.formats import COMPRESSIONS, RECORD_FORMATS
 from minillm.errors import ConfigError, UserError
@@ -231,12 +232,9 @@ def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
 def check_out_dir(out_dir: str) -> None:
     """One line (exit 2) when out_dir, or a folder above it, is a file: Hydra would fail creating it."""
     path = Path(out_dir).expanduser()
-    for p in (path, *path.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                fail(f"out_dir={out_dir}: {'it' if p == path else p} is a file, not a folder; choose another "
-                     "out_dir (nothing was changed)")
-            return
+    if (p := blocking_file(path)) is not None:
+        fail(f"out_dir={out_dir}: {'it' if p == path else p} is a file, not a folder; choose another "
+             "out_dir (nothing was changed)")
 
 
 _VALUE_FLAGS = ("--cfg", "-c", "--package", "-p")  # Hydra flags that print the config, with their value

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.atomic_files import blocking_file
 from minillm.errors import UserError
 from minillm.hf_arch import ExportError, architecture, hf_config_fields, require_hf, to_hf_state
 from minillm.hf_tokenizer import save_hf_tokenizer, special_ids
@@ -49,11 +50,9 @@ def is_previous_export(folder: Path) -> bool:
 
 def check_out_dir(out: Path) -> bool:
     """True when ``out`` holds a previous export to replace; ExportError when it holds anything else."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"OUT_DIR {out}: is a file; give a folder path")
-    above = next((p for p in out.parents if p.exists()), None)  # "." or "/" at the latest
-    if above is not None and not above.is_dir():
-        raise ExportError(f"OUT_DIR {out}: {above} is a file, so no folder can be made under it; give another path")
+    if (p := blocking_file(out)) is not None:
+        raise ExportError(f"OUT_DIR {out}: is a file; give a folder path" if p == out else
+                          f"OUT_DIR {out}: {p} is a file, so no folder can be made under it; give another path")
     if out.is_dir() and any(out.iterdir()):
         if not is_previous_export(out):
             raise ExportError(f"OUT_DIR {out}: not empty and not a minillm export; nothing was written, "

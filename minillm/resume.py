@@ -155,7 +155,7 @@ def check_resumable(state: dict, where: Path, cfg: TrainJobConfig, tokenizer_pro
     """Refuse (RunError) a checkpoint of another tokenizer, model or sharding, or (unless
     train.allow_changes) other training settings or data; warn on a new world size. Returns the
     changes allowed, {key: (old, new)}. The tokenizer comes first: a new one changes model.vocab_size."""
-    if bytes(state["tokenizer"].numpy().tobytes()) != tokenizer_proto:
+    if _saved_tokenizer(state) != tokenizer_proto:
         raise RunError(_other_tokenizer(where, state["config"], cfg))
     check_compatible(state["config"]["model"], cfg.model, where)
     changes = check_settings(state, where, cfg, data_id, info.world_size)
@@ -183,16 +183,20 @@ def check_tokenizer_settings(state: dict, where: Path, cfg: TrainJobConfig) -> N
     the config already shows: another tokenizer.path file, or changed tokenizer.* settings (which train
     another tokenizer). Saves a tokenizer training and an encoding of the corpus that would only end in
     check_resumable's refusal. An edited corpus is caught there, after preparation."""
-    saved = bytes(state["tokenizer"].numpy().tobytes())
     if cfg.tokenizer.path:
         path = Path(cfg.tokenizer.path).expanduser()  # as preparation reads it
-        if path.is_file() and path.read_bytes() != saved:
+        if path.is_file() and path.read_bytes() != _saved_tokenizer(state):
             raise RunError(f"{where}: tokenizer.path={cfg.tokenizer.path} holds another sentencepiece model than the "
                            f"one this run was trained with; continue it with its own, tokenizer.path="
                            f"{Path(cfg.out_dir) / 'tokenizer.model'}, or start a new run with "
                            f"out_dir={suggest_out_dir(cfg.out_dir)}")
     elif _tokenizer_keys_changed(state["config"], cfg, prefixes=("tokenizer.",)):
         raise RunError(_other_tokenizer(where, state["config"], cfg))
+
+
+def _saved_tokenizer(state: dict) -> bytes:
+    """The sentencepiece model a checkpoint was trained with (stored as a uint8 tensor)."""
+    return bytes(state["tokenizer"].numpy().tobytes())
 
 
 def _other_tokenizer(where: Path, saved: dict, cfg: TrainJobConfig) -> str:

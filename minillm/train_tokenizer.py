@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+from minillm.atomic_files import blocking_file
 from minillm.config import TokenizerConfig
 from minillm.data.corpus import check_files, describe_files, expand_paths, segment_texts, split_segments, whole_files
 from minillm.data.encode import encode_segments, resolve_workers
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                               max_sentence_length=args.max_sentence_length,
                               input_sentence_size=args.input_sentence_size, num_threads=args.threads)
         out = Path(args.out).expanduser()
-        above = next(p for p in out.parents if p.exists())  # checked now, made after training (nothing left on failure)
-        if not above.is_dir():
-            raise TokenizerError(f"--out {out}: {above} is a file, so no folder can be made under it; give another path")
+        # its folder: checked now, made after training (nothing is left when training fails)
+        if (p := blocking_file(out.parent)) is not None:
+            raise TokenizerError(f"--out {out}: {p} is a file, so no folder can be made under it; give another path")
         tok, report = train_on_files(args.input, cfg, val_spec=args.val_input, val_fraction=args.val_fraction,
                                      skip_invalid=args.skip_invalid, text_field=args.text_field)
     except UserError as e:

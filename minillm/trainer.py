@@ -557,11 +557,12 @@ def keep_config_history(run_dir: Path, config: dict, step: int) -> None:
     """Write config.json; a config.json already there that differs in more than LAUNCH_KEYS (an earlier
     part of the run, continued with train.allow_changes) is kept as config.<k>.json, k = 1, 2, ... in order."""
     path, text = run_dir / "config.json", json.dumps(config, indent=2)
-    if path.exists() and path.read_text() != text and _run_settings(path.read_text()) != _run_settings(text):
+    old = path.read_text() if path.exists() else None
+    if old is not None and old != text and _run_settings(old) != _run_settings(text):
         k = 1
         while (run_dir / f"config.{k}.json").exists():
             k += 1
-        write_run_file(run_dir / f"config.{k}.json", path.read_bytes())  # a copy first: never lost
+        write_run_file(run_dir / f"config.{k}.json", old)  # a copy first: never lost
         log.info("config.json changed at step %d; the previous one is kept as config.%d.json", step, k)
     write_run_file(path, text)  # atomic; a full disk or read-only folder is one line
 
