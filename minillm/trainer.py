@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from minillm import checkpoint as ckpt
 from minillm import evaluation, ops
-from minillm.atomic_files import write_run_file
 from minillm.config import TrainJobConfig, plain
 from minillm.data.batches import BatchSource
 from minillm.data.prepare import PreparedData, prepare
@@ -56,6 +55,7 @@ from minillm.metrics import MetricsLogger, finite_fields
 from minillm.model import GPT
 from minillm.optimizer import build_optimizer, decay_start, lr_at
 from minillm.report import plot_run, summarize, write_report
+from minillm.config_history import keep_config_history
 from minillm.init_from import check_coverage, init_weights, load_source
 from minillm.resume import (check_not_past, check_resumable, check_same_optimizer, check_tokenizer_settings,
                             load_resume_state)
@@ -546,36 +546,3 @@ def bytes_per_token(val_loss: float, val_bpb: float, meta: dict) -> float:
     if math.isfinite(val_loss) and math.isfinite(val_bpb) and val_bpb > 0:
         return val_loss / math.log(2) / val_bpb
     return meta.get("val_bytes", 0) / max(1, meta.get("val_tokens", 1))
-
-
-# How a launch found and treated its checkpoint, not what the run is: a change in these alone keeps no
-# config.<k>.json (every relaunch with another train.resume path would otherwise add one).
-LAUNCH_KEYS = (("train", "resume"), ("train", "allow_changes"))
-
-
-def keep_config_history(run_dir: Path, config: dict, step: int) -> None:
-    """Write config.json; a config.json already there that differs in more than LAUNCH_KEYS (an earlier
-    part of the run, continued with train.allow_changes) is kept as config.<k>.json, k = 1, 2, ... in order."""
-    path, text = run_dir / "config.json", json.dumps(config, indent=2)
-    old = path.read_text() if path.exists() else None
-    if old is not None and old != text and _run_settings(old) != _run_settings(text):
-        k = 1
-        while (run_dir / f"config.{k}.json").exists():
-            k += 1
-        write_run_file(run_dir / f"config.{k}.json", old)  # a copy first: never lost
-        log.info("config.json changed at step %d; the previous one is kept as config.%d.json", step, k)
-    write_run_file(path, text)  # atomic; a full disk or read-only folder is one line
-
-
-def _run_settings(text: str) -> dict | None:
-    """A config.json without its LAUNCH_KEYS (None if it is not a JSON object: then it is kept)."""
-    try:
-        config = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(config, dict):
-        return None
-    for group, key in LAUNCH_KEYS:
-        if isinstance(config.get(group), dict):
-            config[group] = {k: v for k, v in config[group].items() if k != key}
-    return config

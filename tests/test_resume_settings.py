@@ -80,7 +80,7 @@ def test_allow_changes_continues_logs_and_keeps_every_config(own_run3, corpus_fi
 def test_a_relaunch_that_changes_only_launch_options_keeps_no_config_copy(tmp_path):
     """train.resume / train.allow_changes say how a launch found its checkpoint, not what the run is: a
     relaunch changing only them rewrites config.json and adds no config.<k>.json; a real change still does."""
-    from minillm.trainer import keep_config_history
+    from minillm.config_history import keep_config_history
     config = {"train": {"resume": "auto", "allow_changes": False, "max_steps": 3}, "seed": 1}
     keep_config_history(tmp_path, config, 0)
     relaunch = {"train": {"resume": "out/x/ckpt/step_000002.pt", "allow_changes": True, "max_steps": 3}, "seed": 1}
